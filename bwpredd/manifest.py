@@ -1,0 +1,322 @@
+"""The model directory contract: manifest schema, reader and file checks.
+
+This module is the one contract shared by the daemon and ``export``: export
+writes manifests with :func:`dump_manifest`, the daemon and ``bwpredd
+check-model`` read them with :func:`load_manifest` and :func:`verify_files`.
+It imports nothing but the standard library.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bwpredd.errors import ManifestError
+
+__all__ = [
+    "FEATURES",
+    "FEATURE_UNITS",
+    "FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "WINDOW",
+    "Manifest",
+    "ModelFile",
+    "TensorSpec",
+    "dump_manifest",
+    "load_manifest",
+    "sha256_file",
+    "verify_files",
+]
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+WINDOW = 10
+FEATURES: tuple[str, ...] = ("latency_ms", "bandwidth_mbps", "packet_loss", "reliability")
+FEATURE_UNITS: dict[str, str] = {
+    "latency_ms": "ms",
+    "bandwidth_mbps": "Mbit/s",
+    "packet_loss": "fraction 0..1",
+    "reliability": "fraction 0..1",
+}
+# Names of the ONNX inputs and outputs the daemon binds by name.
+FORECASTER_INPUT = "window"
+FORECASTER_OUTPUTS: tuple[str, ...] = ("bandwidth_mbps", "low_mbps", "high_mbps")
+ALLOCATOR_INPUT = "state"
+ALLOCATOR_OUTPUT = "q_values"
+N_ACTIONS = 10
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One ONNX input or output: its name, dtype and shape (None = dynamic)."""
+
+    name: str
+    shape: tuple[int | None, ...]
+    dtype: str = "float32"
+
+    @classmethod
+    def from_json(cls, raw: Any, where: str) -> TensorSpec:
+        obj = _obj(raw, where)
+        shape = obj.get("shape")
+        if not isinstance(shape, list) or not all(
+            s is None or (isinstance(s, int) and s > 0) for s in shape
+        ):
+            raise ManifestError(f"{where}.shape: must be a list of positive ints or null")
+        return cls(
+            name=_str(obj, "name", where),
+            shape=tuple(shape),
+            dtype=_str(obj, "dtype", where),
+        )
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """One ONNX file of the directory and the tensors it is bound by."""
+
+    file: str
+    sha256: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @classmethod
+    def from_json(cls, raw: Any, where: str) -> ModelFile:
+        obj = _obj(raw, where)
+        name = _str(obj, "file", where)
+        if "/" in name or name.startswith("."):
+            raise ManifestError(f"{where}.file: must be a plain file name, got {name!r}")
+        digest = _str(obj, "sha256", where)
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise ManifestError(f"{where}.sha256: must be 64 lowercase hex digits")
+        return cls(
+            file=name,
+            sha256=digest,
+            inputs=tuple(
+                TensorSpec.from_json(t, f"{where}.inputs[{i}]")
+                for i, t in enumerate(_list(obj, "inputs", where))
+            ),
+            outputs=tuple(
+                TensorSpec.from_json(t, f"{where}.outputs[{i}]")
+                for i, t in enumerate(_list(obj, "outputs", where))
+            ),
+        )
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A parsed, validated ``manifest.json``.
+
+    ``forecaster`` must take ``window`` float32[N,10,4] and give
+    ``bandwidth_mbps``, ``low_mbps`` and ``high_mbps`` float32[N,1];
+    ``allocator`` must take ``state`` float32[N,S] with S =
+    ``len(state_layout)`` and give ``q_values`` float32[N,10].
+    """
+
+    format: int
+    version: str
+    created: str
+    window: int
+    features: tuple[str, ...]
+    units: dict[str, str]
+    feature_defaults: dict[str, float]
+    forecaster: ModelFile
+    allocator: ModelFile
+    state_layout: tuple[str, ...]
+    interval: dict[str, float]
+    opset: int = 0
+    versions: dict[str, str] = field(default_factory=dict)
+    evaluation: dict[str, Any] = field(default_factory=dict)
+    training_data: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, raw: Any) -> Manifest:
+        """Validate a decoded manifest.
+
+        Args:
+            raw: the object decoded from ``manifest.json``.
+
+        Raises:
+            ManifestError: naming the field and the rule it breaks.
+        """
+        obj = _obj(raw, "manifest")
+        fmt = obj.get("format")
+        if fmt != FORMAT_VERSION:
+            raise ManifestError(f"format: expected {FORMAT_VERSION}, got {fmt!r}")
+        window = obj.get("window")
+        if window != WINDOW:
+            raise ManifestError(f"window: expected {WINDOW}, got {window!r}")
+        features = tuple(_list(obj, "features", "manifest"))
+        if features != FEATURES:
+            raise ManifestError(f"features: expected {list(FEATURES)}, got {list(features)}")
+        defaults_raw = _obj(obj.get("feature_defaults"), "feature_defaults")
+        defaults: dict[str, float] = {}
+        for name in ("latency_ms", "packet_loss", "reliability"):
+            value = defaults_raw.get(name)
+            if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+                raise ManifestError(f"feature_defaults.{name}: must be a finite number >= 0")
+            defaults[name] = float(value)
+        forecaster = ModelFile.from_json(obj.get("forecaster"), "forecaster")
+        allocator = ModelFile.from_json(obj.get("allocator"), "allocator")
+        layout = tuple(_list(obj, "state_layout", "manifest"))
+        if not layout or not all(isinstance(s, str) for s in layout):
+            raise ManifestError("state_layout: must be a non-empty list of names")
+        _check_io(forecaster, allocator, len(layout))
+        interval = _obj(obj.get("interval"), "interval")
+        for key in ("low_quantile", "high_quantile"):
+            q = interval.get(key)
+            if not isinstance(q, int | float) or not 0 < q < 1:
+                raise ManifestError(f"interval.{key}: must be a number in (0, 1)")
+        known = {f.name for f in cls.__dataclass_fields__.values()}
+        return cls(
+            format=FORMAT_VERSION,
+            version=_str(obj, "version", "manifest"),
+            created=_str(obj, "created", "manifest"),
+            window=WINDOW,
+            features=features,
+            units=dict(_obj(obj.get("units", FEATURE_UNITS), "units")),
+            feature_defaults=defaults,
+            forecaster=forecaster,
+            allocator=allocator,
+            state_layout=layout,
+            interval={k: float(v) for k, v in interval.items()},
+            opset=int(obj.get("opset", 0)),
+            versions=dict(_obj(obj.get("versions", {}), "versions")),
+            evaluation=dict(_obj(obj.get("evaluation", {}), "evaluation")),
+            training_data=dict(_obj(obj.get("training_data", {}), "training_data")),
+            extra={k: v for k, v in obj.items() if k not in known},
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The manifest as a JSON-ready dict (the inverse of :meth:`from_json`)."""
+        out = asdict(self)
+        extra = out.pop("extra")
+        for key in ("forecaster", "allocator"):
+            for io in ("inputs", "outputs"):
+                for spec in out[key][io]:
+                    spec["shape"] = list(spec["shape"])
+        out["features"] = list(self.features)
+        out["state_layout"] = list(self.state_layout)
+        out.update(extra)
+        return out
+
+    def feature_default_vector(self) -> list[float]:
+        """Defaults in feature order; bandwidth has none and reads 0."""
+        return [self.feature_defaults.get(name, 0.0) for name in self.features]
+
+
+def _check_io(forecaster: ModelFile, allocator: ModelFile, state_size: int) -> None:
+    f_in = [t.name for t in forecaster.inputs]
+    if f_in != [FORECASTER_INPUT]:
+        raise ManifestError(f"forecaster.inputs: expected ['window'], got {f_in}")
+    if forecaster.inputs[0].shape[1:] != (WINDOW, len(FEATURES)):
+        raise ManifestError(f"forecaster.inputs[0].shape: expected [N, {WINDOW}, 4]")
+    f_out = tuple(t.name for t in forecaster.outputs)
+    if f_out[:3] != FORECASTER_OUTPUTS:
+        raise ManifestError(f"forecaster.outputs: expected {list(FORECASTER_OUTPUTS)} first")
+    for t in forecaster.outputs[:3]:
+        if t.shape[1:] != (1,):
+            raise ManifestError(f"forecaster output {t.name}: expected shape [N, 1]")
+    a_in = [t.name for t in allocator.inputs]
+    if a_in != [ALLOCATOR_INPUT] or allocator.inputs[0].shape[1:] != (state_size,):
+        raise ManifestError(f"allocator.inputs: expected ['state'] of shape [N, {state_size}]")
+    a_out = [t.name for t in allocator.outputs]
+    if a_out != [ALLOCATOR_OUTPUT] or allocator.outputs[0].shape[1:] != (N_ACTIONS,):
+        raise ManifestError(f"allocator.outputs: expected ['q_values'] of shape [N, {N_ACTIONS}]")
+
+
+def _obj(raw: Any, where: str) -> Mapping[str, Any]:
+    if not isinstance(raw, dict):
+        raise ManifestError(f"{where}: must be an object")
+    return raw
+
+
+def _str(obj: Mapping[str, Any], key: str, where: str) -> str:
+    value = obj.get(key)
+    if not isinstance(value, str) or not value:
+        raise ManifestError(f"{where}.{key}: must be a non-empty string")
+    return value
+
+
+def _list(obj: Mapping[str, Any], key: str, where: str) -> list[Any]:
+    value = obj.get(key)
+    if not isinstance(value, list):
+        raise ManifestError(f"{where}.{key}: must be a list")
+    return value
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks.
+
+    Args:
+        path: the file.
+    """
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_manifest(model_dir: Path) -> Manifest:
+    """Read and validate ``model_dir/manifest.json``.
+
+    Args:
+        model_dir: the model directory.
+
+    Raises:
+        ManifestError: the file is missing, not JSON, or breaks the schema.
+    """
+    path = model_dir / MANIFEST_NAME
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"{path}: unreadable: {exc}") from None
+    return Manifest.from_json(raw)
+
+
+def verify_files(model_dir: Path, manifest: Manifest) -> dict[str, bytes]:
+    """Read each model file once, check its sha256 and return its bytes.
+
+    Returning the checked bytes (rather than a path) means the session is
+    built from exactly what was verified, with no window for a swap between
+    check and load.
+
+    Args:
+        model_dir: the model directory.
+        manifest: its parsed manifest.
+
+    Raises:
+        ManifestError: a file is missing or its sha256 does not match.
+    """
+    out: dict[str, bytes] = {}
+    for model in (manifest.forecaster, manifest.allocator):
+        path = model_dir / model.file
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ManifestError(f"{model.file}: unreadable: {exc.strerror or exc}") from None
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != model.sha256:
+            raise ManifestError(
+                f"{model.file}: sha256 mismatch (manifest {model.sha256[:12]}..., "
+                f"file {actual[:12]}...)"
+            )
+        out[model.file] = data
+    return out
+
+
+def dump_manifest(manifest: Manifest, path: Path) -> None:
+    """Write a manifest as indented JSON (used by export).
+
+    Args:
+        manifest: the manifest.
+        path: where to write it.
+    """
+    path.write_text(json.dumps(manifest.to_json(), indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,99 @@
+"""The allocator's state: one definition for training and serving.
+
+The Double DQN agent is trained on states built here (``trainer.env``) and
+the daemon builds the states it serves from with the same function, so the two
+cannot drift. Everything is relative to the link's *reference capacity*, the
+90th percentile of the window's bandwidth, which makes the state scale-free:
+the same policy serves a 3G phone and a 10 Gbit/s datacenter link. Allocation
+levels are fractions of that capacity.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "LEVELS",
+    "STATE_LAYOUT",
+    "allocation_percent",
+    "build_state",
+    "reference_capacity",
+]
+
+F32 = npt.NDArray[np.float32]
+LAT, BW, LOSS, REL = 0, 1, 2, 3
+CAPACITY_FLOOR_MBPS = 1e-3
+# Action a sends at LEVELS[a] x reference capacity.
+LEVELS: tuple[float, ...] = tuple((a + 1) / 10 for a in range(10))
+
+STATE_LAYOUT: tuple[str, ...] = (
+    "log1p_latency_ms",  # newest latency, log scale
+    "bandwidth_over_capacity",  # newest bandwidth / reference capacity
+    "packet_loss",  # newest loss
+    "reliability",  # newest reliability
+    "forecast_over_capacity",  # forecaster point / capacity
+    "low_over_capacity",  # forecaster interval low / capacity
+    "high_over_capacity",  # forecaster interval high / capacity
+    "mean_over_capacity",  # window mean bandwidth / capacity
+    "std_over_capacity",  # window bandwidth std / capacity
+    "queue_signal",  # newest latency / window's minimum latency - 1: a queue building
+    "latency_trend",  # (newest - previous latency) / window's minimum latency
+    "loss_trend",  # newest loss - window mean loss
+)
+
+
+def allocation_percent(action: int) -> int:
+    """The allocation level of an action, in percent: (action + 1) x 10.
+
+    Args:
+        action: 0-9.
+    """
+    if not 0 <= action < len(LEVELS):
+        raise ValueError(f"action: must be 0-9, got {action}")
+    return (action + 1) * 10
+
+
+def reference_capacity(windows: F32) -> F32:
+    """The 90th percentile of each window's bandwidth, floored at 1 kbit/s.
+
+    Args:
+        windows: ``[N, W, 4]`` raw units, newest last, all rows real.
+    """
+    bw = windows[:, :, BW].astype(np.float64)
+    return np.maximum(np.percentile(bw, 90, axis=1), CAPACITY_FLOOR_MBPS).astype(np.float32)
+
+
+def build_state(windows: F32, point: F32, low: F32, high: F32) -> F32:
+    """Allocator states ``[N, len(STATE_LAYOUT)]`` from full windows and the
+    forecaster's point and interval.
+
+    Args:
+        windows: ``[N, W, 4]`` raw units, newest last, all rows real.
+        point: ``[N]`` forecast, Mbit/s.
+        low: ``[N]`` interval low end, Mbit/s.
+        high: ``[N]`` interval high end, Mbit/s.
+    """
+    w = windows.astype(np.float64)
+    cap = reference_capacity(windows).astype(np.float64)
+    bw = w[:, :, BW]
+    lat = w[:, :, LAT]
+    base_lat = np.maximum(lat.min(axis=1), 1e-3)
+    cols = [
+        np.log1p(lat[:, -1]),
+        bw[:, -1] / cap,
+        w[:, -1, LOSS],
+        w[:, -1, REL],
+        np.asarray(point, np.float64) / cap,
+        np.asarray(low, np.float64) / cap,
+        np.asarray(high, np.float64) / cap,
+        bw.mean(axis=1) / cap,
+        bw.std(axis=1) / cap,
+        lat[:, -1] / base_lat - 1.0,
+        (lat[:, -1] - lat[:, -2]) / base_lat,
+        w[:, -1, LOSS] - w[:, :, LOSS].mean(axis=1),
+    ]
+    state = np.stack(cols, axis=1)
+    # Clip so a pathological window (a 0 after a burst, say) cannot push the
+    # network far outside what it was trained on.
+    return np.clip(state, -50.0, 50.0).astype(np.float32)
