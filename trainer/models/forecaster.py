@@ -1,0 +1,141 @@
+"""The bandwidth forecaster: the origin's stacked LSTM with an interval head.
+
+The model takes raw windows ``[N, 10, 4]`` (``[latency_ms, bandwidth_mbps,
+packet_loss, reliability]``) and does its own normalisation, so the exported
+ONNX graph is fed raw units and no statistics file can drift from it.
+Bandwidth spans four orders of magnitude, so each window is put in log scale
+relative to its own mean: ``r = log((bw + eps m) / m)`` with ``m`` the window
+mean and ``eps = 0.01`` (which keeps outages finite). The heads predict the
+next step's 10th, 50th and 90th percentiles of ``r``; the inverse transform is
+monotone, so they map exactly to percentiles in Mbit/s. The median is the
+point forecast (it minimises absolute error).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["Forecaster", "ForecasterConfig", "load_checkpoint", "save_checkpoint"]
+
+
+@dataclass
+class ForecasterConfig:
+    """Architecture of :class:`Forecaster` (stored in every checkpoint)."""
+
+    n_features: int = 4
+    lstm_sizes: tuple[int, int, int] = (128, 64, 32)
+    lstm_dropout: float = 0.2
+    dense_sizes: tuple[int, int] = (16, 8)
+    dense_dropout: float = 0.3
+    rel_eps: float = 0.01
+    low_quantile: float = 0.1
+    high_quantile: float = 0.9
+
+
+class _SeqBatchNorm(nn.Module):
+    """BatchNorm1d over the channel axis of a ``[N, T, C]`` sequence."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(x.transpose(1, 2)).transpose(1, 2)
+
+
+class Forecaster(nn.Module):
+    """LSTM 128 -> 64 -> 32 (each + dropout 0.2 + batch norm), Dense 16 ReLU +
+    dropout 0.3, Dense 8 ReLU, and a 3-quantile head.
+
+    ``forward(window)`` returns ``(bandwidth_mbps, low_mbps, high_mbps)``, each
+    ``[N, 1]`` in Mbit/s; :meth:`forward_rel` returns the quantiles of the
+    relative log target, which is what training works on.
+    """
+
+    def __init__(self, cfg: ForecasterConfig | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg = cfg or ForecasterConfig()
+        sizes = (cfg.n_features, *cfg.lstm_sizes)
+        self.lstms = nn.ModuleList(
+            nn.LSTM(sizes[i], sizes[i + 1], batch_first=True) for i in range(len(cfg.lstm_sizes))
+        )
+        self.drops = nn.ModuleList(nn.Dropout(cfg.lstm_dropout) for _ in cfg.lstm_sizes)
+        self.norms = nn.ModuleList(_SeqBatchNorm(s) for s in cfg.lstm_sizes)
+        d1, d2 = cfg.dense_sizes
+        self.head = nn.Sequential(
+            nn.Linear(cfg.lstm_sizes[-1], d1),
+            nn.ReLU(),
+            nn.Dropout(cfg.dense_dropout),
+            nn.Linear(d1, d2),
+            nn.ReLU(),
+            nn.Linear(d2, 3),
+        )
+
+    def scale(self, window: torch.Tensor) -> torch.Tensor:
+        """The window's mean bandwidth ``m`` ``[N, 1]`` (floored at 1 kbit/s)."""
+        return window[:, :, 1].clamp(min=0).mean(dim=1, keepdim=True).clamp(min=1e-3)
+
+    def features(self, window: torch.Tensor) -> torch.Tensor:
+        """Raw window -> the scale-free inputs of the LSTM stack."""
+        m = self.scale(window)
+        bw = window[:, :, 1].clamp(min=0)
+        rel = torch.log((bw + self.cfg.rel_eps * m) / m)
+        lat = torch.log1p(window[:, :, 0].clamp(min=0)) / 5.0
+        loss = window[:, :, 2].clamp(0, 1) * 10.0
+        unrel = (1.0 - window[:, :, 3].clamp(0, 1)) * 10.0
+        return torch.stack([rel, lat, loss, unrel], dim=2)
+
+    def forward_rel(self, window: torch.Tensor) -> torch.Tensor:
+        """Quantiles ``[N, 3]`` (low, median, high) of the relative log target."""
+        h = self.features(window)
+        for lstm, drop, norm in zip(self.lstms, self.drops, self.norms, strict=True):
+            h, _ = lstm(h)
+            h = norm(drop(h))
+        out = self.head(h[:, -1, :])
+        mid = out[:, 1:2]
+        low = mid - nn.functional.softplus(out[:, 0:1])
+        high = mid + nn.functional.softplus(out[:, 2:3])
+        return torch.cat([low, mid, high], dim=1)
+
+    def to_mbps(self, rel: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+        """Invert the relative log transform: ``m exp(r) - eps m``, >= 0."""
+        m = self.scale(window)
+        return (m * torch.exp(rel) - self.cfg.rel_eps * m).clamp(min=0)
+
+    def target_rel(self, target_mbps: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+        """The relative log transform of a target bandwidth ``[N]`` -> ``[N, 1]``."""
+        m = self.scale(window)
+        y = target_mbps.reshape(-1, 1).clamp(min=0)
+        return torch.log((y + self.cfg.rel_eps * m) / m)
+
+    def forward(self, window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mbps = self.to_mbps(self.forward_rel(window), window)
+        return mbps[:, 1:2], mbps[:, 0:1], mbps[:, 2:3]
+
+
+def save_checkpoint(model: Forecaster, path: str, **meta: object) -> None:
+    """Save weights with the config that rebuilds them, plus JSON-able ``meta``
+    (metrics, training data summary, seed). Loadable with ``weights_only=True``.
+    """
+    from dataclasses import asdict
+
+    torch.save(
+        {"kind": "forecaster", "config": asdict(model.cfg), "state_dict": model.state_dict(), **meta},
+        path,
+    )
+
+
+def load_checkpoint(path: str) -> tuple[Forecaster, dict[str, object]]:
+    """Rebuild a :class:`Forecaster` (in eval mode) from its checkpoint alone."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    assert ckpt.get("kind") == "forecaster", f"{path}: not a forecaster checkpoint"
+    cfg = ForecasterConfig(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["config"].items()}
+    )
+    model = Forecaster(cfg)
+    model.load_state_dict(ckpt["state_dict"])
+    model.eval()
+    return model, ckpt
