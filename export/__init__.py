@@ -1,0 +1,363 @@
+"""From torch models to a verified, atomically published model directory.
+
+:func:`export_model_dir` runs the whole flow: export both graphs
+(:mod:`export.to_onnx`), check them against torch in onnxruntime
+(:mod:`export.verify`), optionally try int8 (:mod:`export.quantize`), write
+the manifest (:mod:`export.manifest`), re-check the finished directory the way
+the daemon will (:func:`bwpredd.checkmodel.check_model_dir`), and only then
+publish it with a rename. ``python -m export`` is the command-line face.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import datetime as dt
+import hashlib
+import importlib
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from bwpredd.manifest import MANIFEST_NAME, Manifest, dump_manifest
+from bwpredd.state import STATE_LAYOUT
+from export.manifest import build_manifest, default_version, weights_digest
+from export.to_onnx import OPSET, Exporter, export_allocator, export_forecaster, op_counts
+from export.verify import (
+    F32,
+    ParityReport,
+    allocator_parity,
+    forecaster_parity,
+    make_session,
+    time_session,
+)
+
+__all__ = [
+    "DEFAULT_MODEL_DIR",
+    "ExportError",
+    "ExportResult",
+    "export_model_dir",
+    "publish_dir",
+]
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "bwpredd" / "models" / "default"
+FORECASTER_FILE = "forecaster.onnx"
+ALLOCATOR_FILE = "allocator.onnx"
+_RENAME_EXCHANGE = 2
+
+
+class ExportError(RuntimeError):
+    """The export cannot produce a directory that passes its checks."""
+
+
+@dataclass
+class ExportResult:
+    """A published model directory and what was measured on the way."""
+
+    path: Path
+    manifest: Manifest
+    forecaster_parity: ParityReport
+    allocator_parity: ParityReport
+    sizes: dict[str, int]
+    timings_ms: dict[str, float]
+    int8: dict[str, Any] = field(default_factory=dict)
+
+
+def export_model_dir(
+    forecaster: nn.Module,
+    allocator: nn.Module,
+    dest: Path,
+    *,
+    windows: F32,
+    windows_source: str,
+    version: str | None = None,
+    state_layout: tuple[str, ...] = STATE_LAYOUT,
+    feature_defaults: Mapping[str, float] | None = None,
+    interval: Mapping[str, float] | None = None,
+    evaluation: Mapping[str, Any] | None = None,
+    training_data: Mapping[str, Any] | None = None,
+    provenance: Mapping[str, Any] | None = None,
+    exporter: Exporter = "legacy",
+    int8: bool = False,
+    force: bool = False,
+    timing: bool = True,
+    log: Callable[[str], None] = print,
+) -> ExportResult:
+    """Export, verify, describe and publish a model directory at ``dest``.
+
+    Args:
+        forecaster: maps ``[N, 10, 4]`` raw windows to (point, low, high)
+            ``[N, 1]`` in Mbit/s.
+        allocator: maps ``[N, S]`` states to ``[N, 10]`` Q-values.
+        dest: the directory to publish (its parent is created if needed).
+        windows: raw windows for the parity check (seeded, real if possible).
+        windows_source: where ``windows`` came from (recorded).
+        version: the model version; default: UTC date + weights hash.
+        state_layout: the allocator state's columns (S = its length).
+        feature_defaults: declared defaults; default ``trainer.config``'s.
+        interval: ``low_quantile``/``high_quantile``; default the forecaster's.
+        evaluation: metrics carried in the checkpoints.
+        training_data: training data summaries carried in the checkpoints.
+        provenance: where the weights came from (run dir, checkpoints' sha256).
+        exporter: ``"legacy"`` or ``"dynamo"`` (see :mod:`export.to_onnx`).
+        int8: also try int8 graphs and keep those that win.
+        force: replace an existing ``dest`` (the old one is renamed aside,
+            then deleted once the new one is in place).
+        timing: measure batch-1 and batch-1000 latency (off for fast tests).
+        log: where progress lines go.
+
+    Raises:
+        ExportError: ``dest`` exists without ``force``, or a check failed.
+        export.verify.ParityError: onnxruntime disagrees with torch.
+    """
+    dest = Path(dest)
+    if dest.exists() and not force:
+        raise ExportError(f"{dest}: exists (pass --force to replace it)")
+    if feature_defaults is None:
+        feature_defaults = importlib.import_module("trainer.config").FEATURE_DEFAULTS
+        assert feature_defaults is not None
+    if interval is None:
+        cfg = getattr(forecaster, "cfg", None)
+        interval = {
+            "low_quantile": float(getattr(cfg, "low_quantile", 0.1)),
+            "high_quantile": float(getattr(cfg, "high_quantile", 0.9)),
+        }
+    forecaster.eval()
+    allocator.eval()
+    version = version or default_version(weights_digest(forecaster, allocator))
+
+    t0 = time.perf_counter()
+    log(f"export: forecaster -> ONNX ({exporter} exporter, opset {OPSET})")
+    f_bytes = export_forecaster(forecaster, exporter=exporter)
+    log(f"export: allocator -> ONNX (state size {len(state_layout)})")
+    a_bytes = export_allocator(allocator, len(state_layout), exporter=exporter)
+    log(f"export: both graphs pass onnx.checker ({time.perf_counter() - t0:.1f}s)")
+
+    log(f"verify: parity on {len(windows)} windows ({windows_source})")
+    f_par = forecaster_parity(forecaster, f_bytes, windows)
+    a_par, states = allocator_parity(allocator, a_bytes, forecaster, windows)
+    log(
+        f"verify: forecaster max rel err {f_par.max_rel_err:.2e}, allocator max rel err "
+        f"{a_par.max_rel_err:.2e}, greedy actions agree {a_par.action_agreement:.2%}"
+    )
+
+    timings: dict[str, float] = {}
+    if timing:
+        timings = _timings(f_bytes, a_bytes, windows, states)
+        log("verify: latency (1 thread, ORT_ENABLE_ALL) " + _fmt_timings(timings))
+
+    int8_report: dict[str, Any] = {}
+    if int8:
+        from export.quantize import try_int8
+
+        f_bytes, a_bytes, int8_report = try_int8(f_bytes, a_bytes, windows, states, log=log)
+
+    files = {FORECASTER_FILE: f_bytes, ALLOCATOR_FILE: a_bytes}
+    sizes = {name: len(data) for name, data in files.items()}
+    extra: dict[str, Any] = {
+        "parity": {
+            "tolerance": 1e-4,
+            "max_rel_err": max(f_par.max_rel_err, a_par.max_rel_err),
+            "inputs": windows_source,
+            "forecaster": f_par.to_json(),
+            "allocator": a_par.to_json(),
+        },
+        "export": {
+            "exporter": "torch.onnx legacy TorchScript (dynamo=False)"
+            if exporter == "legacy"
+            else "torch.onnx dynamo",
+            "op_counts": {FORECASTER_FILE: op_counts(f_bytes), ALLOCATOR_FILE: op_counts(a_bytes)},
+            "sizes_bytes": sizes,
+            "timings_ms": timings,
+            "provenance": dict(provenance or {}),
+        },
+    }
+    if int8_report:
+        extra["int8"] = int8_report
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_sibling(dest, "building")
+    tmp.mkdir()
+    try:
+        for name, data in files.items():
+            _write_synced(tmp / name, data)
+        manifest = build_manifest(
+            version=version,
+            forecaster_file=FORECASTER_FILE,
+            forecaster_sha256=hashlib.sha256(f_bytes).hexdigest(),
+            forecaster_session=make_session(f_bytes),
+            allocator_file=ALLOCATOR_FILE,
+            allocator_sha256=hashlib.sha256(a_bytes).hexdigest(),
+            allocator_session=make_session(a_bytes),
+            state_layout=tuple(state_layout),
+            feature_defaults=feature_defaults,
+            interval=interval,
+            opset=OPSET,
+            versions=_versions(),
+            evaluation=evaluation or {},
+            training_data=training_data or {},
+            extra=extra,
+        )
+        dump_manifest(manifest, tmp / MANIFEST_NAME)
+        _fsync_file(tmp / MANIFEST_NAME)
+        _fsync_dir(tmp)
+        _self_check(tmp)
+        publish_dir(tmp, dest, force=force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"export: published {dest} (version {version}, {_fmt_sizes(sizes)})")
+    return ExportResult(dest, manifest, f_par, a_par, sizes, timings, int8_report)
+
+
+def publish_dir(src: Path, dest: Path, *, force: bool = False) -> None:
+    """Move a finished directory into place atomically.
+
+    A new ``dest`` appears with one ``rename``. An existing one (only with
+    ``force``) is swapped with ``renameat2(RENAME_EXCHANGE)`` where the kernel
+    offers it, so ``dest`` never goes missing; elsewhere the old one is renamed
+    aside and the new one renamed in. The old directory is then deleted.
+
+    Args:
+        src: the finished directory, a sibling of ``dest`` (same filesystem).
+        dest: where it goes.
+        force: replace an existing ``dest``.
+
+    Raises:
+        ExportError: ``dest`` exists and ``force`` is false.
+    """
+    if not dest.exists():
+        os.rename(src, dest)
+        _fsync_dir(dest.parent)
+        return
+    if not force:
+        raise ExportError(f"{dest}: exists (pass --force to replace it)")
+    if _exchange(src, dest):
+        old = src  # after the exchange, src holds the old directory
+    else:
+        old = _tmp_sibling(dest, "old")
+        os.rename(dest, old)
+        os.rename(src, dest)
+    _fsync_dir(dest.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def copy_model_dir(src: Path, dest: Path, *, log: Callable[[str], None] = print) -> None:
+    """Publish a copy of a model directory at ``dest`` (used to refresh the
+    embedded default): copy aside, fsync, check, swap in, delete the old one.
+
+    Args:
+        src: a published model directory.
+        dest: e.g. ``bwpredd/models/default``.
+        log: where progress lines go.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_sibling(dest, "building")
+    tmp.mkdir()
+    try:
+        for item in sorted(src.iterdir()):
+            if item.is_file():
+                _write_synced(tmp / item.name, item.read_bytes())
+        _fsync_dir(tmp)
+        _self_check(tmp)
+        publish_dir(tmp, dest, force=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"export: refreshed {dest}")
+
+
+def _self_check(model_dir: Path) -> None:
+    from bwpredd.checkmodel import check_model_dir
+
+    result = check_model_dir(model_dir)
+    if not result.ok:
+        raise ExportError(f"the built directory fails check-model: {result.reason}")
+
+
+def _timings(f_bytes: bytes, a_bytes: bytes, windows: F32, states: F32) -> dict[str, float]:
+    f_sess, a_sess = make_session(f_bytes), make_session(a_bytes)
+    out: dict[str, float] = {}
+    for n in (1, 1000):
+        reps = 200 if n == 1 else 20
+        w = np.ascontiguousarray(np.resize(windows, (n, *windows.shape[1:])))
+        s = np.ascontiguousarray(np.resize(states, (n, states.shape[1])))
+        out[f"forecaster_batch{n}"] = time_session(f_sess, {"window": w}, repeat=reps) * 1e3
+        out[f"allocator_batch{n}"] = time_session(a_sess, {"state": s}, repeat=reps) * 1e3
+    return {k: round(v, 4) for k, v in out.items()}
+
+
+def _fmt_timings(timings: Mapping[str, float]) -> str:
+    return ", ".join(f"{k} {v:.3f} ms" for k, v in timings.items())
+
+
+def _fmt_sizes(sizes: Mapping[str, int]) -> str:
+    return ", ".join(f"{k} {v / 1024:.0f} KiB" for k, v in sizes.items())
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    try:
+        bwpredd_version = metadata.version("bwpredd")
+    except metadata.PackageNotFoundError:
+        bwpredd_version = "unknown"
+    return {
+        "torch": str(torch.__version__),
+        "onnx": str(onnx.__version__),
+        "onnxruntime": str(ort.__version__),
+        "bwpredd": bwpredd_version,
+    }
+
+
+def _tmp_sibling(dest: Path, what: str) -> Path:
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
+    return dest.parent / f".{dest.name}.{what}-{stamp}-{os.getpid()}-{os.urandom(3).hex()}"
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with path.open("xb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with Linux ``renameat2``; False if unsupported."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    rc = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
+    return bool(rc == 0)

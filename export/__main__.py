@@ -1,0 +1,155 @@
+"""``python -m export``: a training run's checkpoints -> a published model directory."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bwpredd.errors import BwpreddError
+from bwpredd.state import STATE_LAYOUT
+from export import DEFAULT_MODEL_DIR, ExportError, copy_model_dir, export_model_dir
+from export.manifest import default_version, weights_digest
+from export.verify import ParityError, parity_windows
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the command line, export, verify and publish.
+
+    Args:
+        argv: the arguments (default: ``sys.argv[1:]``).
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m export",
+        description="Export forecaster.pt and allocator.pt of a run to a verified model directory.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--run", type=Path, required=True, help="run dir with the .pt checkpoints")
+    parser.add_argument("--out", type=Path, help="model dir to publish (default models/<version>)")
+    parser.add_argument("--embed", action="store_true", help="also refresh bwpredd/models/default")
+    parser.add_argument("--traces", type=Path, help="traces dir for parity windows")
+    parser.add_argument("--version", help="model version (default: UTC date + weights hash)")
+    parser.add_argument("--int8", action="store_true", help="try int8 graphs, keep the winners")
+    parser.add_argument("--force", action="store_true", help="replace an existing --out")
+    parser.add_argument(
+        "--untrained-allocator",
+        action="store_true",
+        help="bootstrap only: export a seeded, untrained Q-network if allocator.pt is missing",
+    )
+    parser.add_argument("--exporter", choices=("legacy", "dynamo"), default="legacy")
+    parser.add_argument("--seed", type=int, default=0, help="seed for parity windows and init")
+    parser.add_argument("--parity-windows", type=int, default=2048, help="windows to compare on")
+    args = parser.parse_args(argv)
+
+    t0 = time.perf_counter()
+    try:
+        forecaster, f_ckpt, allocator, a_ckpt = _load_run(
+            args.run, untrained_allocator=args.untrained_allocator, seed=args.seed
+        )
+    except (FileNotFoundError, ExportError) as exc:
+        print(f"export: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    version = args.version or default_version(weights_digest(forecaster, allocator))
+    out = args.out or Path("models") / version
+    windows, source = parity_windows(args.traces, args.parity_windows, args.seed)
+    try:
+        result = export_model_dir(
+            forecaster,
+            allocator,
+            out,
+            windows=windows,
+            windows_source=source,
+            version=version,
+            state_layout=tuple(a_ckpt.get("state_layout") or STATE_LAYOUT),
+            feature_defaults=f_ckpt.get("feature_defaults"),
+            evaluation={
+                "forecaster": f_ckpt.get("metrics", {}),
+                "allocator": a_ckpt.get("metrics", {}),
+            },
+            training_data={
+                "forecaster": f_ckpt.get("training_data", {}),
+                "allocator": a_ckpt.get("training_data", {}),
+            },
+            provenance=_provenance(args.run, f_ckpt, a_ckpt),
+            exporter=args.exporter,
+            int8=args.int8,
+            force=args.force,
+        )
+        if args.embed:
+            copy_model_dir(result.path, DEFAULT_MODEL_DIR)
+    except (ExportError, ParityError, BwpreddError) as exc:
+        print(f"export: FAILED: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(
+        f"export: OK {result.path} version {version}; parity max rel err forecaster "
+        f"{result.forecaster_parity.max_rel_err:.2e} allocator "
+        f"{result.allocator_parity.max_rel_err:.2e}; {time.perf_counter() - t0:.1f}s"
+    )
+    return EXIT_OK
+
+
+def _load_run(
+    run: Path, *, untrained_allocator: bool, seed: int
+) -> tuple[torch.nn.Module, dict[str, Any], torch.nn.Module, dict[str, Any]]:
+    # Imported by name: trainer is outside mypy's strict set, and following
+    # it would make this package's type check depend on trainer's.
+    fmod: Any = importlib.import_module("trainer.models.forecaster")
+    qnet: Any = importlib.import_module("trainer.models.qnet")
+
+    f_path, a_path = run / "forecaster.pt", run / "allocator.pt"
+    if not f_path.is_file():
+        raise FileNotFoundError(f"{f_path}: missing (train first: python -m trainer train)")
+    forecaster, f_ckpt = fmod.load_checkpoint(str(f_path))
+    if a_path.is_file():
+        allocator, a_ckpt = qnet.load_checkpoint(str(a_path))
+        raw_layout: Any = a_ckpt.get("state_layout") or ()
+        layout = tuple(str(name) for name in raw_layout)
+        if layout and layout != STATE_LAYOUT:
+            raise ExportError(
+                f"{a_path}: trained on state layout {list(layout)}, "
+                f"but bwpredd builds {list(STATE_LAYOUT)}"
+            )
+    elif untrained_allocator:
+        print(f"export: WARNING {a_path} missing; exporting an UNTRAINED seeded Q-network")
+        torch.manual_seed(seed)
+        allocator = qnet.QNetwork(qnet.QNetConfig(state_size=len(STATE_LAYOUT)))
+        allocator.eval()
+        a_ckpt = {
+            "kind": "qnet",
+            "state_layout": list(STATE_LAYOUT),
+            "metrics": {"note": f"untrained Q-network (seed {seed}); bootstrap only"},
+            "seed": seed,
+        }
+    else:
+        raise ExportError(
+            f"{a_path}: missing (train the agent, or pass --untrained-allocator to bootstrap)"
+        )
+    return forecaster, dict(f_ckpt), allocator, dict(a_ckpt)
+
+
+def _provenance(run: Path, f_ckpt: dict[str, Any], a_ckpt: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"run": str(run)}
+    for name, ckpt in (("forecaster", f_ckpt), ("allocator", a_ckpt)):
+        path = run / f"{name}.pt"
+        out[name] = {
+            "checkpoint_sha256": hashlib.sha256(path.read_bytes()).hexdigest()
+            if path.is_file()
+            else None,
+            "seed": ckpt.get("seed"),
+        }
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

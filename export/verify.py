@@ -1,0 +1,282 @@
+"""Check exported graphs against torch, the source of truth, in onnxruntime.
+
+Every graph is run twice, with onnxruntime's graph optimisations off and at
+``ORT_ENABLE_ALL`` (what the daemon serves), on seeded real windows from the
+traces and on allocator states built from them with
+:func:`bwpredd.state.build_state`, exactly as the daemon builds them.
+
+How errors are measured. Forecaster: ``|ort - torch| / max(|torch|, 1e-3 m)``
+per value, with ``m`` the window's mean bandwidth; the floor keeps a forecast
+that the clamp at 0 left near 0 (``m e^r - 0.01 m`` cancels) from dividing by
+~0. Allocator: ``|ort - torch| / max_a |torch q_a|`` per row, the error
+relative to the row's Q-value scale, and the greedy action must agree.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from bwpredd.manifest import (
+    ALLOCATOR_INPUT,
+    ALLOCATOR_OUTPUT,
+    FEATURES,
+    FORECASTER_INPUT,
+    FORECASTER_OUTPUTS,
+    WINDOW,
+)
+from bwpredd.state import build_state
+
+__all__ = [
+    "MAX_REL_ERR",
+    "ParityError",
+    "ParityReport",
+    "allocator_parity",
+    "forecaster_parity",
+    "make_session",
+    "parity_windows",
+    "synthetic_windows",
+    "time_session",
+]
+
+F32 = npt.NDArray[np.float32]
+F64 = npt.NDArray[np.float64]
+MAX_REL_ERR = 1e-4
+_OPT_LEVELS: dict[str, ort.GraphOptimizationLevel] = {
+    "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "enabled_all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+class ParityError(AssertionError):
+    """onnxruntime disagrees with torch beyond the tolerance."""
+
+
+@dataclass
+class ParityReport:
+    """What one graph's parity check measured."""
+
+    max_rel_err: float
+    max_abs_err: float
+    n: int
+    per_level: dict[str, float] = field(default_factory=dict)
+    action_agreement: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The report as a JSON-ready dict."""
+        out: dict[str, Any] = {
+            "max_rel_err": self.max_rel_err,
+            "max_abs_err": self.max_abs_err,
+            "n": self.n,
+            "per_optimisation_level": self.per_level,
+        }
+        if self.action_agreement is not None:
+            out["greedy_action_agreement"] = self.action_agreement
+        return out
+
+
+def make_session(
+    model_bytes: bytes, *, optimise: bool = True, threads: int = 1
+) -> ort.InferenceSession:
+    """An onnxruntime CPU session on a serialised model.
+
+    Args:
+        model_bytes: the serialised ONNX model.
+        optimise: ``ORT_ENABLE_ALL`` when true, else no graph optimisation.
+        threads: intra-op threads (inter-op is 1).
+    """
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = _OPT_LEVELS["enabled_all" if optimise else "disabled"]
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+
+
+def synthetic_windows(n: int, seed: int = 0) -> F32:
+    """Seeded raw windows ``[n, 10, 4]`` over four orders of magnitude of
+    bandwidth, with occasional outages (a stand-in when no traces are at hand).
+
+    Args:
+        n: how many windows.
+        seed: the generator's seed.
+    """
+    rng = np.random.default_rng(seed)
+    level = np.exp(rng.uniform(np.log(0.1), np.log(10_000.0), size=(n, 1)))
+    walk = np.cumsum(rng.normal(0.0, rng.uniform(0.02, 0.5, size=(n, 1)), size=(n, WINDOW)), 1)
+    bw = level * np.exp(walk)
+    bw[rng.random((n, WINDOW)) < 0.02] = 0.0
+    base = np.exp(rng.uniform(np.log(0.2), np.log(300.0), size=(n, 1)))
+    lat = base * (1.0 + np.abs(rng.normal(0.0, 0.2, size=(n, WINDOW))))
+    loss = np.clip(rng.exponential(0.003, size=(n, WINDOW)), 0.0, 1.0)
+    rel = np.clip(1.0 - rng.exponential(0.01, size=(n, WINDOW)), 0.0, 1.0)
+    return np.stack([lat, bw, loss, rel], axis=2).astype(np.float32)
+
+
+def parity_windows(
+    traces_dir: Path | None, n: int = 2048, seed: int = 0, *, log: Callable[[str], None] = print
+) -> tuple[F32, str]:
+    """Seeded real windows from the traces, or synthetic ones when the trace
+    loader or the traces are not available.
+
+    Args:
+        traces_dir: the traces directory; None means the loader's default.
+        n: how many windows to sample (fewer if the traces hold fewer).
+        seed: the sampling seed.
+        log: where progress lines go.
+
+    Returns:
+        ``[n, 10, 4]`` raw windows and a description of where they came from.
+    """
+    try:
+        x, sources, where = _trace_windows(traces_dir)
+    except Exception as exc:  # any failure of the loader means: fall back
+        log(f"parity: no trace windows ({type(exc).__name__}: {exc}); using synthetic windows")
+        return synthetic_windows(n, seed), f"synthetic (seed {seed})"
+    # Stratify by source so every network type (3G to mmWave) is compared,
+    # not just the source with the most windows.
+    rng = np.random.default_rng(seed)
+    names = sorted(set(sources))
+    per = max(1, n // len(names))
+    pick: list[int] = []
+    for name in names:
+        idx = np.flatnonzero(sources == name)
+        pick.extend(rng.choice(idx, size=min(per, len(idx)), replace=False).tolist())
+    log(f"parity: {len(pick)} of {len(x)} trace windows, {len(names)} sources, from {where}")
+    return np.ascontiguousarray(x[np.sort(pick)], dtype=np.float32), (
+        f"traces {where}: {len(pick)} windows, {per} per source from {len(names)} sources, "
+        f"seed {seed}"
+    )
+
+
+def _trace_windows(traces_dir: Path | None) -> tuple[F32, npt.NDArray[np.str_], str]:
+    # Imported by name so that this package's strict type check does not
+    # follow into trainer (which is not under mypy strict).
+    traces_mod: Any = importlib.import_module("trainer.data.traces")
+    windows_mod: Any = importlib.import_module("trainer.data.windows")
+    where = Path(traces_dir) if traces_dir is not None else Path(traces_mod.default_traces_dir())
+    traces = traces_mod.load_traces(where).traces
+    made = windows_mod.make_windows(traces)
+    x = np.asarray(made.x, dtype=np.float32)
+    if x.ndim != 3 or x.shape[1:] != (WINDOW, len(FEATURES)) or len(x) == 0:
+        raise ValueError(f"unexpected window array shape {x.shape}")
+    sources = np.asarray([traces[i].source for i in made.trace])
+    finite = np.isfinite(x).all(axis=(1, 2))
+    return x[finite], sources[finite], str(where)
+
+
+def forecaster_parity(model: nn.Module, model_bytes: bytes, windows: F32) -> ParityReport:
+    """Compare the forecaster graph with torch on raw windows.
+
+    Args:
+        model: the torch forecaster (run in eval mode).
+        model_bytes: its exported graph.
+        windows: ``[N, 10, 4]`` raw windows.
+
+    Raises:
+        ParityError: an output name or shape is wrong or the error exceeds
+            :data:`MAX_REL_ERR`.
+    """
+    ref = _torch_forecast(model, windows)
+    m = np.maximum(np.clip(windows[:, :, 1], 0, None).mean(axis=1, keepdims=True), 1e-3)
+    floor = 1e-3 * m.astype(np.float64)
+    per_level: dict[str, float] = {}
+    max_abs = 0.0
+    for level in _OPT_LEVELS:
+        sess = make_session(model_bytes, optimise=level == "enabled_all")
+        got = sess.run(list(FORECASTER_OUTPUTS), {FORECASTER_INPUT: windows})
+        rel = 0.0
+        for name, g, r in zip(FORECASTER_OUTPUTS, got, ref, strict=True):
+            if g.shape != (len(windows), 1) or g.dtype != np.float32:
+                raise ParityError(f"{name}: got {g.dtype}{list(g.shape)}, want float32[N, 1]")
+            err = np.abs(g.astype(np.float64) - r)
+            max_abs = max(max_abs, float(err.max()))
+            rel = max(rel, float((err / np.maximum(np.abs(r), floor)).max()))
+        per_level[level] = rel
+    report = ParityReport(max(per_level.values()), max_abs, len(windows), per_level)
+    if not report.max_rel_err <= MAX_REL_ERR:
+        raise ParityError(f"forecaster: max relative error {report.max_rel_err:.3g} > 1e-4")
+    return report
+
+
+def allocator_parity(
+    model: nn.Module, model_bytes: bytes, forecaster: nn.Module, windows: F32
+) -> tuple[ParityReport, F32]:
+    """Compare the allocator graph with torch on states built from windows.
+
+    Args:
+        model: the torch Q-network (run in eval mode).
+        model_bytes: its exported graph.
+        forecaster: the torch forecaster whose outputs enter the state.
+        windows: ``[N, 10, 4]`` raw windows.
+
+    Returns:
+        The report and the states it used.
+
+    Raises:
+        ParityError: the output is misshapen, the error exceeds
+            :data:`MAX_REL_ERR` or a greedy action differs.
+    """
+    point, low, high = (r[:, 0].astype(np.float32) for r in _torch_forecast(forecaster, windows))
+    states = build_state(windows, point, low, high)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        ref = model(torch.from_numpy(states)).numpy().astype(np.float64)
+    model.train(was_training)
+    scale = np.maximum(np.abs(ref).max(axis=1, keepdims=True), 1e-6)
+    per_level: dict[str, float] = {}
+    max_abs = 0.0
+    agree = 1.0
+    for level in _OPT_LEVELS:
+        sess = make_session(model_bytes, optimise=level == "enabled_all")
+        (got,) = sess.run([ALLOCATOR_OUTPUT], {ALLOCATOR_INPUT: states})
+        if got.shape != ref.shape or got.dtype != np.float32:
+            raise ParityError(f"q_values: got {got.dtype}{list(got.shape)}, want {list(ref.shape)}")
+        err = np.abs(got.astype(np.float64) - ref)
+        max_abs = max(max_abs, float(err.max()))
+        per_level[level] = float((err / scale).max())
+        agree = min(agree, float((got.argmax(axis=1) == ref.argmax(axis=1)).mean()))
+    report = ParityReport(max(per_level.values()), max_abs, len(states), per_level, agree)
+    if not report.max_rel_err <= MAX_REL_ERR:
+        raise ParityError(f"allocator: max relative error {report.max_rel_err:.3g} > 1e-4")
+    if agree < 1.0:
+        # A tie broken differently is the only legitimate cause; with the
+        # error this small it would have to be an exact tie.
+        raise ParityError(f"allocator: greedy actions agree on only {agree:.4%} of states")
+    return report, states
+
+
+def time_session(sess: ort.InferenceSession, feeds: dict[str, F32], *, repeat: int = 20) -> float:
+    """Median seconds of one ``run`` after a warm-up call.
+
+    Args:
+        sess: the session.
+        feeds: its inputs.
+        repeat: timed calls.
+    """
+    sess.run(None, feeds)
+    samples: list[float] = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        sess.run(None, feeds)
+        samples.append(time.perf_counter() - t0)
+    return float(np.median(samples))
+
+
+def _torch_forecast(model: nn.Module, windows: F32) -> Sequence[F64]:
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        outs = model(torch.from_numpy(np.ascontiguousarray(windows)))
+    model.train(was_training)
+    return [o.numpy().astype(np.float64) for o in outs]
