@@ -1,0 +1,1 @@
+"""Code generated from proto/ by `make gen` (grpcio-tools); never edited by hand."""

@@ -1,0 +1,203 @@
+"""Core: the daemon's domain logic behind the RPCs, free of protobuf.
+
+It owns the WindowStore and the Engine and turns requests (peer ids, sample
+batches) into domain answers, raising :mod:`bwpredd.errors` exceptions that the
+servicer maps to status codes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from bwpredd.config import Config
+from bwpredd.engine import Allocations, Engine, Forecasts, LoadedModel
+from bwpredd.errors import InvalidArgument, PeerNotFound
+from bwpredd.metrics import Metrics
+from bwpredd.validate import SampleBatch, check_peer_id, check_peer_ids, validate_batch
+from bwpredd.windows import PeerView, WindowStore
+
+__all__ = ["Core", "IngestOutcome", "PeerSummary"]
+
+I64 = npt.NDArray[np.int64]
+MAX_PAGE = 1000
+
+
+@dataclass(frozen=True)
+class IngestOutcome:
+    """The answer to one ingest batch."""
+
+    accepted: int
+    rejections: list[tuple[int, str, str]]  # (index, field, reason), by index
+
+
+@dataclass(frozen=True)
+class PeerSummary:
+    """One row of ListPeers."""
+
+    peer_id: str
+    samples_in_window: int
+    sample_count: int
+    last_seen: float
+
+
+class Core:
+    """The daemon's state and answers.
+
+    Args:
+        config: the daemon's configuration.
+        engine: the model engine (may hold no model).
+        metrics: where to count.
+        clock: wall clock, unix seconds (tests pass their own).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        engine: Engine,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.engine = engine
+        self.metrics = metrics
+        self.clock = clock
+        self.store = WindowStore(config.max_peers, engine.feature_defaults)
+
+    # -- ingest -------------------------------------------------------------------
+
+    def ingest(self, batch: SampleBatch) -> IngestOutcome:
+        """Validate and store a batch; the good samples are kept whatever the
+        bad ones did.
+
+        Raises:
+            InvalidArgument: the batch is larger than ``max_batch_samples``.
+        """
+        n = len(batch)
+        if n > self.config.max_batch_samples:
+            raise InvalidArgument(
+                "samples", f"at most {self.config.max_batch_samples} samples per request, got {n}"
+            )
+        now = self.clock()
+        valid = validate_batch(
+            batch,
+            now,
+            self.store,
+            self.config.max_future_skew_s,
+            self.config.max_sample_age_s,
+        )
+        reasons = valid.reasons
+        result = self.store.ingest(valid.peer_ids, valid.rows, valid.ts, now)
+        for j, (field, rule) in result.reasons.items():
+            reasons[int(valid.index[j])] = (field, rule)
+        accepted = int(result.accepted.sum())
+        if result.evicted:
+            self.metrics.evictions.labels(cause="lru").inc(result.evicted)
+        self.metrics.accepted.inc(accepted)
+        rejections = [(i, f, f"{f}: {r}") for i, (f, r) in sorted(reasons.items())]
+        for _, field, _ in rejections:
+            self.metrics.rejected.labels(field=field).inc()
+        self.metrics.peers.set(len(self.store))
+        return IngestOutcome(accepted, rejections)
+
+    # -- answers ------------------------------------------------------------------
+
+    def _slots(self, peer_ids: list[str]) -> I64:
+        check_peer_ids(peer_ids, self.config.max_batch_peers)
+        get = self.store.slot
+        slots = np.empty(len(peer_ids), dtype=np.int64)
+        for i, pid in enumerate(peer_ids):
+            slot = get(pid)
+            if slot is None:
+                raise PeerNotFound(pid)
+            slots[i] = slot
+        return slots
+
+    def forecast(self, peer_ids: list[str]) -> Forecasts:
+        """Forecasts for the named peers, in request order.
+
+        Raises:
+            InvalidArgument: a bad, duplicate or missing peer id, or too many.
+            PeerNotFound: a peer with no window.
+        """
+        slots = self._slots(peer_ids)
+        windows, counts = self.store.gather(slots)
+        fc = self.engine.forecast(windows, counts)
+        self._count_sources(fc.source)
+        return fc
+
+    def allocate(self, peer_ids: list[str]) -> Allocations:
+        """Allocations for the named peers, in request order.
+
+        Raises:
+            InvalidArgument: a bad, duplicate or missing peer id, or too many.
+            PeerNotFound: a peer with no window.
+        """
+        slots = self._slots(peer_ids)
+        windows, counts = self.store.gather(slots)
+        return self.engine.allocate(windows, counts)
+
+    def _count_sources(self, source: npt.NDArray[np.int8]) -> None:
+        values, counts = np.unique(source, return_counts=True)
+        for v, c in zip(values.tolist(), counts.tolist(), strict=True):
+            self.metrics.forecasts.labels(source=_SOURCE_NAMES.get(v, "unknown")).inc(c)
+
+    def peer(self, peer_id: str) -> PeerView:
+        """One peer's window and counts.
+
+        Raises:
+            InvalidArgument: the id breaks the rule.
+            PeerNotFound: the peer has no window.
+        """
+        check_peer_id(peer_id)
+        view = self.store.view(peer_id)
+        if view is None:
+            raise PeerNotFound(peer_id)
+        return view
+
+    def list_peers(self, page_size: int, page_token: str) -> tuple[list[PeerSummary], str]:
+        """A page of peers ordered by id, and the token of the next page.
+
+        Args:
+            page_size: 0 means the maximum (1000).
+            page_token: empty, or the last id of the previous page.
+        """
+        size = MAX_PAGE if page_size == 0 else min(page_size, MAX_PAGE)
+        if page_token:
+            check_peer_id(page_token, "page_token")
+        ids = [p for p in self.store.peer_ids() if p > page_token] if page_token else (
+            self.store.peer_ids()
+        )
+        page = ids[:size]
+        if not page:
+            return [], ""
+        slots = np.array([self.store.slot(p) for p in page], dtype=np.int64)
+        counts, totals, seen = self.store.summary(slots)
+        rows = [
+            PeerSummary(p, int(c), int(t), float(s))
+            for p, c, t, s in zip(page, counts, totals, seen, strict=True)
+        ]
+        return rows, (page[-1] if len(ids) > size else "")
+
+    # -- upkeep -------------------------------------------------------------------
+
+    def swap_model(self, model: LoadedModel | None) -> None:
+        """Serve ``model``; new peers take its feature defaults."""
+        self.engine.swap(model)
+        self.store.defaults = np.asarray(self.engine.feature_defaults, dtype=np.float32)
+        self.metrics.set_model(self.engine.version)
+
+    def expire_idle(self) -> int:
+        """Drop idle peers (``idle_expiry_s``); returns how many."""
+        n = self.store.expire_idle(self.clock(), self.config.idle_expiry_s)
+        if n:
+            self.metrics.evictions.labels(cause="idle").inc(n)
+            self.metrics.peers.set(len(self.store))
+        return n
+
+
+_SOURCE_NAMES = {1: "model", 2: "baseline_cold_start", 3: "baseline_fallback"}

@@ -1,0 +1,114 @@
+"""The in-process Python API: the daemon's Engine without the daemon.
+
+>>> from bwpredd import Predictor
+>>> p = Predictor.load()            # the embedded default model
+>>> p.predict_bandwidth(window)     # one [10, 4] window or a batch [N, 10, 4], raw units
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from bwpredd.engine import DEFAULT_MODEL_DIR, Engine, load_model
+from bwpredd.manifest import FEATURES, WINDOW
+from bwpredd.state import allocation_percent as _allocation_percent
+
+__all__ = ["Forecast", "Predictor"]
+
+F32 = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class Forecast:
+    """Forecasts for a batch (arrays ``[N]``, Mbit/s); ``source`` holds
+    :class:`bwpredd.engine.Source` values."""
+
+    bandwidth_mbps: F32
+    low_mbps: F32
+    high_mbps: F32
+    source: npt.NDArray[np.int8]
+    model_version: str
+
+
+class Predictor:
+    """Forecasts and allocation decisions on full windows, in process.
+
+    Build it with :meth:`load`. Windows are ``[10, 4]`` or ``[N, 10, 4]`` in
+    raw units, feature order ``[latency_ms, bandwidth_mbps, packet_loss,
+    reliability]``, oldest sample first.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @classmethod
+    def load(cls, model_dir: str | Path | None = None, threads: int = 1) -> Predictor:
+        """Load and verify a model directory.
+
+        Args:
+            model_dir: a model directory; None for the embedded default.
+            threads: onnxruntime intra-op threads.
+
+        Raises:
+            bwpredd.errors.ModelError: the directory failed verification.
+        """
+        path = DEFAULT_MODEL_DIR if model_dir is None else Path(model_dir)
+        return cls(Engine(load_model(path, threads)))
+
+    @property
+    def model_version(self) -> str:
+        return self.engine.version
+
+    @staticmethod
+    def _batch(window: npt.ArrayLike) -> tuple[F32, bool]:
+        w = np.asarray(window, dtype=np.float32)
+        single = w.ndim == 2
+        if single:
+            w = w[None]
+        if w.ndim != 3 or w.shape[1:] != (WINDOW, len(FEATURES)):
+            raise ValueError(
+                f"window: expected shape [{WINDOW}, 4] or [N, {WINDOW}, 4], got {list(w.shape)}"
+            )
+        if not np.isfinite(w).all():
+            raise ValueError("window: values must be finite")
+        return np.ascontiguousarray(w), single
+
+    def forecast(self, window: npt.ArrayLike) -> Forecast:
+        """Point forecast and interval of the next step's bandwidth.
+
+        Args:
+            window: ``[10, 4]`` or ``[N, 10, 4]`` raw units.
+        """
+        w, _ = self._batch(window)
+        fc = self.engine.forecast(w, np.full(len(w), WINDOW, dtype=np.int64))
+        return Forecast(fc.point, fc.low, fc.high, fc.source, fc.model_version)
+
+    def predict_bandwidth(self, window: npt.ArrayLike) -> float | F32:
+        """Next-step bandwidth, Mbit/s: a float for one window, ``[N]`` for a batch.
+
+        Args:
+            window: ``[10, 4]`` or ``[N, 10, 4]`` raw units.
+        """
+        w, single = self._batch(window)
+        point = self.forecast(w).bandwidth_mbps
+        return float(point[0]) if single else point
+
+    def decide_allocation(self, window: npt.ArrayLike) -> int | npt.NDArray[np.int64]:
+        """Greedy allocation action(s) 0-9, with the state built from the
+        window exactly as the daemon builds it.
+
+        Args:
+            window: ``[10, 4]`` or ``[N, 10, 4]`` raw units.
+        """
+        w, single = self._batch(window)
+        actions = self.engine.allocate(w, np.full(len(w), WINDOW, dtype=np.int64)).action
+        return int(actions[0]) if single else actions
+
+    @staticmethod
+    def allocation_percent(action: int) -> int:
+        """The level of an action in percent: (action + 1) x 10."""
+        return _allocation_percent(action)

@@ -1,0 +1,374 @@
+"""The daemon's life cycle: start-up, main loop, shutdown.
+
+``Server(config).run()`` -> ``serve()`` -> ``startup()``, ``main_loop()``,
+``shutdown()``. Signal handlers only set flags: SIGTERM/SIGINT ask for a
+graceful exit (a second SIGINT forces it), SIGHUP asks for a model reload.
+Shutdown marks health NOT_SERVING, stops the gRPC server with a grace period
+so calls in flight finish, then writes the snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import stat
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
+
+from bwpredd._proto.bwpred.v1 import bwpred_pb2_grpc as pb_grpc
+from bwpredd.config import Config, parse_listen
+from bwpredd.core import Core
+from bwpredd.engine import DEFAULT_MODEL_DIR, Engine, LoadedModel, load_model
+from bwpredd.errors import ModelError
+from bwpredd.logging import get_logger
+from bwpredd.metrics import Metrics
+from bwpredd.servicer import SERVICE_NAME, BandwidthPredictorServicer
+from bwpredd.systemd import Notifier
+
+__all__ = ["MODEL_HEALTH_SERVICE", "STARTUP_FAILURE", "Server", "StartupError", "create_server"]
+
+log = get_logger(__name__)
+STARTUP_FAILURE = 3
+# Health "service" that is SERVING only while a verified model is loaded, so
+# probes and operators can tell MODEL answers from BASELINE_FALLBACK.
+MODEL_HEALTH_SERVICE = "bwpredd.model"
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says why."""
+
+
+def _server_credentials(config: Config) -> grpc.ServerCredentials:
+    def read(path: str, what: str) -> bytes:
+        try:
+            return Path(path).read_bytes()
+        except OSError as exc:
+            raise StartupError(f"{what}: cannot read {path}: {exc.strerror}") from None
+
+    key = read(config.tls_key, "tls_key")
+    cert = read(config.tls_cert, "tls_cert")
+    ca = read(config.tls_client_ca, "tls_client_ca") if config.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=ca, require_client_auth=config.require_client_auth
+    )
+
+
+@contextlib.contextmanager
+def _umask(mask: int) -> Iterator[None]:
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def _prepare_socket_dir(path: Path) -> None:
+    """Create the socket's directory (mode 0750: only the service and its
+    group may enter) and clear a stale socket file."""
+    parent = path.parent
+    if not parent.exists():
+        parent.mkdir(mode=0o750, parents=True)
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(path.lstat().st_mode):
+            path.unlink()
+        else:
+            raise StartupError(f"listen: {path} exists and is not a socket")
+
+
+def create_server(
+    config: Config, core: Core
+) -> tuple[grpc.aio.Server, str, health.aio.HealthServicer]:
+    """Build (but do not start) the gRPC server for ``core``.
+
+    Args:
+        config: listen address, TLS, limits, reflection.
+        core: the domain logic to serve.
+
+    Returns:
+        ``(server, address, health_servicer)``; for TCP port 0 the address
+        names the port actually bound.
+
+    Raises:
+        StartupError: the address cannot be bound or TLS files are unreadable.
+    """
+    options = [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ("grpc.max_concurrent_streams", config.max_concurrent_streams),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.aio.server(options=options)
+    servicer = BandwidthPredictorServicer(core, log_rpcs=config.log_rpcs)
+    pb_grpc.add_BandwidthPredictorServiceServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if config.reflection:
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+    kind, host, port = parse_listen(config.listen)
+    if kind == "unix":
+        path = Path(host)
+        _prepare_socket_dir(path)
+        # The socket file takes its mode from the umask at bind time; set it
+        # so the file is never, even briefly, wider than socket_mode.
+        with _umask(0o777 & ~config.socket_mode):
+            bound = server.add_insecure_port(f"unix:{path}")
+        if not bound:
+            raise StartupError(f"listen: cannot bind unix:{path}")
+        address = f"unix:{path}"
+    else:
+        target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        try:
+            if config.tls_cert:
+                bound = server.add_secure_port(target, _server_credentials(config))
+            else:
+                bound = server.add_insecure_port(target)
+        except RuntimeError as exc:
+            raise StartupError(f"listen: cannot bind {target}: {exc}") from None
+        if not bound:
+            raise StartupError(f"listen: cannot bind {target}")
+        address = f"[{host}]:{bound}" if ":" in host else f"{host}:{bound}"
+    return server, address, health_servicer
+
+
+class Server:
+    """The daemon: owns the gRPC server, the model, the state and signals.
+
+    Args:
+        config: the validated configuration.
+        registry: Prometheus registry (a fresh one per Server by default).
+        notifier: systemd notifications (from the environment by default).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        registry: CollectorRegistry | None = None,
+        notifier: Notifier | None = None,
+    ) -> None:
+        self.config = config
+        self.registry = registry or CollectorRegistry()
+        self.metrics = Metrics(self.registry)
+        self.notifier = notifier or Notifier.from_env(dict(os.environ))
+        self.should_exit = False
+        self.force_exit = False
+        self.reload_requested = False
+        self.started = asyncio.Event()
+        self.address = ""
+        self.core: Core | None = None
+        self._server: grpc.aio.Server | None = None
+        self._health: health.aio.HealthServicer | None = None
+        self._wake: asyncio.Event | None = None
+        self._metrics_server: Any = None
+
+    # -- life cycle -----------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until asked to stop; returns the process exit code."""
+        return asyncio.run(self.serve())
+
+    async def serve(self) -> int:
+        """Start, serve, shut down. Returns 0 after a clean stop.
+
+        Raises:
+            StartupError: the daemon could not start.
+        """
+        self._wake = asyncio.Event()
+        with self.capture_signals():
+            await self.startup()
+            try:
+                await self.main_loop()
+            finally:
+                await self.shutdown()
+        return 0
+
+    @property
+    def model_dir(self) -> Path:
+        return Path(self.config.model_dir) if self.config.model_dir else DEFAULT_MODEL_DIR
+
+    def _load(self) -> LoadedModel:
+        return load_model(self.model_dir, self.config.ort_threads)
+
+    async def startup(self) -> None:
+        """Load the model, build and start the server, announce readiness."""
+        config = self.config
+        started = time.perf_counter()
+        model: LoadedModel | None
+        try:
+            model = self._load()
+        except ModelError as exc:
+            if config.require_model:
+                raise StartupError(f"model: {exc}") from None
+            log.error("model_refused", error=str(exc), serving="BASELINE_FALLBACK")
+            model = None
+        engine = Engine(model)
+        self.core = core = Core(config, engine, self.metrics)
+        self.metrics.set_model(engine.version)
+        if model is not None:
+            log.info(
+                "model_loaded",
+                model_version=model.version,
+                model_dir=str(model.path),
+                sha256=model.sha256,
+                load_ms=round(model.load_seconds * 1e3, 1),
+            )
+        self._server, self.address, self._health = create_server(config, core)
+        await self._server.start()
+        if config.metrics_addr:
+            self._start_metrics()
+        await self._set_health(True)
+        self.started.set()
+        log.info(
+            "started",
+            listen=self.address,
+            model_version=engine.version or None,
+            metrics=config.metrics_addr or None,
+            startup_ms=round((time.perf_counter() - started) * 1e3, 1),
+        )
+        self.notifier.notify("READY=1", f"STATUS=serving on {self.address}")
+
+    def _start_metrics(self) -> None:
+        from prometheus_client import start_http_server
+
+        host, _, port = self.config.metrics_addr.rpartition(":")
+        try:
+            self._metrics_server, _ = start_http_server(
+                int(port), addr=host.strip("[]"), registry=self.registry
+            )
+        except OSError as exc:
+            raise StartupError(f"metrics_addr: cannot bind {self.config.metrics_addr}: {exc}") from None
+
+    async def _set_health(self, serving: bool) -> None:
+        assert self._health is not None and self.core is not None
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        await self._health.set("", status)
+        await self._health.set(SERVICE_NAME, status)
+        model_ok = serving and self.core.engine.model is not None
+        await self._health.set(
+            MODEL_HEALTH_SERVICE,
+            health_pb2.HealthCheckResponse.SERVING
+            if model_ok
+            else health_pb2.HealthCheckResponse.NOT_SERVING,
+        )
+
+    async def main_loop(self) -> None:
+        """Wait for signals; run periodic upkeep (expiry, watchdog)."""
+        assert self._wake is not None
+        tick = 1.0
+        if self.notifier.watchdog_interval_s:
+            tick = min(tick, self.notifier.watchdog_interval_s)
+        last_expiry = time.monotonic()
+        while not self.should_exit:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=tick)
+            self._wake.clear()
+            if self.reload_requested:
+                self.reload_requested = False
+                await self.reload()
+            if self.notifier.watchdog_usec:
+                self.notifier.notify("WATCHDOG=1")
+            now = time.monotonic()
+            if now - last_expiry >= 10.0 and self.core is not None:
+                last_expiry = now
+                self.core.expire_idle()
+
+    async def reload(self) -> bool:
+        """Build, verify and smoke-test the model directory off the event
+        loop, then swap it in. A failure keeps the old model serving.
+
+        Returns:
+            True if the new model now serves.
+        """
+        assert self.core is not None
+        self.notifier.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        old = self.core.engine.version
+        try:
+            model = await asyncio.get_running_loop().run_in_executor(None, self._load)
+        except ModelError as exc:
+            self.metrics.reloads.labels(outcome="failed").inc()
+            log.error("model_reload_failed", error=str(exc), model_version=old or None)
+            self.notifier.notify("READY=1", f"STATUS=reload failed, serving {old or 'baselines'}")
+            return False
+        self.core.swap_model(model)
+        await self._set_health(True)
+        self.metrics.reloads.labels(outcome="ok").inc()
+        log.info(
+            "model_reloaded",
+            model_version=model.version,
+            previous_version=old or None,
+            sha256=model.sha256,
+            load_ms=round(model.load_seconds * 1e3, 1),
+        )
+        self.notifier.notify("READY=1", f"STATUS=serving model {model.version}")
+        return True
+
+    async def shutdown(self) -> None:
+        """Stop taking calls, let in-flight ones finish, then clean up."""
+        self.notifier.notify("STOPPING=1", "STATUS=stopping")
+        log.info("stopping", grace_s=self.config.grace_period_s)
+        if self._health is not None and self.core is not None:
+            await self._set_health(False)
+        if self._server is not None:
+            grace = 0 if self.force_exit else self.config.grace_period_s
+            await self._server.stop(grace)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+        kind, path, _ = parse_listen(self.config.listen)
+        if kind == "unix":
+            with contextlib.suppress(OSError):
+                Path(path).unlink()
+        self.notifier.close()
+        log.info("stopped")
+
+    # -- signals --------------------------------------------------------------------
+
+    def request_exit(self, force: bool = False) -> None:
+        """Ask the main loop to stop (what SIGTERM/SIGINT do)."""
+        if self.should_exit and force:
+            self.force_exit = True
+        self.should_exit = True
+        if self._wake is not None:
+            self._wake.set()
+
+    def request_reload(self) -> None:
+        """Ask the main loop to reload the model (what SIGHUP does)."""
+        self.reload_requested = True
+        if self._wake is not None:
+            self._wake.set()
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """Install SIGTERM/SIGINT/SIGHUP handlers that set flags; restore the
+        previous handlers on exit. A no-op off the main thread (tests)."""
+        try:
+            loop = asyncio.get_running_loop()
+            handlers = {
+                signal.SIGTERM: lambda: self.request_exit(),
+                signal.SIGINT: lambda: self.request_exit(force=True),
+                signal.SIGHUP: self.request_reload,
+            }
+            for sig, fn in handlers.items():
+                loop.add_signal_handler(sig, fn)
+        except (RuntimeError, ValueError):  # not the main thread
+            yield
+            return
+        try:
+            yield
+        finally:
+            for sig in handlers:
+                loop.remove_signal_handler(sig)
+

@@ -1,0 +1,314 @@
+"""The gRPC servicer: protobuf <-> domain types, and nothing else.
+
+Every RPC goes through :func:`_rpc`, the one place that maps domain
+exceptions to status codes, counts the call and writes its log line.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, TypeVar
+
+import grpc
+import structlog
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from bwpredd._proto.bwpred.v1 import bwpred_pb2 as pb
+from bwpredd._proto.bwpred.v1 import bwpred_pb2_grpc as pb_grpc
+from bwpredd.core import Core, IngestOutcome
+from bwpredd.engine import Forecasts
+from bwpredd.errors import BwpreddError, InvalidArgument, PeerNotFound
+from bwpredd.logging import get_logger
+from bwpredd.validate import SampleBatch
+
+__all__ = ["SERVICE_NAME", "BandwidthPredictorServicer", "extract_batch"]
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["BandwidthPredictorService"].full_name
+log = get_logger(__name__)
+T = TypeVar("T")
+
+_CODES: dict[type[BwpreddError], grpc.StatusCode] = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    PeerNotFound: grpc.StatusCode.NOT_FOUND,
+}
+
+
+def status_for(exc: BaseException) -> grpc.StatusCode:
+    """The status code of a domain exception (INTERNAL for anything else)."""
+    for kind, code in _CODES.items():
+        if isinstance(exc, kind):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def extract_batch(samples: Iterable[pb.Sample]) -> SampleBatch:
+    """Pull a batch's fields into lists in one pass (the hot ingest path).
+
+    Args:
+        samples: the request's repeated ``Sample``.
+    """
+    ids: list[str] = []
+    bw: list[float] = []
+    has_bw: list[bool] = []
+    lat: list[float] = []
+    has_lat: list[bool] = []
+    loss: list[float] = []
+    has_loss: list[bool] = []
+    rel: list[float] = []
+    has_rel: list[bool] = []
+    ts: list[float] = []
+    nan = math.nan
+    for s in samples:
+        ids.append(s.peer_id)
+        has = s.HasField
+        bw.append(s.bandwidth_mbps)
+        has_bw.append(has("bandwidth_mbps"))
+        lat.append(s.latency_ms)
+        has_lat.append(has("latency_ms"))
+        loss.append(s.packet_loss)
+        has_loss.append(has("packet_loss"))
+        rel.append(s.reliability)
+        has_rel.append(has("reliability"))
+        if has("timestamp"):
+            t = s.timestamp
+            ts.append(t.seconds + t.nanos * 1e-9)
+        else:
+            ts.append(nan)
+    return SampleBatch(ids, bw, has_bw, lat, has_lat, loss, has_loss, rel, has_rel, ts)
+
+
+def _timestamp(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    if math.isfinite(seconds):
+        whole = math.floor(seconds)
+        ts.seconds, ts.nanos = int(whole), int((seconds - whole) * 1e9)
+    return ts
+
+
+def forecast_messages(peer_ids: list[str], fc: Forecasts) -> list[pb.PeerForecast]:
+    """Domain forecasts -> ``PeerForecast`` messages, in ``peer_ids`` order."""
+    return [
+        pb.PeerForecast(
+            peer_id=pid,
+            bandwidth_mbps=p,
+            low_mbps=lo,
+            high_mbps=hi,
+            source=s,
+            samples_in_window=c,
+            model_version=fc.model_version,
+        )
+        for pid, p, lo, hi, s, c in zip(
+            peer_ids,
+            fc.point.tolist(),
+            fc.low.tolist(),
+            fc.high.tolist(),
+            fc.source.tolist(),
+            fc.counts.tolist(),
+            strict=True,
+        )
+    ]
+
+
+def _ack(outcome: IngestOutcome, kind: type[T]) -> T:
+    return kind(  # type: ignore[call-arg]
+        accepted=outcome.accepted,
+        rejected=len(outcome.rejections),
+        rejections=[pb.Rejection(index=i, field=f, reason=r) for i, f, r in outcome.rejections],
+    )
+
+
+def _rpc(kind: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Wrap a unary handler: status mapping, metrics, one log line."""
+
+    def decorate(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        name = method.__name__
+
+        @functools.wraps(method)
+        async def handler(self: BandwidthPredictorServicer, request: Any, context: Any) -> Any:
+            start = time.perf_counter()
+            code = grpc.StatusCode.OK
+            detail: dict[str, Any] = {}
+            try:
+                return await method(self, request, context, detail)
+            except BwpreddError as exc:
+                code = status_for(exc)
+                detail["error"] = str(exc)
+                await context.abort(code, str(exc))
+            except Exception as exc:
+                code = grpc.StatusCode.INTERNAL
+                log.exception("rpc_failed", rpc=name)
+                await context.abort(code, f"internal error: {type(exc).__name__}")
+            finally:
+                self._done(name, kind, code, start, detail)
+
+        return handler
+
+    return decorate
+
+
+class BandwidthPredictorServicer(pb_grpc.BandwidthPredictorServiceServicer):
+    """``bwpred.v1.BandwidthPredictorService`` on the asyncio server.
+
+    Args:
+        core: the domain logic.
+        log_rpcs: write one log line per RPC (errors are always logged).
+    """
+
+    def __init__(self, core: Core, log_rpcs: bool = True) -> None:
+        self.core = core
+        self.log_rpcs = log_rpcs
+        m = core.metrics
+        self._m_handled = m.handled
+        self._m_handling = m.handling
+
+    def _done(
+        self, name: str, kind: str, code: grpc.StatusCode, start: float, detail: dict[str, Any]
+    ) -> None:
+        elapsed = time.perf_counter() - start
+        labels = (SERVICE_NAME, name, kind)
+        self._m_handled.labels(*labels, code.name).inc()
+        self._m_handling.labels(*labels).observe(elapsed)
+        if self.log_rpcs or code != grpc.StatusCode.OK:
+            log.info(
+                "rpc",
+                rpc=name,
+                code=code.name,
+                duration_ms=round(elapsed * 1e3, 3),
+                model_version=self.core.engine.version,
+                **detail,
+            )
+
+    # -- ingest -------------------------------------------------------------------
+
+    @_rpc("unary")
+    async def PushSamples(
+        self, request: pb.PushSamplesRequest, context: Any, detail: dict[str, Any]
+    ) -> pb.PushSamplesResponse:
+        outcome = self.core.ingest(extract_batch(request.samples))
+        detail.update(accepted=outcome.accepted, rejected=len(outcome.rejections))
+        return _ack(outcome, pb.PushSamplesResponse)
+
+    async def StreamSamples(
+        self, request_iterator: AsyncIterator[pb.StreamSamplesRequest], context: Any
+    ) -> AsyncIterator[pb.StreamSamplesResponse]:
+        start = time.perf_counter()
+        code = grpc.StatusCode.OK
+        detail: dict[str, Any] = {"batches": 0, "accepted": 0, "rejected": 0}
+        received = self.core.metrics.msg_received.labels(SERVICE_NAME, "StreamSamples", "bidi_stream")
+        try:
+            async for request in request_iterator:
+                received.inc()
+                try:
+                    outcome = self.core.ingest(extract_batch(request.samples))
+                except InvalidArgument as exc:
+                    # A batch-level rule (too many samples): reject the batch,
+                    # keep the stream.
+                    n = len(request.samples)
+                    outcome = IngestOutcome(0, [(i, exc.field, str(exc)) for i in range(n)])
+                    self.core.metrics.rejected.labels(field=exc.field).inc(n)
+                detail["batches"] += 1
+                detail["accepted"] += outcome.accepted
+                detail["rejected"] += len(outcome.rejections)
+                yield _ack(outcome, pb.StreamSamplesResponse)
+        except BaseException as exc:
+            code = grpc.StatusCode.CANCELLED if _is_cancel(exc) else grpc.StatusCode.INTERNAL
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("rpc_failed", rpc="StreamSamples")
+            raise
+        finally:
+            self._done("StreamSamples", "bidi_stream", code, start, detail)
+
+    # -- answers ------------------------------------------------------------------
+
+    @_rpc("unary")
+    async def Forecast(
+        self, request: pb.ForecastRequest, context: Any, detail: dict[str, Any]
+    ) -> pb.ForecastResponse:
+        peer_ids = list(request.peer_ids)
+        fc = self.core.forecast(peer_ids)
+        detail["peers"] = len(peer_ids)
+        return pb.ForecastResponse(forecasts=forecast_messages(peer_ids, fc))
+
+    @_rpc("unary")
+    async def Allocate(
+        self, request: pb.AllocateRequest, context: Any, detail: dict[str, Any]
+    ) -> pb.AllocateResponse:
+        peer_ids = list(request.peer_ids)
+        al = self.core.allocate(peer_ids)
+        detail["peers"] = len(peer_ids)
+        version = al.forecasts.model_version
+        return pb.AllocateResponse(
+            allocations=[
+                pb.PeerAllocation(
+                    peer_id=pid,
+                    action=a,
+                    allocation_percent=pct,
+                    allocated_mbps=mbps,
+                    source=s,
+                    reference_capacity_mbps=cap,
+                    model_version=version,
+                )
+                for pid, a, pct, mbps, s, cap in zip(
+                    peer_ids,
+                    al.action.tolist(),
+                    al.percent.tolist(),
+                    al.allocated_mbps.tolist(),
+                    al.source.tolist(),
+                    al.capacity.tolist(),
+                    strict=True,
+                )
+            ]
+        )
+
+    @_rpc("unary")
+    async def GetPeer(
+        self, request: pb.GetPeerRequest, context: Any, detail: dict[str, Any]
+    ) -> pb.GetPeerResponse:
+        view = self.core.peer(request.peer_id)
+        window = [
+            pb.Sample(
+                peer_id=view.peer_id,
+                latency_ms=row[0],
+                bandwidth_mbps=row[1],
+                packet_loss=row[2],
+                reliability=row[3],
+                timestamp=_timestamp(t),
+            )
+            for row, t in zip(view.window.tolist(), view.timestamps.tolist(), strict=True)
+        ]
+        return pb.GetPeerResponse(
+            peer=pb.Peer(
+                peer_id=view.peer_id,
+                samples_in_window=len(window),
+                sample_count=view.sample_count,
+                last_seen=_timestamp(view.last_seen),
+                window=window,
+            )
+        )
+
+    @_rpc("unary")
+    async def ListPeers(
+        self, request: pb.ListPeersRequest, context: Any, detail: dict[str, Any]
+    ) -> pb.ListPeersResponse:
+        rows, token = self.core.list_peers(request.page_size, request.page_token)
+        return pb.ListPeersResponse(
+            peers=[
+                pb.Peer(
+                    peer_id=r.peer_id,
+                    samples_in_window=r.samples_in_window,
+                    sample_count=r.sample_count,
+                    last_seen=_timestamp(r.last_seen),
+                )
+                for r in rows
+            ],
+            next_page_token=token,
+        )
+
+
+def _is_cancel(exc: BaseException) -> bool:
+    import asyncio
+
+    return isinstance(exc, asyncio.CancelledError | GeneratorExit)

@@ -1,0 +1,389 @@
+"""WindowStore: the last ``W`` samples of every peer, in preallocated numpy
+ring buffers.
+
+All state is in arrays indexed by *slot* (``[capacity, W, 4]`` float32 for the
+windows, plus per-slot counters and times) and a ``peer_id -> slot`` dict.
+Ingest is vectorised per batch: samples are grouped by slot, checked for time
+order, missing features carried forward, and only each peer's newest ``W``
+rows written. At capacity, the least recently seen peers are evicted (once per
+batch, with one partial sort); idle peers expire on :meth:`expire_idle`.
+Snapshots are plain arrays (``.npz`` without pickle).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["IngestResult", "PeerView", "WindowStore"]
+
+F32 = npt.NDArray[np.float32]
+F64 = npt.NDArray[np.float64]
+I64 = npt.NDArray[np.int64]
+BOOL = npt.NDArray[np.bool_]
+
+# Snapshot keys; bumping the format invalidates old snapshots cleanly.
+SNAPSHOT_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What :meth:`WindowStore.ingest` did with each sample it was given."""
+
+    accepted: BOOL  # [n] True where the sample is now in its peer's window
+    reasons: dict[int, tuple[str, str]]  # index -> (field, rule) for the rejected
+    slots: I64  # [n] slot of each sample (-1 where rejected)
+    evicted: int  # peers evicted to make room
+
+
+@dataclass(frozen=True)
+class PeerView:
+    """A copy of one peer's state."""
+
+    peer_id: str
+    window: F32  # [count, 4], oldest first
+    timestamps: F64  # [count] sample times (unix seconds)
+    sample_count: int
+    last_seen: float  # unix seconds of the newest sample's arrival
+
+
+class WindowStore:
+    """Per-peer rolling windows.
+
+    Not thread-safe: the daemon touches it from its event loop only.
+
+    Args:
+        capacity: peers held at most.
+        defaults: the value of each feature when a peer has never reported
+            it (bandwidth's entry is unused: bandwidth is required).
+        window: samples per peer.
+    """
+
+    def __init__(self, capacity: int, defaults: Sequence[float], window: int = 10) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity: must be >= 1, got {capacity}")
+        if len(defaults) != 4:
+            raise ValueError("defaults: need one value per feature (4)")
+        self.capacity = capacity
+        self.window = window
+        self.defaults = np.asarray(defaults, dtype=np.float32)
+        self._data = np.zeros((capacity, window, 4), dtype=np.float32)
+        self._ts = np.zeros((capacity, window), dtype=np.float64)
+        self._head = np.zeros(capacity, dtype=np.int64)  # next row to write
+        self._count = np.zeros(capacity, dtype=np.int64)  # rows filled, <= window
+        self._total = np.zeros(capacity, dtype=np.int64)  # samples ever accepted
+        self._last_ts = np.full(capacity, -math.inf, dtype=np.float64)
+        self._last_seen = np.zeros(capacity, dtype=np.float64)
+        self._slots: dict[str, int] = {}
+        self._peers: list[str | None] = [None] * capacity
+        self._free: list[int] = list(range(capacity - 1, -1, -1))
+        self._reset_hooks: list[Callable[[I64], None]] = []
+        self.evictions = 0
+        self.expirations = 0
+
+    # -- lookup -----------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def __contains__(self, peer_id: object) -> bool:
+        return peer_id in self._slots
+
+    def slot(self, peer_id: str) -> int | None:
+        """The slot of a peer, or None if it is not tracked."""
+        return self._slots.get(peer_id)
+
+    def peer_ids(self) -> list[str]:
+        """Every tracked peer id, sorted."""
+        return sorted(self._slots)
+
+    def on_reset(self, hook: Callable[[I64], None]) -> None:
+        """Call ``hook(slots)`` whenever slots are (re)assigned to new peers, so
+        per-slot state kept elsewhere (live scores) starts clean."""
+        self._reset_hooks.append(hook)
+
+    # -- ingest -----------------------------------------------------------------
+
+    def ingest(
+        self, peer_ids: Sequence[str], rows: F64 | F32, ts: F64, now: float
+    ) -> IngestResult:
+        """Append already-validated samples to their peers' windows.
+
+        Samples of one peer are applied in the order given. A sample whose
+        timestamp is older than its peer's newest sample (stored or earlier in
+        this batch) is rejected: windows are time series. Missing optional
+        features (NaN in ``rows``) are carried forward from the peer's
+        previous sample, else take the defaults.
+
+        Args:
+            peer_ids: ``n`` valid peer ids.
+            rows: ``[n, 4]`` values in feature order; NaN = not given.
+            ts: ``[n]`` sample times, unix seconds.
+            now: arrival time, unix seconds (for recency and expiry).
+        """
+        n = len(peer_ids)
+        accepted = np.zeros(n, dtype=bool)
+        slots_out = np.full(n, -1, dtype=np.int64)
+        reasons: dict[int, tuple[str, str]] = {}
+        if n == 0:
+            return IngestResult(accepted, reasons, slots_out, 0)
+        slots, evicted = self._assign(peer_ids, now)
+        full = slots < 0
+        for i in np.flatnonzero(full):
+            reasons[int(i)] = ("peer_id", "peer table is full and no peer could be evicted")
+        keep = np.flatnonzero(~full)
+        if keep.size == 0:
+            return IngestResult(accepted, reasons, slots_out, evicted)
+        s = slots[keep]
+        t = np.asarray(ts, dtype=np.float64)[keep]
+        # Group by slot, keeping the request's order inside each group.
+        order = np.lexsort((keep, s))
+        s, t, idx = s[order], t[order], keep[order]
+        group = np.cumsum(np.r_[True, s[1:] != s[:-1]]) - 1
+        # In-order rule: t must be >= every earlier timestamp of its peer.
+        t0 = t.min()
+        span = t.max() - t0 + 1.0
+        cummax = np.maximum.accumulate((t - t0) + group * span) - group * span + t0
+        ok = (t >= cummax) & (t >= self._last_ts[s])
+        for i in idx[~ok]:
+            reasons[int(i)] = ("timestamp", "older than the peer's newest sample (out of order)")
+        s, t, idx = s[ok], t[ok], idx[ok]
+        if s.size == 0:
+            return IngestResult(accepted, reasons, slots_out, evicted)
+        r = np.asarray(rows, dtype=np.float32)[idx]
+        is_start = np.r_[True, s[1:] != s[:-1]]
+        starts = np.flatnonzero(is_start)
+        sizes = np.diff(np.r_[starts, s.size])
+        group = np.cumsum(is_start) - 1
+        rank = np.arange(s.size) - starts[group]
+        # Carry forward: seed each group's first row from the stored newest
+        # row (or the defaults), then forward-fill inside the sorted batch;
+        # every group starts non-NaN, so the fill never crosses peers.
+        first_slots = s[starts]
+        prev = self._data[first_slots, (self._head[first_slots] - 1) % self.window]
+        seed = np.where((self._count[first_slots] > 0)[:, None], prev, self.defaults[None, :])
+        head_rows = r[starts]
+        r[starts] = np.where(np.isnan(head_rows), seed, head_rows)
+        missing = np.isnan(r)
+        if missing.any():
+            pos = np.where(~missing, np.arange(s.size)[:, None], 0)
+            np.maximum.accumulate(pos, axis=0, out=pos)
+            r = r[pos, np.arange(4)[None, :]]
+        # Only each peer's newest `window` rows can survive; write just those.
+        live = rank >= (sizes[group] - self.window)
+        ws, wr, wt = s[live], rank[live], t[live]
+        pos = (self._head[ws] + wr) % self.window
+        self._data[ws, pos] = r[live]
+        self._ts[ws, pos] = wt
+        self._head[first_slots] = (self._head[first_slots] + sizes) % self.window
+        self._count[first_slots] = np.minimum(self._count[first_slots] + sizes, self.window)
+        self._total[first_slots] += sizes
+        self._last_ts[first_slots] = t[starts + sizes - 1]
+        self._last_seen[first_slots] = now
+        accepted[idx] = True
+        slots_out[idx] = s
+        return IngestResult(accepted, reasons, slots_out, evicted)
+
+    def _assign(self, peer_ids: Sequence[str], now: float) -> tuple[I64, int]:
+        """Slots for ``peer_ids``, creating peers (and evicting) as needed."""
+        get = self._slots.get
+        slots = np.fromiter((get(p, -1) for p in peer_ids), dtype=np.int64, count=len(peer_ids))
+        new_pos = np.flatnonzero(slots < 0)
+        if new_pos.size == 0:
+            return slots, 0
+        new_ids: dict[str, int] = {}
+        for i in new_pos:
+            new_ids.setdefault(peer_ids[i], len(new_ids))
+        evicted = 0
+        short = len(new_ids) - len(self._free)
+        if short > 0:
+            evicted = self._evict_lru(short, protect=slots[slots >= 0])
+        fresh: list[int] = []
+        for pid in new_ids:
+            if not self._free:
+                break
+            slot = self._free.pop()
+            self._slots[pid] = slot
+            self._peers[slot] = pid
+            fresh.append(slot)
+        if fresh:
+            self._clear(np.asarray(fresh, dtype=np.int64), now)
+        for i in new_pos:
+            slots[i] = self._slots.get(peer_ids[i], -1)
+        return slots, evicted
+
+    def _clear(self, slots: I64, now: float) -> None:
+        self._head[slots] = 0
+        self._count[slots] = 0
+        self._total[slots] = 0
+        self._last_ts[slots] = -math.inf
+        self._last_seen[slots] = now
+        for hook in self._reset_hooks:
+            hook(slots)
+
+    def _release(self, slots: Iterable[int]) -> None:
+        for slot in slots:
+            pid = self._peers[slot]
+            if pid is not None:
+                del self._slots[pid]
+                self._peers[slot] = None
+                self._free.append(int(slot))
+
+    def _evict_lru(self, n: int, protect: I64) -> int:
+        """Free up to ``n`` slots, least recently seen first, never one in
+        ``protect`` (peers written by the batch being ingested)."""
+        used = np.fromiter(self._slots.values(), dtype=np.int64, count=len(self._slots))
+        if protect.size:
+            used = np.setdiff1d(used, protect, assume_unique=False)
+        n = min(n, used.size)
+        if n <= 0:
+            return 0
+        seen = self._last_seen[used]
+        victims = used[np.argpartition(seen, n - 1)[:n]] if n < used.size else used
+        self._release(victims.tolist())
+        self.evictions += int(victims.size)
+        return int(victims.size)
+
+    def expire_idle(self, now: float, max_idle_s: float) -> int:
+        """Forget peers with no sample for ``max_idle_s`` seconds.
+
+        Args:
+            now: unix seconds.
+            max_idle_s: idle limit; 0 disables expiry.
+        """
+        if max_idle_s <= 0 or not self._slots:
+            return 0
+        used = np.fromiter(self._slots.values(), dtype=np.int64, count=len(self._slots))
+        stale = used[self._last_seen[used] < now - max_idle_s]
+        self._release(stale.tolist())
+        self.expirations += int(stale.size)
+        return int(stale.size)
+
+    def forget(self, peer_id: str) -> bool:
+        """Drop one peer; True if it was tracked."""
+        slot = self._slots.get(peer_id)
+        if slot is None:
+            return False
+        self._release([slot])
+        return True
+
+    # -- reads ------------------------------------------------------------------
+
+    def gather(self, slots: I64) -> tuple[F32, I64]:
+        """Windows of many slots in one vectorised read.
+
+        Args:
+            slots: ``[k]`` slots.
+
+        Returns:
+            ``(windows [k, W, 4] oldest first, counts [k])``; for peers with
+            fewer than ``W`` samples the leading rows are padding (zeros).
+        """
+        w = self.window
+        idx = (self._head[slots, None] + np.arange(w)[None, :]) % w
+        windows = self._data[slots[:, None], idx]
+        counts = self._count[slots]
+        if (counts < w).any():
+            pad = np.arange(w)[None, :] < (w - counts)[:, None]
+            windows[pad] = 0.0
+        return windows, counts.copy()
+
+    def view(self, peer_id: str) -> PeerView | None:
+        """A copy of one peer's state, or None if it is not tracked."""
+        slot = self._slots.get(peer_id)
+        if slot is None:
+            return None
+        windows, counts = self.gather(np.array([slot], dtype=np.int64))
+        c = int(counts[0])
+        w = self.window
+        idx = (self._head[slot] + np.arange(w)) % w
+        return PeerView(
+            peer_id=peer_id,
+            window=windows[0, w - c :].copy(),
+            timestamps=self._ts[slot, idx][w - c :].copy(),
+            sample_count=int(self._total[slot]),
+            last_seen=float(self._last_seen[slot]),
+        )
+
+    def summary(self, slots: I64) -> tuple[I64, I64, F64]:
+        """``(counts, totals, last_seen)`` of many slots."""
+        return self._count[slots].copy(), self._total[slots].copy(), self._last_seen[slots].copy()
+
+    # -- snapshots --------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, npt.NDArray[np.generic]]:
+        """The tracked peers as plain arrays (no objects: loadable with
+        ``allow_pickle=False``)."""
+        ids = list(self._slots)
+        slots = np.fromiter(self._slots.values(), dtype=np.int64, count=len(ids))
+        return {
+            "format": np.array([SNAPSHOT_FORMAT], dtype=np.int64),
+            "window": np.array([self.window], dtype=np.int64),
+            "peer_ids": np.array(ids, dtype="<U128"),
+            "data": self._data[slots].copy(),
+            "ts": self._ts[slots].copy(),
+            "head": self._head[slots].copy(),
+            "count": self._count[slots].copy(),
+            "total": self._total[slots].copy(),
+            "last_ts": self._last_ts[slots].copy(),
+            "last_seen": self._last_seen[slots].copy(),
+        }
+
+    def restore(
+        self, snap: dict[str, npt.NDArray[np.generic]], now: float, max_age_s: float
+    ) -> int:
+        """Load a snapshot into an empty store, dropping peers last seen more
+        than ``max_age_s`` ago and, beyond capacity, the least recent.
+
+        Args:
+            snap: arrays as written by :meth:`snapshot`.
+            now: unix seconds.
+            max_age_s: age limit of a restored window.
+
+        Returns:
+            Peers restored.
+
+        Raises:
+            ValueError: the snapshot is not of this format or is inconsistent.
+        """
+        if int(np.asarray(snap["format"])[0]) != SNAPSHOT_FORMAT:
+            raise ValueError("snapshot: unknown format")
+        if int(np.asarray(snap["window"])[0]) != self.window:
+            raise ValueError("snapshot: window length differs")
+        ids = np.asarray(snap["peer_ids"])
+        n = ids.shape[0]
+        data = np.asarray(snap["data"], dtype=np.float32)
+        if data.shape != (n, self.window, 4):
+            raise ValueError("snapshot: data has the wrong shape")
+        head = np.asarray(snap["head"], dtype=np.int64)
+        count = np.asarray(snap["count"], dtype=np.int64)
+        last_seen = np.asarray(snap["last_seen"], dtype=np.float64)
+        if not (
+            np.isfinite(data).all()
+            and ((head >= 0) & (head < self.window)).all()
+            and ((count >= 0) & (count <= self.window)).all()
+        ):
+            raise ValueError("snapshot: values out of range")
+        fresh = np.flatnonzero(last_seen >= now - max_age_s)
+        fresh = fresh[np.argsort(-last_seen[fresh], kind="stable")][: self.capacity]
+        self._release(list(self._slots.values()))
+        for j in fresh:
+            slot = self._free.pop()
+            pid = str(ids[j])
+            self._slots[pid] = slot
+            self._peers[slot] = pid
+        slots = np.array([self._slots[str(ids[j])] for j in fresh], dtype=np.int64)
+        if slots.size:
+            self._clear(slots, now)
+            self._data[slots] = data[fresh]
+            self._ts[slots] = np.asarray(snap["ts"], dtype=np.float64)[fresh]
+            self._head[slots] = head[fresh]
+            self._count[slots] = count[fresh]
+            self._total[slots] = np.asarray(snap["total"], dtype=np.int64)[fresh]
+            self._last_ts[slots] = np.asarray(snap["last_ts"], dtype=np.float64)[fresh]
+            self._last_seen[slots] = last_seen[fresh]
+        return int(slots.size)
