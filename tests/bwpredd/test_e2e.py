@@ -1,0 +1,159 @@
+"""End to end through a real server and the generated stubs."""
+
+from __future__ import annotations
+
+import math
+import signal
+from pathlib import Path
+
+import grpc
+import pytest
+
+from bwpredd.client import Client, channel_for, pb
+from tests.helpers import daemon_process, running_server, sample, wait_for_health
+
+MODEL = pb.FORECAST_SOURCE_MODEL
+COLD = pb.FORECAST_SOURCE_BASELINE_COLD_START
+
+
+def _push_25(client: Client) -> pb.PushSamplesResponse:
+    """25 samples over 3 peers: p0 gets 9, p1 8, p2 8 ... then top p0 up."""
+    samples = [sample(f"p{i % 3}", 50.0 + i, latency_ms=20.0 + i % 4) for i in range(25)]
+    return client.push(samples)
+
+
+class TestUnixSocket:
+    """The daemon on a temporary unix socket."""
+
+    def test_push_forecast_allocate(self, tmp_path: Path) -> None:
+        """25 samples for 3 peers are accepted; full windows get MODEL
+        forecasts with low <= point <= high, short ones cold start."""
+        with running_server(tmp_path) as (_, client):
+            resp = _push_25(client)
+            assert (resp.accepted, resp.rejected) == (25, 0)
+            client.push([sample("p1", 60.0), sample("p1", 61.0)])  # p1: 8 -> 10
+            forecasts = client.forecast(["p1", "p0"])
+            assert [f.peer_id for f in forecasts] == ["p1", "p0"]
+            full, short = forecasts
+            assert full.source == MODEL and full.samples_in_window == 10
+            assert math.isfinite(full.bandwidth_mbps)
+            assert full.low_mbps <= full.bandwidth_mbps <= full.high_mbps
+            assert full.model_version
+            assert short.source == COLD and short.samples_in_window == 9
+            allocations = client.allocate(["p1", "p0"])
+            for a in allocations:
+                assert 0 <= a.action <= 9
+                assert a.allocation_percent == (a.action + 1) * 10
+                assert a.allocated_mbps == pytest.approx(
+                    a.allocation_percent / 100 * a.reference_capacity_mbps, rel=1e-5
+                )
+            assert allocations[0].source == MODEL
+
+    def test_mixed_bad_batch(self, tmp_path: Path) -> None:
+        """NaN, negative bandwidth, loss 1.5 and an empty peer id are rejected
+        with reasons naming the field; the good sample is kept."""
+        with running_server(tmp_path) as (_, client):
+            resp = client.push(
+                [
+                    sample("a", math.nan),
+                    sample("a", -1.0),
+                    sample("a", 10.0, packet_loss=1.5),
+                    sample("", 10.0),
+                    sample("good", 10.0),
+                ]
+            )
+            assert (resp.accepted, resp.rejected) == (1, 4)
+            by_index = {r.index: r for r in resp.rejections}
+            assert by_index[0].field == "bandwidth_mbps" and "finite" in by_index[0].reason
+            assert by_index[1].field == "bandwidth_mbps" and ">= 0" in by_index[1].reason
+            assert by_index[2].field == "packet_loss" and "[0, 1]" in by_index[2].reason
+            assert by_index[3].field == "peer_id"
+            assert [p.peer_id for p in client.peers()] == ["good"]
+
+    def test_unknown_peer_not_found(self, tmp_path: Path) -> None:
+        """Forecast, Allocate and GetPeer of an unknown peer answer NOT_FOUND naming it."""
+        with running_server(tmp_path) as (_, client):
+            client.push([sample("known", 1.0)])
+            for call in (
+                lambda: client.forecast(["known", "ghost"]),
+                lambda: client.allocate(["ghost"]),
+                lambda: client.peer("ghost"),
+            ):
+                with pytest.raises(grpc.RpcError) as err:
+                    call()
+                assert err.value.code() == grpc.StatusCode.NOT_FOUND
+                assert "ghost" in (err.value.details() or "")
+
+    def test_stream_acks_every_batch(self, tmp_path: Path) -> None:
+        """StreamSamples answers one ack per batch, in order, and a bad sample
+        does not end the stream."""
+        with running_server(tmp_path) as (_, client):
+            batches = [
+                [sample("s", 10.0 + i), sample("s", -5.0)] if i % 2 else [sample("s", 10.0 + i)]
+                for i in range(6)
+            ]
+            acks = list(client.stream(batches))
+            assert [(a.accepted, a.rejected) for a in acks] == [(1, 0), (1, 1)] * 3
+            assert client.peer("s").sample_count == 6
+
+    def test_health_and_peer(self, tmp_path: Path) -> None:
+        """Health is SERVING overall and for the service; GetPeer returns the
+        window oldest first with counts."""
+        with running_server(tmp_path) as (_, client):
+            assert client.health() == "SERVING"
+            assert client.health("bwpred.v1.BandwidthPredictorService") == "SERVING"
+            assert client.health("bwpredd.model") == "SERVING"
+            client.push([sample("w", float(i), latency_ms=1.0) for i in range(12)])
+            peer = client.peer("w")
+            assert peer.sample_count == 12 and peer.samples_in_window == 10
+            assert [s.bandwidth_mbps for s in peer.window] == [float(i) for i in range(2, 12)]
+            assert peer.last_seen.seconds > 0
+
+    def test_socket_permissions(self, tmp_path: Path) -> None:
+        """The socket is mode 0660 inside a 0750 directory."""
+        with running_server(tmp_path) as (server, _):
+            path = Path(server.address.removeprefix("unix:"))
+            assert path.stat().st_mode & 0o777 == 0o660
+            assert path.parent.stat().st_mode & 0o777 == 0o750
+
+
+class TestTcp:
+    """The daemon on TCP port 0."""
+
+    def test_tcp_port_zero(self, tmp_path: Path) -> None:
+        """Binding port 0 on loopback serves the same API on the chosen port."""
+        with running_server(tmp_path, listen="127.0.0.1:0") as (server, client):
+            assert not server.address.endswith(":0")
+            client.push([sample("t", 5.0 + i) for i in range(10)])
+            (fc,) = client.forecast(["t"])
+            assert fc.source == MODEL
+
+
+class TestProcess:
+    """The daemon as a separate process."""
+
+    def test_sigterm_exits_zero(self, tmp_path: Path) -> None:
+        """SIGTERM drains and exits 0, removing the socket."""
+        sock = tmp_path / "d" / "bwpredd.sock"
+        with daemon_process([], env={"BWPREDD_LISTEN": f"unix:{sock}"}) as proc:
+            client = wait_for_health(f"unix:{sock}")
+            client.push([sample("x", 1.0)])
+            client.close()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+        assert not sock.exists()
+
+    def test_bad_config_exit_code(self, tmp_path: Path) -> None:
+        """An unknown BWPREDD_ variable stops start-up with exit code 2 naming it."""
+        with daemon_process([], env={"BWPREDD_NO_SUCH_THING": "1"}) as proc:
+            out = proc.communicate(timeout=30)[0].decode()
+            assert proc.returncode == 2
+            assert "no_such_thing" in out
+
+
+def test_channel_to_missing_socket_fails(tmp_path: Path) -> None:
+    """A client pointed at no daemon fails with UNAVAILABLE, not a hang."""
+    client = Client(channel_for(f"unix:{tmp_path}/none.sock"), timeout=1)
+    with pytest.raises(grpc.RpcError) as err:
+        client.health()
+    assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
