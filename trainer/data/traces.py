@@ -478,10 +478,8 @@ def _iter_files(root: Path) -> Iterable[Path]:
                 yield Path(dirpath) / fname
 
 
-def _to_trace(
-    series: _Series, source: str, rel: str, defaults: Mapping[str, float]
-) -> tuple[Trace | None, str]:
-    """Fill defaults and build a Trace; returns (None, reason) if unusable."""
+def _to_trace(series: _Series, source: str, rel: str, defaults: Mapping[str, float]) -> Trace:
+    """Drop non-finite steps, fill unmeasured features from ``defaults``, build a Trace."""
     ok = np.isfinite(series.bw) & np.isfinite(series.t)
     n = int(ok.sum())
     data = np.empty((n, len(FEATURES)), dtype=np.float32)
@@ -508,7 +506,7 @@ def _to_trace(
         measured=tuple(f for f in FEATURES if f in measured),
         time_s=t - t[0] if n else t,
     )
-    return trace, name
+    return trace
 
 
 def load_traces(
@@ -583,9 +581,9 @@ def load_traces(
             result.skipped[rel] = f"unreadable: {type(exc).__name__}: {exc}"
             continue
         for series in series_list:
-            trace, name = _to_trace(series, source, rel, merged)
-            if trace is None or len(trace) < min_steps:
-                result.skipped[name] = f"too short: {0 if trace is None else len(trace)} steps"
+            trace = _to_trace(series, source, rel, merged)
+            if len(trace) < min_steps:
+                result.skipped[trace.name] = f"too short: {len(trace)} < {min_steps} steps"
                 continue
             result.traces.append(trace)
     return result
