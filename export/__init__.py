@@ -40,6 +40,7 @@ from export.verify import (
     forecaster_parity,
     make_session,
     time_session,
+    torch_forecast,
 )
 
 __all__ = [
@@ -144,8 +145,9 @@ def export_model_dir(
     log(f"export: both graphs pass onnx.checker ({time.perf_counter() - t0:.1f}s)")
 
     log(f"verify: parity on {len(windows)} windows ({windows_source})")
-    f_par = forecaster_parity(forecaster, f_bytes, windows)
-    a_par, states = allocator_parity(allocator, a_bytes, forecaster, windows)
+    forecasts = torch_forecast(forecaster, windows)
+    f_par = forecaster_parity(forecaster, f_bytes, windows, forecasts)
+    a_par, states = allocator_parity(allocator, a_bytes, windows, forecasts)
     log(
         f"verify: forecaster max rel err {f_par.max_rel_err:.2e}, allocator max rel err "
         f"{a_par.max_rel_err:.2e}, greedy actions agree {a_par.action_agreement:.2%}"

@@ -47,6 +47,7 @@ __all__ = [
     "parity_windows",
     "synthetic_windows",
     "time_session",
+    "torch_forecast",
 ]
 
 F32 = npt.NDArray[np.float32]
@@ -174,19 +175,22 @@ def _trace_windows(traces_dir: Path | None) -> tuple[F32, npt.NDArray[np.str_], 
     return x[finite], sources[finite], str(where)
 
 
-def forecaster_parity(model: nn.Module, model_bytes: bytes, windows: F32) -> ParityReport:
+def forecaster_parity(
+    model: nn.Module, model_bytes: bytes, windows: F32, ref: Sequence[F64] | None = None
+) -> ParityReport:
     """Compare the forecaster graph with torch on raw windows.
 
     Args:
         model: the torch forecaster (run in eval mode).
         model_bytes: its exported graph.
         windows: ``[N, 10, 4]`` raw windows.
+        ref: ``torch_forecast(model, windows)`` if already computed.
 
     Raises:
         ParityError: an output name or shape is wrong or the error exceeds
             :data:`MAX_REL_ERR`.
     """
-    ref = _torch_forecast(model, windows)
+    ref = ref if ref is not None else torch_forecast(model, windows)
     m = np.maximum(np.clip(windows[:, :, 1], 0, None).mean(axis=1, keepdims=True), 1e-3)
     floor = 1e-3 * m.astype(np.float64)
     per_level: dict[str, float] = {}
@@ -209,15 +213,16 @@ def forecaster_parity(model: nn.Module, model_bytes: bytes, windows: F32) -> Par
 
 
 def allocator_parity(
-    model: nn.Module, model_bytes: bytes, forecaster: nn.Module, windows: F32
+    model: nn.Module, model_bytes: bytes, windows: F32, forecasts: Sequence[F64]
 ) -> tuple[ParityReport, F32]:
     """Compare the allocator graph with torch on states built from windows.
 
     Args:
         model: the torch Q-network (run in eval mode).
         model_bytes: its exported graph.
-        forecaster: the torch forecaster whose outputs enter the state.
         windows: ``[N, 10, 4]`` raw windows.
+        forecasts: the torch forecaster's (point, low, high) on ``windows``,
+            from :func:`torch_forecast`; they enter the state.
 
     Returns:
         The report and the states it used.
@@ -226,7 +231,7 @@ def allocator_parity(
         ParityError: the output is misshapen, the error exceeds
             :data:`MAX_REL_ERR` or a greedy action differs.
     """
-    point, low, high = (r[:, 0].astype(np.float32) for r in _torch_forecast(forecaster, windows))
+    point, low, high = (r[:, 0].astype(np.float32) for r in forecasts)
     states = build_state(windows, point, low, high)
     was_training = model.training
     model.eval()
@@ -273,10 +278,17 @@ def time_session(sess: ort.InferenceSession, feeds: dict[str, F32], *, repeat: i
     return float(np.median(samples))
 
 
-def _torch_forecast(model: nn.Module, windows: F32) -> Sequence[F64]:
+def torch_forecast(model: nn.Module, windows: F32) -> tuple[F64, F64, F64]:
+    """The torch forecaster's (point, low, high), each ``[N, 1]``, in eval mode.
+
+    Args:
+        model: the torch forecaster.
+        windows: ``[N, 10, 4]`` raw windows.
+    """
     was_training = model.training
     model.eval()
     with torch.no_grad():
         outs = model(torch.from_numpy(np.ascontiguousarray(windows)))
     model.train(was_training)
-    return [o.numpy().astype(np.float64) for o in outs]
+    point, low, high = (o.numpy().astype(np.float64) for o in outs)
+    return point, low, high
