@@ -40,11 +40,14 @@ def _counts(windows: F32, counts: npt.NDArray[np.integer] | None) -> npt.NDArray
     return np.clip(np.asarray(counts, dtype=np.int64), 1, w)
 
 
-def _valid(windows: F32, counts: npt.NDArray[np.integer] | None, last: int) -> npt.NDArray[np.bool_]:
+def _valid(
+    windows: F32, counts: npt.NDArray[np.integer] | None, last: int
+) -> npt.NDArray[np.bool_]:
     """Mask [N, W] of the real rows among the last ``last`` of each window."""
     w = windows.shape[1]
     c = np.minimum(_counts(windows, counts), last)
-    return np.arange(w)[None, :] >= (w - c)[:, None]
+    mask: npt.NDArray[np.bool_] = np.arange(w)[None, :] >= (w - c)[:, None]
+    return mask
 
 
 def last_value(windows: F32, counts: npt.NDArray[np.integer] | None = None) -> F32:
@@ -67,7 +70,8 @@ def mean(windows: F32, counts: npt.NDArray[np.integer] | None = None, last: int 
     """
     mask = _valid(windows, counts, last)
     bw = np.where(mask, windows[:, :, BW], 0.0)
-    return (bw.sum(axis=1) / mask.sum(axis=1)).astype(np.float32)
+    out: F32 = (bw.sum(axis=1) / mask.sum(axis=1)).astype(np.float32)
+    return out
 
 
 def harmonic_mean(
@@ -84,7 +88,8 @@ def harmonic_mean(
     mask = _valid(windows, counts, last)
     bw = np.maximum(windows[:, :, BW].astype(np.float64), HARMONIC_FLOOR_MBPS)
     inv = np.where(mask, 1.0 / bw, 0.0)
-    return (mask.sum(axis=1) / inv.sum(axis=1)).astype(np.float32)
+    out: F32 = (mask.sum(axis=1) / inv.sum(axis=1)).astype(np.float32)
+    return out
 
 
 def ewma(windows: F32, counts: npt.NDArray[np.integer] | None = None, alpha: float = 0.5) -> F32:
@@ -104,7 +109,8 @@ def ewma(windows: F32, counts: npt.NDArray[np.integer] | None = None, alpha: flo
     for t in range(windows.shape[1]):
         step = mask[:, t] & (t > first)
         est = np.where(step, alpha * bw[:, t] + (1 - alpha) * est, est)
-    return est.astype(np.float32)
+    out: F32 = est.astype(np.float32)
+    return out
 
 
 def baseline_interval(

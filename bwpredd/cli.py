@@ -32,7 +32,10 @@ def _parser() -> argparse.ArgumentParser:
         help_text = f"(default: {default!r})"
         if kind == "bool":
             parser.add_argument(
-                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                flag,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
                 help=help_text,
             )
         else:

@@ -33,7 +33,7 @@ def channel_for(
         key: client key PEM file (mTLS).
         server_name: name to check the server's certificate against.
     """
-    options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+    options: list[tuple[str, int | str]] = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
     if ca is None:
         return grpc.insecure_channel(target, options=options)
     creds = grpc.ssl_channel_credentials(
@@ -81,9 +81,7 @@ class Client:
             pb.PushSamplesRequest(samples=list(samples)), timeout=self.timeout
         )
 
-    def stream(
-        self, batches: Iterable[Iterable[pb.Sample]]
-    ) -> Iterator[pb.StreamSamplesResponse]:
+    def stream(self, batches: Iterable[Iterable[pb.Sample]]) -> Iterator[pb.StreamSamplesResponse]:
         """Send batches on one StreamSamples call; yields one ack per batch."""
         requests = (pb.StreamSamplesRequest(samples=list(b)) for b in batches)
         return iter(self.stub.StreamSamples(requests))
@@ -104,9 +102,7 @@ class Client:
         out: list[pb.Peer] = []
         token = ""
         while True:
-            resp = self.stub.ListPeers(
-                pb.ListPeersRequest(page_token=token), timeout=self.timeout
-            )
+            resp = self.stub.ListPeers(pb.ListPeersRequest(page_token=token), timeout=self.timeout)
             out.extend(resp.peers)
             token = resp.next_page_token
             if not token:

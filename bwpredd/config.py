@@ -195,7 +195,9 @@ class Config:
         if self.metrics_addr:
             host, sep, port = self.metrics_addr.rpartition(":")
             if not sep or not port.isdigit():
-                raise ConfigError(f"metrics_addr: expected 'host:port' or empty, got {self.metrics_addr!r}")
+                raise ConfigError(
+                    f"metrics_addr: expected 'host:port' or empty, got {self.metrics_addr!r}"
+                )
 
     @classmethod
     def load(

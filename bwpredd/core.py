@@ -169,8 +169,10 @@ class Core:
         size = MAX_PAGE if page_size == 0 else min(page_size, MAX_PAGE)
         if page_token:
             check_peer_id(page_token, "page_token")
-        ids = [p for p in self.store.peer_ids() if p > page_token] if page_token else (
-            self.store.peer_ids()
+        ids = (
+            [p for p in self.store.peer_ids() if p > page_token]
+            if page_token
+            else (self.store.peer_ids())
         )
         page = ids[:size]
         if not page:

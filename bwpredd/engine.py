@@ -122,7 +122,8 @@ class LoadedModel:
     def run_allocator(self, states: F32) -> I64:
         """Greedy actions ``[k]`` for states ``[k, S]``: argmax, never random."""
         (q,) = self.allocator.run([ALLOCATOR_OUTPUT], {ALLOCATOR_INPUT: states})
-        return np.argmax(q, axis=1).astype(np.int64)
+        actions: I64 = np.argmax(q, axis=1).astype(np.int64)
+        return actions
 
 
 def _session(data: bytes, threads: int) -> ort.InferenceSession:
@@ -152,7 +153,9 @@ def _check_bound(sess: ort.InferenceSession, spec: Any, what: str) -> None:
                 isinstance(a, int) and e is not None and a != e
                 for a, e in zip(shape, t.shape, strict=True)
             ):
-                raise ModelError(f"{what}: {t.name} has shape {shape}, manifest says {list(t.shape)}")
+                raise ModelError(
+                    f"{what}: {t.name} has shape {shape}, manifest says {list(t.shape)}"
+                )
 
 
 def smoke_windows(n: int = 8) -> F32:
@@ -233,7 +236,8 @@ def edge_pad(windows: F32, counts: I64) -> F32:
         return windows
     first = np.clip(w - counts, 0, w - 1)
     idx = np.maximum(np.arange(w)[None, :], first[:, None])
-    return windows[np.arange(len(windows))[:, None], idx]
+    padded: F32 = windows[np.arange(len(windows))[:, None], idx]
+    return padded
 
 
 class Engine:

@@ -12,7 +12,20 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 __all__ = ["Metrics"]
 
 _LATENCY_BUCKETS = (
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
 )
 
 
@@ -56,9 +69,7 @@ class Metrics:
             namespace=namespace,
             registry=registry,
         )
-        self.peers = Gauge(
-            "peers", "Peers tracked.", namespace=namespace, registry=registry
-        )
+        self.peers = Gauge("peers", "Peers tracked.", namespace=namespace, registry=registry)
         self.evictions = Counter(
             "peer_evictions_total",
             "Peers dropped: lru (at capacity) or idle (expired).",

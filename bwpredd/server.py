@@ -246,7 +246,9 @@ class Server:
                 int(port), addr=host.strip("[]"), registry=self.registry
             )
         except OSError as exc:
-            raise StartupError(f"metrics_addr: cannot bind {self.config.metrics_addr}: {exc}") from None
+            raise StartupError(
+                f"metrics_addr: cannot bind {self.config.metrics_addr}: {exc}"
+            ) from None
 
     async def _set_health(self, serving: bool) -> None:
         assert self._health is not None and self.core is not None
@@ -357,7 +359,7 @@ class Server:
         try:
             loop = asyncio.get_running_loop()
             handlers = {
-                signal.SIGTERM: lambda: self.request_exit(),
+                signal.SIGTERM: self.request_exit,
                 signal.SIGINT: lambda: self.request_exit(force=True),
                 signal.SIGHUP: self.request_reload,
             }
@@ -371,4 +373,3 @@ class Server:
         finally:
             for sig in handlers:
                 loop.remove_signal_handler(sig)
-

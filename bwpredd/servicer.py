@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 import grpc
-import structlog
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from bwpredd._proto.bwpred.v1 import bwpred_pb2 as pb
@@ -197,7 +196,9 @@ class BandwidthPredictorServicer(pb_grpc.BandwidthPredictorServiceServicer):
         start = time.perf_counter()
         code = grpc.StatusCode.OK
         detail: dict[str, Any] = {"batches": 0, "accepted": 0, "rejected": 0}
-        received = self.core.metrics.msg_received.labels(SERVICE_NAME, "StreamSamples", "bidi_stream")
+        received = self.core.metrics.msg_received.labels(
+            SERVICE_NAME, "StreamSamples", "bidi_stream"
+        )
         try:
             async for request in request_iterator:
                 received.inc()
@@ -306,6 +307,20 @@ class BandwidthPredictorServicer(pb_grpc.BandwidthPredictorServiceServicer):
             ],
             next_page_token=token,
         )
+
+    async def WatchForecasts(
+        self, request: pb.WatchForecastsRequest, context: Any
+    ) -> AsyncIterator[pb.WatchForecastsResponse]:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "WatchForecasts: not yet")
+        yield pb.WatchForecastsResponse()  # pragma: no cover
+
+    async def Advise(self, request: pb.AdviseRequest, context: Any) -> pb.AdviseResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Advise: not yet")
+        raise AssertionError  # pragma: no cover
+
+    async def RankPeers(self, request: pb.RankPeersRequest, context: Any) -> pb.RankPeersResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "RankPeers: not yet")
+        raise AssertionError  # pragma: no cover
 
 
 def _is_cancel(exc: BaseException) -> bool:

@@ -96,4 +96,5 @@ def build_state(windows: F32, point: F32, low: F32, high: F32) -> F32:
     state = np.stack(cols, axis=1)
     # Clip so a pathological window (a 0 after a burst, say) cannot push the
     # network far outside what it was trained on.
-    return np.clip(state, -50.0, 50.0).astype(np.float32)
+    out: F32 = np.clip(state, -50.0, 50.0).astype(np.float32)
+    return out

@@ -59,7 +59,9 @@ def check_peer_ids(peer_ids: Sequence[str], max_peers: int) -> None:
     if not peer_ids:
         raise InvalidArgument("peer_ids", "must name at least one peer")
     if len(peer_ids) > max_peers:
-        raise InvalidArgument("peer_ids", f"at most {max_peers} peers per request, got {len(peer_ids)}")
+        raise InvalidArgument(
+            "peer_ids", f"at most {max_peers} peers per request, got {len(peer_ids)}"
+        )
     seen: dict[str, int] = {}
     for i, pid in enumerate(peer_ids):
         check_peer_id(pid, f"peer_ids[{i}]")

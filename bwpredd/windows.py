@@ -108,9 +108,7 @@ class WindowStore:
 
     # -- ingest -----------------------------------------------------------------
 
-    def ingest(
-        self, peer_ids: Sequence[str], rows: F64 | F32, ts: F64, now: float
-    ) -> IngestResult:
+    def ingest(self, peer_ids: Sequence[str], rows: F64 | F32, ts: F64, now: float) -> IngestResult:
         """Append already-validated samples to their peers' windows.
 
         Samples of one peer are applied in the order given. A sample whose
@@ -197,7 +195,7 @@ class WindowStore:
             return slots, 0
         new_ids: dict[str, int] = {}
         for i in new_pos:
-            new_ids.setdefault(peer_ids[i], len(new_ids))
+            new_ids.setdefault(peer_ids[int(i)], len(new_ids))
         evicted = 0
         short = len(new_ids) - len(self._free)
         if short > 0:
@@ -213,7 +211,7 @@ class WindowStore:
         if fresh:
             self._clear(np.asarray(fresh, dtype=np.int64), now)
         for i in new_pos:
-            slots[i] = self._slots.get(peer_ids[i], -1)
+            slots[i] = self._slots.get(peer_ids[int(i)], -1)
         return slots, evicted
 
     def _clear(self, slots: I64, now: float) -> None:

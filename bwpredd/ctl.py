@@ -1,0 +1,233 @@
+"""``bwpredctl``: a command-line client of the daemon on the generated stubs.
+
+Commands: ``health``, ``push FILE|-``, ``forecast PEER...``, ``allocate
+PEER...``, ``peers``, ``peer PEER``, ``advise PEER BYTES``, ``replay TRACE...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from collections.abc import Iterator
+from typing import Any, TextIO
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from bwpredd.client import Client, channel_for, pb
+from bwpredd.config import default_listen
+
+__all__ = ["main", "read_samples"]
+
+PUSH_BATCH = 1000
+OPTIONAL = ("latency_ms", "packet_loss", "reliability")
+
+
+def read_samples(stream: TextIO) -> Iterator[pb.Sample]:
+    """Samples from CSV with a header naming ``peer_id``, ``bandwidth_mbps``
+    and optionally ``latency_ms``, ``packet_loss``, ``reliability``,
+    ``timestamp`` (unix seconds); empty cells are "not given".
+
+    Args:
+        stream: the CSV text.
+
+    Raises:
+        ValueError: a missing column or a cell that is not a number, naming
+            the line.
+    """
+    reader = csv.DictReader(stream)
+    columns = set(reader.fieldnames or ())
+    missing = {"peer_id", "bandwidth_mbps"} - columns
+    if missing:
+        raise ValueError(f"CSV header lacks {', '.join(sorted(missing))}")
+    for line, row in enumerate(reader, start=2):
+        try:
+            fields: dict[str, Any] = {
+                "peer_id": row["peer_id"],
+                "bandwidth_mbps": float(row["bandwidth_mbps"]),
+            }
+            for name in OPTIONAL:
+                if row.get(name):
+                    fields[name] = float(row[name])
+            sample = pb.Sample(**fields)
+            if row.get("timestamp"):
+                t = float(row["timestamp"])
+                sample.timestamp.seconds = math.floor(t)
+                sample.timestamp.nanos = int((t - math.floor(t)) * 1e9)
+        except ValueError as exc:
+            raise ValueError(f"line {line}: {exc}") from None
+        yield sample
+
+
+def _show(message: Any, as_json: bool) -> None:
+    data = MessageToDict(message, preserving_proto_field_name=True)
+    if as_json:
+        print(json.dumps(data, sort_keys=True))
+    else:
+        print(json.dumps(data, indent=2, sort_keys=True))
+
+
+def _push(client: Client, args: argparse.Namespace) -> int:
+    stream: TextIO = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")  # noqa: SIM115
+    accepted = rejected = 0
+    with stream:
+        samples = list(read_samples(stream))
+    offset = 0
+    for start in range(0, len(samples), PUSH_BATCH):
+        resp = client.push(samples[start : start + PUSH_BATCH])
+        accepted += resp.accepted
+        rejected += resp.rejected
+        for r in resp.rejections:
+            print(f"rejected sample {offset + r.index}: {r.reason}", file=sys.stderr)
+        offset += PUSH_BATCH
+    print(f"accepted {accepted}, rejected {rejected}")
+    return 0 if rejected == 0 else 1
+
+
+def _forecast(client: Client, args: argparse.Namespace) -> int:
+    for fc in client.forecast(args.peers):
+        if args.json:
+            _show(fc, True)
+        else:
+            source = pb.ForecastSource.Name(fc.source).removeprefix("FORECAST_SOURCE_")
+            print(
+                f"{fc.peer_id}: {fc.bandwidth_mbps:.3f} Mbit/s "
+                f"[{fc.low_mbps:.3f}, {fc.high_mbps:.3f}] {source} "
+                f"({fc.samples_in_window} samples, model {fc.model_version or '-'})"
+            )
+    return 0
+
+
+def _allocate(client: Client, args: argparse.Namespace) -> int:
+    for a in client.allocate(args.peers):
+        if args.json:
+            _show(a, True)
+        else:
+            source = pb.ForecastSource.Name(a.source).removeprefix("FORECAST_SOURCE_")
+            print(
+                f"{a.peer_id}: action {a.action} = {a.allocation_percent}% of "
+                f"{a.reference_capacity_mbps:.3f} Mbit/s = {a.allocated_mbps:.3f} Mbit/s {source}"
+            )
+    return 0
+
+
+def _peers(client: Client, args: argparse.Namespace) -> int:
+    for p in client.peers():
+        if args.json:
+            _show(p, True)
+        else:
+            print(f"{p.peer_id}\t{p.samples_in_window}\t{p.sample_count}")
+    return 0
+
+
+def _peer(client: Client, args: argparse.Namespace) -> int:
+    _show(client.peer(args.peer), args.json)
+    return 0
+
+
+def _health(client: Client, args: argparse.Namespace) -> int:
+    status = client.health(args.service)
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
+def _advise(client: Client, args: argparse.Namespace) -> int:
+    kind = getattr(pb, f"DATA_KIND_{args.data_kind.upper()}")
+    resp = client.stub.Advise(
+        pb.AdviseRequest(peer_id=args.peer, payload_bytes=args.bytes, data_kind=kind),
+        timeout=client.timeout,
+    )
+    _show(resp.advice, args.json)
+    return 0
+
+
+def _replay(client: Client, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from bwpredd.replay import replay
+
+    report = replay(
+        client,
+        [Path(p) for p in args.traces],
+        speedup=args.speedup,
+        progress=not args.no_progress,
+        plot=Path(args.plot) if args.plot else None,
+    )
+    print(report.table())
+    if args.json:
+        print(json.dumps(report.to_json(), sort_keys=True))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bwpredctl", description=__doc__)
+    parser.add_argument(
+        "--target", default=None, help=f"daemon address (default: {default_listen()})"
+    )
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
+    parser.add_argument("--ca", help="CA certificate (PEM) for TLS")
+    parser.add_argument("--cert", help="client certificate (PEM) for mutual TLS")
+    parser.add_argument("--key", help="client key (PEM) for mutual TLS")
+    parser.add_argument("--json", action="store_true", help="print JSON lines")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("health", help="health status (exit 1 unless SERVING)")
+    p.add_argument("service", nargs="?", default="", help="e.g. bwpredd.model")
+    p.set_defaults(func=_health)
+    p = sub.add_parser("push", help="push samples from CSV (FILE or - for stdin)")
+    p.add_argument("file")
+    p.set_defaults(func=_push)
+    p = sub.add_parser("forecast", help="forecast peers")
+    p.add_argument("peers", nargs="+")
+    p.set_defaults(func=_forecast)
+    p = sub.add_parser("allocate", help="allocation levels of peers")
+    p.add_argument("peers", nargs="+")
+    p.set_defaults(func=_allocate)
+    p = sub.add_parser("peers", help="list peers: id, samples in window, samples seen")
+    p.set_defaults(func=_peers)
+    p = sub.add_parser("peer", help="one peer's window and live accuracy")
+    p.add_argument("peer")
+    p.set_defaults(func=_peer)
+    p = sub.add_parser("advise", help="transfer advice for BYTES to PEER")
+    p.add_argument("peer")
+    p.add_argument("bytes", type=int)
+    p.add_argument(
+        "--data-kind", default="unspecified", choices=["unspecified", "memory", "text", "random"]
+    )
+    p.set_defaults(func=_advise)
+    p = sub.add_parser("replay", help="stream trace files in and score live forecasts")
+    p.add_argument("traces", nargs="+")
+    p.add_argument("--speedup", type=float, default=None, help="replay at N x real time")
+    p.add_argument("--plot", help="write forecast vs actual to this PNG")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_replay)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``bwpredctl`` console script.
+
+    Args:
+        argv: arguments (``sys.argv[1:]`` when None).
+    """
+    args = _parser().parse_args(argv)
+    target = args.target or default_listen()
+    client = Client(
+        channel_for(target, ca=args.ca, cert=args.cert, key=args.key), timeout=args.timeout
+    )
+    try:
+        return int(args.func(client, args))
+    except grpc.RpcError as exc:
+        print(f"bwpredctl: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as exc:
+        print(f"bwpredctl: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        client.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

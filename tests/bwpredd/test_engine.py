@@ -1,0 +1,112 @@
+"""Engine and the in-process Predictor on real ONNX files."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bwpredd import Predictor
+from bwpredd.engine import DEFAULT_MODEL_DIR, Engine, Source, load_model, smoke_windows
+from bwpredd.errors import ModelError
+from bwpredd.state import build_state, reference_capacity
+
+
+@pytest.fixture(scope="module")
+def predictor() -> Predictor:
+    return Predictor.load()
+
+
+class TestLoad:
+    """Model directories are verified before use."""
+
+    def test_default_loads(self) -> None:
+        """The embedded default verifies, loads and names its version."""
+        model = load_model(DEFAULT_MODEL_DIR)
+        assert model.version and set(model.sha256) == {"forecaster.onnx", "allocator.onnx"}
+
+    def test_flipped_byte_refused(self, tmp_path: Path) -> None:
+        """One flipped byte in an ONNX file fails the sha256 check."""
+        d = tmp_path / "m"
+        shutil.copytree(DEFAULT_MODEL_DIR, d)
+        blob = bytearray((d / "forecaster.onnx").read_bytes())
+        blob[len(blob) // 2] ^= 0xFF
+        (d / "forecaster.onnx").write_bytes(bytes(blob))
+        with pytest.raises(ModelError, match="sha256 mismatch"):
+            load_model(d)
+
+    def test_missing_file_refused(self, tmp_path: Path) -> None:
+        """A missing ONNX file is refused naming it."""
+        d = tmp_path / "m"
+        shutil.copytree(DEFAULT_MODEL_DIR, d)
+        (d / "allocator.onnx").unlink()
+        with pytest.raises(ModelError, match=r"allocator\.onnx"):
+            load_model(d)
+
+
+class TestEngine:
+    """Sources and intervals."""
+
+    def test_sources(self) -> None:
+        """Full windows get MODEL, short ones COLD_START, and without a model FALLBACK."""
+        model = load_model(DEFAULT_MODEL_DIR)
+        w = smoke_windows(4)
+        counts = np.array([10, 10, 3, 1])
+        fc = Engine(model).forecast(w, counts)
+        assert fc.source.tolist() == [Source.MODEL] * 2 + [Source.BASELINE_COLD_START] * 2
+        assert (fc.low <= fc.point).all() and (fc.point <= fc.high).all()
+        none = Engine(None).forecast(w, counts)
+        assert (
+            none.source.tolist()
+            == [Source.BASELINE_FALLBACK] * 2 + [Source.BASELINE_COLD_START] * 2
+        )
+        assert none.model_version == ""
+
+    def test_forced_baseline(self) -> None:
+        """force_baseline answers the chosen peers from the baseline even with a model."""
+        fc = Engine(load_model(DEFAULT_MODEL_DIR)).forecast(
+            smoke_windows(2), np.array([10, 10]), force_baseline=np.array([True, False])
+        )
+        assert fc.source.tolist() == [Source.BASELINE_FALLBACK, Source.MODEL]
+        assert fc.point[0] == pytest.approx(fc.baseline[0])
+
+
+class TestPredictor:
+    """The in-process API."""
+
+    def test_single_and_batch(self, predictor: Predictor) -> None:
+        """One [10,4] window gives a float; a batch gives [N]; both agree."""
+        w = smoke_windows(5)
+        batch = predictor.predict_bandwidth(w)
+        assert isinstance(batch, np.ndarray) and batch.shape == (5,)
+        one = predictor.predict_bandwidth(w[2])
+        assert isinstance(one, float) and one == pytest.approx(float(batch[2]), rel=1e-5)
+        fc = predictor.forecast(w)
+        assert (fc.low_mbps <= fc.bandwidth_mbps).all() and (
+            fc.bandwidth_mbps <= fc.high_mbps
+        ).all()
+
+    def test_bad_shapes(self, predictor: Predictor) -> None:
+        """Windows of the wrong shape or with NaN are refused naming the rule."""
+        with pytest.raises(ValueError, match="shape"):
+            predictor.predict_bandwidth(np.zeros((9, 4)))
+        w = smoke_windows(1)
+        w[0, 0, 1] = np.nan
+        with pytest.raises(ValueError, match="finite"):
+            predictor.forecast(w)
+
+    def test_allocation_matches_state_builder(self, predictor: Predictor) -> None:
+        """decide_allocation equals the argmax of the allocator on build_state
+        of the same window and forecast, and is deterministic."""
+        w = smoke_windows(6)
+        actions = predictor.decide_allocation(w)
+        model = predictor.engine.model
+        assert model is not None
+        p, lo, hi = model.run_forecaster(w)
+        expected = model.run_allocator(build_state(w, p, lo, hi))
+        np.testing.assert_array_equal(actions, expected)
+        np.testing.assert_array_equal(predictor.decide_allocation(w), actions)
+        assert predictor.allocation_percent(int(actions[0])) == (int(actions[0]) + 1) * 10
+        assert reference_capacity(w).shape == (6,)

@@ -1,0 +1,203 @@
+"""WindowStore: ring order, carry-forward, time order, eviction, gather, snapshots."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from bwpredd.windows import WindowStore
+
+NAN = math.nan
+DEFAULTS = [50.0, 0.0, 0.0, 1.0]
+
+
+def rows(*values: tuple[float, float, float, float]) -> np.ndarray:
+    return np.array(values, dtype=np.float64)
+
+
+def push(store: WindowStore, peer: str, bws: list[float], t0: float = 0.0) -> None:
+    n = len(bws)
+    data = np.full((n, 4), NAN)
+    data[:, 1] = bws
+    store.ingest([peer] * n, data, np.arange(n, dtype=np.float64) + t0, now=t0 + n)
+
+
+class TestRing:
+    """Ring buffer order and counts."""
+
+    def test_keeps_newest_ten_in_order(self) -> None:
+        """After 13 samples the window holds samples 3..12, oldest first."""
+        store = WindowStore(4, DEFAULTS)
+        push(store, "a", [float(i) for i in range(13)])
+        view = store.view("a")
+        assert view is not None
+        assert view.window[:, 1].tolist() == [float(i) for i in range(3, 13)]
+        assert view.sample_count == 13
+        assert view.timestamps.tolist() == [float(i) for i in range(3, 13)]
+
+    def test_batches_split_anywhere_give_same_window(self) -> None:
+        """One batch of 25 and 25 batches of one produce the same window."""
+        one, many = WindowStore(2, DEFAULTS), WindowStore(2, DEFAULTS)
+        bws = [float(i * 3 % 7) for i in range(25)]
+        push(one, "p", bws)
+        for i, bw in enumerate(bws):
+            push(many, "p", [bw], t0=float(i))
+        a, b = one.view("p"), many.view("p")
+        assert a is not None and b is not None
+        np.testing.assert_array_equal(a.window, b.window)
+
+    def test_interleaved_peers(self) -> None:
+        """Samples of several peers in one batch go to their own windows in order."""
+        store = WindowStore(3, DEFAULTS)
+        ids = ["a", "b", "a", "c", "b", "a"]
+        data = np.full((6, 4), NAN)
+        data[:, 1] = [1, 10, 2, 100, 20, 3]
+        res = store.ingest(ids, data, np.zeros(6), now=1.0)
+        assert res.accepted.all()
+        for peer, expect in (("a", [1, 2, 3]), ("b", [10, 20]), ("c", [100])):
+            v = store.view(peer)
+            assert v is not None and v.window[:, 1].tolist() == expect
+
+
+class TestCarryForward:
+    """Missing optional features."""
+
+    def test_defaults_then_carry(self) -> None:
+        """A first sample without latency takes the default; later ones carry the last given."""
+        store = WindowStore(2, DEFAULTS)
+        store.ingest(
+            ["a", "a", "a"],
+            rows((NAN, 1, NAN, NAN), (7.0, 2, 0.1, NAN), (NAN, 3, NAN, 0.5)),
+            np.array([0.0, 1.0, 2.0]),
+            now=3.0,
+        )
+        store.ingest(["a"], rows((NAN, 4, NAN, NAN)), np.array([3.0]), now=4.0)
+        v = store.view("a")
+        assert v is not None
+        assert v.window.tolist() == [
+            [50.0, 1, 0.0, 1.0],
+            [7.0, 2, pytest.approx(0.1), 1.0],
+            [7.0, 3, pytest.approx(0.1), 0.5],
+            [7.0, 4, pytest.approx(0.1), 0.5],
+        ]
+
+
+class TestTimeOrder:
+    """Samples older than the peer's newest are rejected."""
+
+    def test_out_of_order_rejected_and_nothing_changes(self) -> None:
+        """An older timestamp is rejected, in batch or against the store; nothing changes."""
+        store = WindowStore(2, DEFAULTS)
+        push(store, "a", [1.0, 2.0], t0=10.0)
+        before = store.view("a")
+        res = store.ingest(
+            ["a", "a"], rows((NAN, 9, NAN, NAN), (NAN, 8, NAN, NAN)), np.array([5.0, 20.0]), 30.0
+        )
+        assert res.accepted.tolist() == [False, True]
+        assert res.reasons[0][0] == "timestamp"
+        res = store.ingest(
+            ["a", "a"], rows((NAN, 7, NAN, NAN), (NAN, 6, NAN, NAN)), np.array([25.0, 21.0]), 31.0
+        )
+        assert res.accepted.tolist() == [True, False]
+        v = store.view("a")
+        assert before is not None and v is not None
+        assert v.window[:, 1].tolist() == [1.0, 2.0, 8.0, 7.0]
+
+    def test_equal_timestamps_allowed(self) -> None:
+        """Two samples with the same timestamp are both kept."""
+        store = WindowStore(1, DEFAULTS)
+        res = store.ingest(["a", "a"], rows((1, 1, 0, 1), (1, 2, 0, 1)), np.array([1.0, 1.0]), 2.0)
+        assert res.accepted.all()
+
+
+class TestEviction:
+    """Capacity, LRU eviction and idle expiry."""
+
+    def test_lru_evicted_at_capacity(self) -> None:
+        """A new peer at capacity evicts the least recently seen one."""
+        store = WindowStore(2, DEFAULTS)
+        push(store, "old", [1.0], t0=0.0)
+        push(store, "mid", [1.0], t0=10.0)
+        res = store.ingest(["new"], rows((1, 1, 0, 1)), np.array([20.0]), now=30.0)
+        assert res.evicted == 1 and store.evictions == 1
+        assert sorted(store.peer_ids()) == ["mid", "new"]
+
+    def test_flood_stays_bounded(self) -> None:
+        """10,000 new peer ids into a store of 100 keep 100 peers and the newest ones."""
+        store = WindowStore(100, DEFAULTS)
+        for b in range(100):
+            ids = [f"p{b}-{i}" for i in range(100)]
+            store.ingest(ids, np.tile([1.0, 1.0, 0.0, 1.0], (100, 1)), np.zeros(100), now=float(b))
+        assert len(store) == 100
+        assert all(p.startswith("p99-") for p in store.peer_ids())
+
+    def test_batch_larger_than_capacity(self) -> None:
+        """More new peers than capacity in one batch: the excess is rejected, nothing crashes."""
+        store = WindowStore(3, DEFAULTS)
+        ids = [f"x{i}" for i in range(5)]
+        res = store.ingest(ids, np.tile([1.0, 1.0, 0.0, 1.0], (5, 1)), np.zeros(5), now=1.0)
+        assert int(res.accepted.sum()) == 3 and len(res.reasons) == 2
+        assert all(field == "peer_id" for field, _ in res.reasons.values())
+
+    def test_idle_expiry(self) -> None:
+        """Peers idle longer than the limit are expired; fresh ones stay."""
+        store = WindowStore(4, DEFAULTS)
+        push(store, "idle", [1.0], t0=0.0)
+        push(store, "fresh", [1.0], t0=100.0)
+        assert store.expire_idle(now=150.0, max_idle_s=60.0) == 1
+        assert store.peer_ids() == ["fresh"]
+
+    def test_reset_hook_on_reuse(self) -> None:
+        """A slot reassigned to a new peer triggers the reset hooks."""
+        store = WindowStore(1, DEFAULTS)
+        seen: list[list[int]] = []
+        store.on_reset(lambda slots: seen.append(slots.tolist()))
+        push(store, "a", [1.0])
+        push(store, "b", [1.0], t0=5.0)
+        assert seen == [[0], [0]]
+
+
+class TestGather:
+    """Vectorised reads."""
+
+    def test_gather_pads_cold_peers(self) -> None:
+        """gather returns oldest-first windows, zero padding before a short peer's rows."""
+        store = WindowStore(3, DEFAULTS)
+        push(store, "full", [float(i) for i in range(12)])
+        push(store, "short", [5.0, 6.0])
+        slots = np.array([store.slot("short"), store.slot("full")], dtype=np.int64)
+        windows, counts = store.gather(slots)
+        assert windows.shape == (2, 10, 4) and counts.tolist() == [2, 10]
+        assert windows[0, :, 1].tolist() == [0.0] * 8 + [5.0, 6.0]
+        assert windows[1, :, 1].tolist() == [float(i) for i in range(2, 12)]
+
+
+class TestSnapshot:
+    """Snapshot and restore."""
+
+    def test_round_trip_drops_old(self) -> None:
+        """Restore brings back fresh peers exactly and drops those older than max age."""
+        store = WindowStore(4, DEFAULTS)
+        push(store, "old", [1.0, 2.0], t0=0.0)
+        push(store, "new", [float(i) for i in range(12)], t0=1000.0)
+        snap = store.snapshot()
+        fresh = WindowStore(4, DEFAULTS)
+        assert fresh.restore(snap, now=1100.0, max_age_s=500.0) == 1
+        a, b = store.view("new"), fresh.view("new")
+        assert a is not None and b is not None
+        np.testing.assert_array_equal(a.window, b.window)
+        assert a.sample_count == b.sample_count
+        push(fresh, "new", [99.0], t0=2000.0)
+        v = fresh.view("new")
+        assert v is not None and v.window[-1, 1] == 99.0 and v.window[0, 1] == 3.0
+
+    def test_restore_rejects_inconsistent(self) -> None:
+        """A snapshot with out-of-range values is refused."""
+        store = WindowStore(2, DEFAULTS)
+        push(store, "a", [1.0])
+        snap = store.snapshot()
+        snap["head"] = np.array([42])
+        with pytest.raises(ValueError, match="out of range"):
+            WindowStore(2, DEFAULTS).restore(snap, now=1.0, max_age_s=10.0)
