@@ -16,6 +16,7 @@ from bwpredd.manifest import Manifest, load_manifest, verify_files
 from bwpredd.state import STATE_LAYOUT
 from export import ExportError, copy_model_dir, export_model_dir, publish_dir
 from export.__main__ import main as export_main
+from export.quantize import try_int8
 from export.to_onnx import export_forecaster
 from export.verify import ParityError, forecaster_parity, synthetic_windows, torch_forecast
 from tests.conftest_models import make_model_dir
@@ -241,3 +242,24 @@ class TestHelper:
         manifest = load_manifest(d)
         assert manifest.version == "b"
         assert manifest.forecaster.sha256 != first
+
+
+class TestInt8:
+    def test_int8_verdict_is_measured_and_honoured(self, helper_dir: Path) -> None:
+        """try_int8 reports a measured verdict per graph and ships what it chose."""
+        f_bytes = (helper_dir / "forecaster.onnx").read_bytes()
+        a_bytes = (helper_dir / "allocator.onnx").read_bytes()
+        windows = synthetic_windows(128, seed=1)
+        states = np.random.default_rng(0).normal(size=(128, len(STATE_LAYOUT))).astype(np.float32)
+        f_out, a_out, report = try_int8(f_bytes, a_bytes, windows, states, log=lambda _s: None)
+        for name, original, shipped in (
+            ("forecaster", f_bytes, f_out),
+            ("allocator", a_bytes, a_out),
+        ):
+            entry = report[name]
+            assert entry["chosen"] in {"int8", "float32"}
+            assert set(entry["speedup"]) == {"batch1", "batch1000"}
+            assert entry["sizes_bytes"]["int8"] < entry["sizes_bytes"]["float32"]
+            assert (shipped == original) == (entry["chosen"] == "float32")
+        assert report["forecaster"]["max_normalised_mae_vs_float"] >= 0
+        assert 0 <= report["allocator"]["greedy_action_agreement_vs_float"] <= 1
