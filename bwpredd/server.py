@@ -31,6 +31,7 @@ from bwpredd.engine import DEFAULT_MODEL_DIR, Engine, LoadedModel, load_model
 from bwpredd.errors import ModelError
 from bwpredd.logging import get_logger
 from bwpredd.metrics import Metrics
+from bwpredd.persist import load_snapshot, save_snapshot
 from bwpredd.servicer import SERVICE_NAME, BandwidthPredictorServicer
 from bwpredd.systemd import Notifier
 
@@ -170,6 +171,7 @@ class Server:
         self._health: health.aio.HealthServicer | None = None
         self._wake: asyncio.Event | None = None
         self._metrics_server: Any = None
+        self._last_snapshot = 0.0  # monotonic time of the last good snapshot
 
     # -- life cycle -----------------------------------------------------------------
 
@@ -222,10 +224,14 @@ class Server:
                 sha256=model.sha256,
                 load_ms=round(model.load_seconds * 1e3, 1),
             )
+        self._restore()
         self._server, self.address, self._health = create_server(config, core)
         await self._server.start()
         if config.metrics_addr:
             self._start_metrics()
+        self.metrics.snapshot_age.set_function(
+            lambda: time.monotonic() - self._last_snapshot if self._last_snapshot else -1.0
+        )
         await self._set_health(True)
         self.started.set()
         log.info(
@@ -236,6 +242,48 @@ class Server:
             startup_ms=round((time.perf_counter() - started) * 1e3, 1),
         )
         self.notifier.notify("READY=1", f"STATUS=serving on {self.address}")
+
+    @property
+    def state_dir(self) -> Path | None:
+        return Path(self.config.state_dir) if self.config.state_dir else None
+
+    def _restore(self) -> None:
+        """Load the snapshot into the store; a bad one is moved aside."""
+        assert self.core is not None
+        if self.state_dir is None:
+            return
+        arrays, problem = load_snapshot(self.state_dir)
+        if problem:
+            log.error("snapshot_unreadable", error=problem)
+            return
+        if arrays is None:
+            return
+        try:
+            n = self.core.store.restore(arrays, self.core.clock(), self.config.snapshot_max_age_s)
+        except (ValueError, KeyError, IndexError) as exc:
+            aside = self.state_dir / f"windows.npz.corrupt-{int(time.time())}"
+            with contextlib.suppress(OSError):
+                os.replace(self.state_dir / "windows.npz", aside)
+            log.error("snapshot_unreadable", error=str(exc), moved_to=aside.name)
+            return
+        self.metrics.peers.set(len(self.core.store))
+        log.info("snapshot_restored", peers=n, offered=int(len(arrays["peer_ids"])))
+
+    async def snapshot(self) -> bool:
+        """Copy the windows on the loop, write them off it; True on success."""
+        assert self.core is not None
+        if self.state_dir is None:
+            return False
+        arrays = self.core.store.snapshot()
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                None, save_snapshot, arrays, self.state_dir
+            )
+        except OSError as exc:
+            log.error("snapshot_failed", error=str(exc))
+            return False
+        self._last_snapshot = time.monotonic()
+        return True
 
     def _start_metrics(self) -> None:
         from prometheus_client import start_http_server
@@ -270,14 +318,20 @@ class Server:
     async def main_loop(self) -> None:
         """Wait for signals; run periodic upkeep (expiry, watchdog)."""
         assert self._wake is not None
-        tick = 1.0
+        tick = min(1.0, self.config.snapshot_interval_s)
         if self.notifier.watchdog_interval_s:
             tick = min(tick, self.notifier.watchdog_interval_s)
-        last_expiry = time.monotonic()
+        last_expiry = last_snapshot = time.monotonic()
+        manifest_stamp = self._manifest_stamp()
         while not self.should_exit:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=tick)
             self._wake.clear()
+            if self.config.watch_model_dir:
+                stamp = self._manifest_stamp()
+                if stamp != manifest_stamp:
+                    manifest_stamp = stamp
+                    self.reload_requested = True
             if self.reload_requested:
                 self.reload_requested = False
                 await self.reload()
@@ -287,6 +341,20 @@ class Server:
             if now - last_expiry >= 10.0 and self.core is not None:
                 last_expiry = now
                 self.core.expire_idle()
+            if (
+                self.state_dir is not None
+                and now - last_snapshot >= self.config.snapshot_interval_s
+            ):
+                last_snapshot = now
+                await self.snapshot()
+
+    def _manifest_stamp(self) -> tuple[int, int] | None:
+        """(mtime, inode) of the manifest: a publish by rename changes both."""
+        try:
+            st = (self.model_dir / "manifest.json").stat()
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_ino)
 
     async def reload(self) -> bool:
         """Build, verify and smoke-test the model directory off the event
@@ -327,6 +395,8 @@ class Server:
         if self._server is not None:
             grace = 0 if self.force_exit else self.config.grace_period_s
             await self._server.stop(grace)
+        if self.core is not None and self.state_dir is not None and await self.snapshot():
+            log.info("snapshot_written", peers=len(self.core.store))
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
         kind, path, _ = parse_listen(self.config.listen)
