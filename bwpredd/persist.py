@@ -40,7 +40,7 @@ def save_snapshot(arrays: Arrays, state_dir: Path) -> Path:
     tmp = state_dir / f".{SNAPSHOT_NAME}.tmp-{os.getpid()}"
     try:
         with tmp.open("wb") as fh:
-            np.savez(fh, **arrays)
+            np.savez(fh, **arrays)  # type: ignore[arg-type]  # numpy stubs type **kwds oddly
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, final)

@@ -267,7 +267,7 @@ class Server:
             log.error("snapshot_unreadable", error=str(exc), moved_to=aside.name)
             return
         self.metrics.peers.set(len(self.core.store))
-        log.info("snapshot_restored", peers=n, offered=int(len(arrays["peer_ids"])))
+        log.info("snapshot_restored", peers=n, offered=len(arrays["peer_ids"]))
 
     async def snapshot(self) -> bool:
         """Copy the windows on the loop, write them off it; True on success."""
