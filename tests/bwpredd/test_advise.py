@@ -176,9 +176,9 @@ class TestCompression:
             plain = advise(bw, bw, bw, 1.0, GIB, data_kind="random")
             assert a.transfer_seconds <= plain.transfer_seconds + 1e-12
 
-    def test_zstd_19_never_wins_from_10_mbps(self) -> None:
-        """Level 19 is measured but too slow to be chosen from 10 Mbit/s up."""
-        for bw in (10.0, 100.0, 1e3):
+    def test_zstd_19_never_wins_from_20_mbps(self) -> None:
+        """Level 19 is measured but too slow to be chosen from 20 Mbit/s up."""
+        for bw in (20.0, 100.0, 1e3):
             assert advise(bw, bw, bw, 1.0, GIB, data_kind="memory").level != 19
 
     def test_compressibility_hint_scales_ratios(self) -> None:
