@@ -8,7 +8,8 @@ relative to its own mean: ``r = log((bw + eps m) / m)`` with ``m`` the window
 mean and ``eps = 0.01`` (which keeps outages finite). The heads predict the
 next step's 10th, 50th and 90th percentiles of ``r``; the inverse transform is
 monotone, so they map exactly to percentiles in Mbit/s. The median is the
-point forecast (it minimises absolute error).
+point forecast (it minimises absolute error). With ``residual`` the median is
+the newest sample's ``r`` plus the head's correction.
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ class ForecasterConfig:
     rel_eps: float = 0.01
     low_quantile: float = 0.1
     high_quantile: float = 0.9
+    # Predict the median as the newest sample's relative log value plus a
+    # learned correction, so an untrained network starts as "last value"
+    # (the strongest simple baseline) instead of as noise. False keeps the
+    # origin's plain head (and old checkpoints, which lack the key).
+    residual: bool = False
 
 
 class _SeqBatchNorm(nn.Module):
@@ -90,12 +96,15 @@ class Forecaster(nn.Module):
 
     def forward_rel(self, window: torch.Tensor) -> torch.Tensor:
         """Quantiles ``[N, 3]`` (low, median, high) of the relative log target."""
-        h = self.features(window)
+        feats = self.features(window)
+        h = feats
         for lstm, drop, norm in zip(self.lstms, self.drops, self.norms, strict=True):
             h, _ = lstm(h)
             h = norm(drop(h))
         out = self.head(h[:, -1, :])
         mid = out[:, 1:2]
+        if self.cfg.residual:
+            mid = mid + feats[:, -1, 0:1]
         low = mid - nn.functional.softplus(out[:, 0:1])
         high = mid + nn.functional.softplus(out[:, 2:3])
         return torch.cat([low, mid, high], dim=1)
@@ -123,7 +132,12 @@ def save_checkpoint(model: Forecaster, path: str, **meta: object) -> None:
     from dataclasses import asdict
 
     torch.save(
-        {"kind": "forecaster", "config": asdict(model.cfg), "state_dict": model.state_dict(), **meta},
+        {
+            "kind": "forecaster",
+            "config": asdict(model.cfg),
+            "state_dict": model.state_dict(),
+            **meta,
+        },
         path,
     )
 
