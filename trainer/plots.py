@@ -1,0 +1,106 @@
+"""PNG plots of a forecaster run: forecast vs actual, and learning curves."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import numpy as np
+import numpy.typing as npt
+
+from bwpredd import baselines
+
+__all__ = ["pick_traces", "plot_forecasts", "plot_learning_curve"]
+
+F32 = npt.NDArray[np.float32]
+Predictor = Callable[[F32], tuple[F32, F32, F32]]
+MAX_STEPS = 300
+
+
+def pick_traces(traces: Sequence[Any], n: int = 4) -> list[Any]:
+    """Up to ``n`` traces of different sources (real ones first), each the
+    median-length trace of its source so the pick is typical and stable."""
+    by_source: dict[str, list[Any]] = {}
+    for t in traces:
+        if len(t.data) > 40:
+            by_source.setdefault(t.source, []).append(t)
+    order = sorted(by_source, key=lambda s: (s.startswith("synthetic"), s))
+    picked = []
+    for source in order[:n]:
+        members = sorted(by_source[source], key=lambda t: (len(t.data), t.name))
+        picked.append(members[len(members) // 2])
+    return picked
+
+
+def plot_forecasts(traces: Sequence[Any], predict: Predictor, path: Path) -> None:
+    """Forecast vs actual with the 80% interval (and last value for
+    reference) on the first :data:`MAX_STEPS` steps of each trace.
+
+    Args:
+        traces: traces to draw, one panel each.
+        predict: window ``[N,10,4]`` -> ``(point, low, high)`` each ``[N]``.
+        path: the PNG to write.
+    """
+    from trainer.data.windows import make_windows
+
+    fig, axes = plt.subplots(len(traces), 1, figsize=(11, 2.8 * len(traces)), squeeze=False)
+    for ax, trace in zip(axes[:, 0], traces, strict=True):
+        w = make_windows([trace])
+        n = min(len(w.y), MAX_STEPS)
+        x, y = w.x[:n], w.y[:n]
+        point, low, high = predict(x)
+        steps = np.arange(n)
+        ax.fill_between(steps, low, high, color="tab:blue", alpha=0.2, label="model 80% interval")
+        ax.plot(steps, y, color="black", lw=1.0, label="actual")
+        ax.plot(steps, point, color="tab:blue", lw=1.0, label="model")
+        ax.plot(
+            steps,
+            baselines.last_value(x),
+            color="tab:orange",
+            lw=0.8,
+            ls="--",
+            alpha=0.8,
+            label="last value",
+        )
+        ax.set_title(f"{trace.source}: {trace.name}", fontsize=9)
+        ax.set_ylabel("Mbit/s")
+        ax.set_xlabel(f"window (step {trace.step_s:g} s)")
+    axes[0, 0].legend(loc="upper right", fontsize=8, ncol=4)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_learning_curve(history: dict[str, Any], path: Path) -> None:
+    """Training and validation loss per epoch, plus validation coverage.
+
+    Args:
+        history: :meth:`trainer.train_forecaster.History.to_json` output.
+        path: the PNG to write.
+    """
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    ep = history["epoch"]
+    ax1.plot(ep, history["train_loss"], label="train loss (sampled batches)")
+    ax1.plot(ep, history["val_loss"], label="val loss")
+    ax1.plot(ep, history["val_point"], label="val point part (= weighted nMAE)")
+    if history.get("best_epoch"):
+        ax1.axvline(history["best_epoch"], color="grey", ls=":", label="best epoch")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("loss (per trace mean)")
+    ax1.legend(fontsize=8)
+    ax2.plot(ep, history["val_coverage"], color="tab:green", label="val coverage")
+    ax2.axhspan(0.75, 0.85, color="tab:green", alpha=0.1, label="target 75-85%")
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("80% interval coverage")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,219 @@
+"""``python -m trainer train``: data -> forecaster -> evaluation -> reports.
+
+Loads the real traces and the synthetic profiles, splits them by fold group
+(``split.json`` records the files of each split so ``trainer eval
+--split-from`` and export reuse the same test files), trains the forecaster,
+scores it against every baseline on the validation and test splits, hands the
+splits to the allocator's trainer when it exists, and writes
+``training_report.json``, ``forecaster.md`` and the plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from trainer.evaluate import evaluate_traces, format_table
+from trainer.models.forecaster import Forecaster, ForecasterConfig, save_checkpoint
+from trainer.train_forecaster import TrainConfig, train_forecaster
+
+__all__ = ["add_arguments", "main", "predictor", "run"]
+
+SPLIT_FRACTIONS = (0.7, 0.15, 0.15)
+# Synthetic data: 2 profiles x N_SYNTHETIC / 2 traces of SYNTHETIC_LENGTH steps
+# (60 x 500 = 30,000 samples, three times the origin's 10,000).
+N_SYNTHETIC = 60
+SYNTHETIC_LENGTH = 500
+
+
+def predictor(model: Forecaster) -> Any:
+    """Wrap a torch model as a numpy ``window -> (point, low, high)`` callable."""
+
+    @torch.no_grad()
+    def predict(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        point, low, high = model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
+        return point[:, 0].numpy(), low[:, 0].numpy(), high[:, 0].numpy()
+
+    return predict
+
+
+def _json_safe(obj: Any) -> Any:
+    """Plain Python types only (checkpoints load with ``weights_only=True``)."""
+    return json.loads(json.dumps(obj, default=float))
+
+
+def _split_record(parts: dict[str, list[Any]], seed: int, traces_dir: str) -> dict[str, Any]:
+    return {
+        "seed": seed,
+        "traces_dir": traces_dir,
+        "fractions": list(SPLIT_FRACTIONS),
+        "synthetic": {"n_traces": N_SYNTHETIC, "length": SYNTHETIC_LENGTH, "seed": seed},
+        "splits": {
+            name: [{"source": t.source, "name": t.name, "group": t.group} for t in traces]
+            for name, traces in parts.items()
+        },
+    }
+
+
+def quick_config(seed: int) -> TrainConfig:
+    """A tiny run: seconds, for tests and a first embedded model."""
+    return TrainConfig(
+        seed=seed,
+        max_epochs=2,
+        steps_per_epoch=15,
+        val_windows_per_trace=8,
+        patience=2,
+    )
+
+
+def _train_agent(
+    parts: dict[str, list[Any]], forecaster_path: Path, out: Path, seed: int, quick: bool
+) -> tuple[dict[str, Any] | None, str]:
+    try:
+        from trainer.train_agent import train_agent
+    except ImportError as exc:
+        print(f"allocator agent skipped: trainer.train_agent not importable ({exc})")
+        return None, f"skipped: {exc}"
+    metrics = train_agent(
+        train_traces=parts["train"],
+        val_traces=parts["val"],
+        test_traces=parts["test"],
+        forecaster_path=forecaster_path,
+        out_dir=out,
+        seed=seed,
+        quick=quick,
+    )
+    return _json_safe(metrics), "trained"
+
+
+def run(args: argparse.Namespace) -> int:
+    """The ``train`` command."""
+    from trainer.data.synthetic import synthetic_traces
+    from trainer.data.traces import load_traces, summarize
+    from trainer.data.windows import split_summary, split_traces
+
+    t_start = time.monotonic()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    reports = (
+        Path(args.reports) if args.reports else (out / "reports" if args.quick else Path("reports"))
+    )
+    loaded = load_traces(Path(args.traces), progress=not args.quiet)
+    for item in loaded.unknown:
+        print(f"unknown file (not used): {item}", file=sys.stderr)
+    real = list(loaded.traces)
+    n_syn, length = (6, 100) if args.quick else (N_SYNTHETIC, SYNTHETIC_LENGTH)
+    synthetic = synthetic_traces(args.seed, n_traces=n_syn, length=length)
+    train, val, test = split_traces(real + synthetic, SPLIT_FRACTIONS, seed=args.seed)
+    parts = {"train": train, "val": val, "test": test}
+    print(
+        f"{len(real)} real + {len(synthetic)} synthetic traces -> "
+        f"{len(train)} train / {len(val)} val / {len(test)} test"
+    )
+    split_rec = _split_record(parts, args.seed, str(args.traces))
+    split_rec["synthetic"].update(n_traces=n_syn, length=length)
+    (out / "split.json").write_text(json.dumps(split_rec, indent=1) + "\n")
+
+    cfg = quick_config(args.seed) if args.quick else TrainConfig(seed=args.seed)
+    if args.max_epochs:
+        cfg.max_epochs = args.max_epochs
+    model_cfg = ForecasterConfig(residual=True)
+    model, hist = train_forecaster(train, val, cfg, model_cfg, progress=not args.quiet)
+    history = _json_safe(hist.to_json())
+    print(f"forecaster: {hist.stopped}; best epoch {hist.best_epoch}, {hist.seconds:.0f} s")
+
+    predict = predictor(model)
+    val_res = evaluate_traces(val, predict) if val else None
+    test_res = evaluate_traces(test, predict)
+    print(format_table(test_res))
+
+    summary = split_summary(train, val, test)
+    training_data = _json_safe(
+        {
+            "traces_dir": str(args.traces),
+            "real": summarize(loaded),
+            "synthetic": {"n_traces": n_syn, "length": length, "seed": args.seed},
+            "unknown_files": [str(p) for p in loaded.unknown],
+        }
+    )
+    ckpt = out / "forecaster.pt"
+    save_checkpoint(
+        model,
+        str(ckpt),
+        seed=args.seed,
+        metrics=_json_safe(
+            {"test": {"macro": test_res["macro"], "best_baseline": test_res["best_baseline"]}}
+        ),
+        training_data=_json_safe({"split": summary, **training_data}),
+        train_config=_json_safe(asdict(cfg)),
+        history=history,
+    )
+    print(f"wrote {ckpt}")
+
+    ddqn_metrics, agent_status = (None, "skipped: --skip-agent")
+    if not args.skip_agent:
+        ddqn_metrics, agent_status = _train_agent(parts, ckpt, out, args.seed, args.quick)
+
+    from trainer.plots import pick_traces, plot_forecasts, plot_learning_curve
+    from trainer.report import build_report, render_markdown
+
+    report = build_report(
+        test=test_res,
+        val=val_res,
+        history=history,
+        train_config=_json_safe(asdict(cfg)),
+        model_config=_json_safe(asdict(model_cfg)),
+        split=summary,
+        training_data=training_data,
+        seed=args.seed,
+        ddqn_metrics=ddqn_metrics,
+        agent_status=agent_status,
+    )
+    report["training"]["total_seconds"] = time.monotonic() - t_start
+    report["quick"] = bool(args.quick)
+    reports.mkdir(parents=True, exist_ok=True)
+    plots = ["forecaster_test_traces.png", "learning_curve.png"]
+    plot_forecasts(pick_traces(test, n=4), predict, reports / plots[0])
+    plot_learning_curve(history, reports / plots[1])
+    (reports / "training_report.json").write_text(
+        json.dumps(_json_safe(report), indent=2, sort_keys=True) + "\n"
+    )
+    (reports / "forecaster.md").write_text(render_markdown(report, plots))
+    print(f"wrote {reports}/training_report.json, forecaster.md, {', '.join(plots)}")
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``python -m trainer train``."""
+    parser.add_argument("--traces", required=True, help="a supported traces directory")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="runs/latest", help="run directory")
+    parser.add_argument(
+        "--reports",
+        help="where reports go (default: reports/, or <out>/reports with --quick)",
+    )
+    parser.add_argument("--quick", action="store_true", help="a tiny run of a few seconds")
+    parser.add_argument("--skip-agent", action="store_true", help="train the forecaster only")
+    parser.add_argument("--max-epochs", type=int, default=0, help="override the epoch cap")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(func=run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point for ``python -m trainer.train``."""
+    parser = argparse.ArgumentParser(prog="python -m trainer.train", description=__doc__)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
