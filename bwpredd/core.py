@@ -14,17 +14,22 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from bwpredd.advise import Advice, CodecTable, advise_many, rank
 from bwpredd.config import Config
 from bwpredd.engine import Allocations, Engine, Forecasts, LoadedModel
 from bwpredd.errors import InvalidArgument, PeerNotFound
+from bwpredd.livescore import Accuracy, LiveScores
+from bwpredd.logging import get_logger
 from bwpredd.metrics import Metrics
 from bwpredd.validate import SampleBatch, check_peer_id, check_peer_ids, validate_batch
+from bwpredd.watch import WatchHub
 from bwpredd.windows import PeerView, WindowStore
 
 __all__ = ["Core", "IngestOutcome", "PeerSummary"]
 
 I64 = npt.NDArray[np.int64]
 MAX_PAGE = 1000
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,20 @@ class Core:
         self.metrics = metrics
         self.clock = clock
         self.store = WindowStore(config.max_peers, engine.feature_defaults)
+        self.scores = LiveScores(
+            config.max_peers, config.guardrail_steps, config.guardrail_margin, config.guardrail
+        )
+        self.store.on_reset(self.scores.reset)
+        self.watch = WatchHub(config.max_peers)
+        self.codecs = CodecTable.load()
+        summary = self.scores.summary
+        metrics.live_error.labels(predictor="model").set_function(
+            lambda: float(summary()["model_nmae"])
+        )
+        metrics.live_error.labels(predictor="baseline").set_function(
+            lambda: float(summary()["baseline_nmae"])
+        )
+        metrics.guardrail_peers.set_function(lambda: float(summary()["peers_in_fallback"]))
 
     # -- ingest -------------------------------------------------------------------
 
@@ -95,6 +114,11 @@ class Core:
         for j, (field, rule) in result.reasons.items():
             reasons[int(valid.index[j])] = (field, rule)
         accepted = int(result.accepted.sum())
+        if accepted:
+            self._score(result.slots[result.accepted], valid.rows[result.accepted, 1])
+            if len(self.watch):
+                ids = valid.peer_ids
+                self.watch.publish(ids[i] for i in np.flatnonzero(result.accepted).tolist())
         if result.evicted:
             self.metrics.evictions.labels(cause="lru").inc(result.evicted)
         self.metrics.accepted.inc(accepted)
@@ -103,6 +127,21 @@ class Core:
             self.metrics.rejected.labels(field=field).inc()
         self.metrics.peers.set(len(self.store))
         return IngestOutcome(accepted, rejections)
+
+    def _score(self, slots: I64, bandwidth: npt.NDArray[np.float64]) -> None:
+        """Score pending forecasts against the newly arrived bandwidths and
+        log guardrail switches."""
+        changes = self.scores.score(slots, bandwidth)
+        for which, slots_changed in (("on", changes.on), ("off", changes.off)):
+            for slot in slots_changed.tolist():
+                acc = self.scores.accuracy(slot)
+                log.info(
+                    "guardrail_" + which,
+                    peer_id=self.store.peer_at(slot),
+                    model_mae_mbps=round(acc.model_mae, 6),
+                    baseline_mae_mbps=round(acc.baseline_mae, 6),
+                    steps=acc.scored_steps,
+                )
 
     # -- answers ------------------------------------------------------------------
 
@@ -125,8 +164,12 @@ class Core:
             PeerNotFound: a peer with no window.
         """
         slots = self._slots(peer_ids)
+        return self._forecast_slots(slots)
+
+    def _forecast_slots(self, slots: I64) -> Forecasts:
         windows, counts = self.store.gather(slots)
-        fc = self.engine.forecast(windows, counts)
+        fc = self.engine.forecast(windows, counts, self.scores.fallback_mask(slots))
+        self.scores.record(slots, fc.model_point, fc.baseline, np.isfinite(fc.model_point))
         self._count_sources(fc.source)
         return fc
 
@@ -139,15 +182,71 @@ class Core:
         """
         slots = self._slots(peer_ids)
         windows, counts = self.store.gather(slots)
-        return self.engine.allocate(windows, counts)
+        al = self.engine.allocate(windows, counts, self.scores.fallback_mask(slots))
+        fc = al.forecasts
+        self.scores.record(slots, fc.model_point, fc.baseline, np.isfinite(fc.model_point))
+        return al
+
+    def forecast_tracked(self, peer_ids: list[str]) -> tuple[list[str], Forecasts | None]:
+        """Forecasts of the peers still tracked among ``peer_ids`` (watchers:
+        a peer evicted since it changed is skipped, not an error)."""
+        kept = [p for p in peer_ids if p in self.store]
+        if not kept:
+            return [], None
+        slots = np.array([self.store.slot(p) for p in kept], dtype=np.int64)
+        return kept, self._forecast_slots(slots)
+
+    def advise(
+        self,
+        peer_ids: list[str],
+        payload_bytes: int,
+        data_kind: str,
+        compressibility: float | None,
+    ) -> tuple[list[Advice], Forecasts]:
+        """Transfer advice per peer, in request order (see bwpredd.advise),
+        with the forecasts it rests on.
+
+        Raises:
+            InvalidArgument: a bad peer id, payload or hint.
+            PeerNotFound: a peer with no window.
+        """
+        slots = self._slots(peer_ids)
+        windows, _ = self.store.gather(slots)
+        fc = self._forecast_slots(slots)
+        advice = advise_many(
+            peer_ids,
+            fc.point,
+            fc.low,
+            fc.high,
+            windows[:, -1, 0],
+            payload_bytes=payload_bytes,
+            data_kind=data_kind,
+            compressibility=compressibility,
+            live_error_ratio=self.scores.error_ratio(slots),
+            table=self.codecs,
+            packet_loss=windows[:, -1, 2],
+        )
+        return advice, fc
+
+    def rank_peers(
+        self,
+        peer_ids: list[str],
+        payload_bytes: int,
+        data_kind: str,
+        compressibility: float | None,
+    ) -> tuple[list[Advice], Forecasts]:
+        """Advice per candidate peer, fastest estimated transfer first, with
+        the forecasts in request order."""
+        advice, fc = self.advise(peer_ids, payload_bytes, data_kind, compressibility)
+        return rank(advice), fc
 
     def _count_sources(self, source: npt.NDArray[np.int8]) -> None:
         values, counts = np.unique(source, return_counts=True)
         for v, c in zip(values.tolist(), counts.tolist(), strict=True):
             self.metrics.forecasts.labels(source=_SOURCE_NAMES.get(v, "unknown")).inc(c)
 
-    def peer(self, peer_id: str) -> PeerView:
-        """One peer's window and counts.
+    def peer(self, peer_id: str) -> tuple[PeerView, Accuracy]:
+        """One peer's window, counts and live accuracy.
 
         Raises:
             InvalidArgument: the id breaks the rule.
@@ -155,9 +254,10 @@ class Core:
         """
         check_peer_id(peer_id)
         view = self.store.view(peer_id)
-        if view is None:
+        slot = self.store.slot(peer_id)
+        if view is None or slot is None:
             raise PeerNotFound(peer_id)
-        return view
+        return view, self.scores.accuracy(slot)
 
     def list_peers(self, page_size: int, page_token: str) -> tuple[list[PeerSummary], str]:
         """A page of peers ordered by id, and the token of the next page.

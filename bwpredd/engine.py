@@ -75,6 +75,7 @@ class Forecasts:
     high: F32
     source: npt.NDArray[np.int8]
     baseline: F32  # the EWMA baseline's point, for live scoring
+    model_point: F32  # the model's point (NaN where it did not run), ditto
     counts: I64  # real samples in each window
     model_version: str
 
@@ -291,18 +292,23 @@ class Engine:
         source = np.where(full, Source.BASELINE_FALLBACK, Source.BASELINE_COLD_START).astype(
             np.int8
         )
-        use = full.copy()
-        if force_baseline is not None:
-            use &= ~force_baseline
-        if model is not None and use.any():
-            sel = np.flatnonzero(use)
+        model_point = np.full(k, np.nan, dtype=np.float32)
+        # The model runs on every full window, even those the guardrail
+        # answers from the baseline: live scoring must see it win again.
+        if model is not None and full.any():
+            sel = np.flatnonzero(full)
             batch = windows if sel.size == k else windows[sel]
             p, lo, hi = model.run_forecaster(np.ascontiguousarray(batch, dtype=np.float32))
             ok = np.isfinite(p) & np.isfinite(lo) & np.isfinite(hi)
+            model_point[sel[ok]] = p[ok]
+            if force_baseline is not None:
+                ok &= ~force_baseline[sel]
             sel, p, lo, hi = sel[ok], p[ok], lo[ok], hi[ok]
             point[sel], low[sel], high[sel] = p, np.minimum(lo, p), np.maximum(hi, p)
             source[sel] = Source.MODEL
-        return Forecasts(point, low, high, source, base, counts, model.version if model else "")
+        return Forecasts(
+            point, low, high, source, base, model_point, counts, model.version if model else ""
+        )
 
     def allocate(
         self, windows: F32, counts: I64, force_baseline: npt.NDArray[np.bool_] | None = None

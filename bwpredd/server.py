@@ -392,6 +392,8 @@ class Server:
         log.info("stopping", grace_s=self.config.grace_period_s)
         if self._health is not None and self.core is not None:
             await self._set_health(False)
+        if self.core is not None:
+            self.core.watch.close()  # ends WatchForecasts streams so the drain can finish
         if self._server is not None:
             grace = 0 if self.force_exit else self.config.grace_period_s
             await self._server.stop(grace)
@@ -399,6 +401,7 @@ class Server:
             log.info("snapshot_written", peers=len(self.core.store))
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
+            self._metrics_server.server_close()
         kind, path, _ = parse_listen(self.config.listen)
         if kind == "unix":
             with contextlib.suppress(OSError):

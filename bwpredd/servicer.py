@@ -17,11 +17,12 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from bwpredd._proto.bwpred.v1 import bwpred_pb2 as pb
 from bwpredd._proto.bwpred.v1 import bwpred_pb2_grpc as pb_grpc
+from bwpredd.advise import Advice
 from bwpredd.core import Core, IngestOutcome
 from bwpredd.engine import Forecasts
 from bwpredd.errors import BwpreddError, InvalidArgument, PeerNotFound
 from bwpredd.logging import get_logger
-from bwpredd.validate import SampleBatch
+from bwpredd.validate import SampleBatch, check_peer_id, check_peer_ids
 
 __all__ = ["SERVICE_NAME", "BandwidthPredictorServicer", "extract_batch"]
 
@@ -268,7 +269,7 @@ class BandwidthPredictorServicer(pb_grpc.BandwidthPredictorServiceServicer):
     async def GetPeer(
         self, request: pb.GetPeerRequest, context: Any, detail: dict[str, Any]
     ) -> pb.GetPeerResponse:
-        view = self.core.peer(request.peer_id)
+        view, acc = self.core.peer(request.peer_id)
         window = [
             pb.Sample(
                 peer_id=view.peer_id,
@@ -287,6 +288,12 @@ class BandwidthPredictorServicer(pb_grpc.BandwidthPredictorServiceServicer):
                 sample_count=view.sample_count,
                 last_seen=_timestamp(view.last_seen),
                 window=window,
+                live_accuracy=pb.LiveAccuracy(
+                    scored_steps=acc.scored_steps,
+                    model_mae_mbps=acc.model_mae,
+                    baseline_mae_mbps=acc.baseline_mae,
+                    guardrail_active=acc.guardrail_active,
+                ),
             )
         )
 
@@ -311,16 +318,107 @@ class BandwidthPredictorServicer(pb_grpc.BandwidthPredictorServiceServicer):
     async def WatchForecasts(
         self, request: pb.WatchForecastsRequest, context: Any
     ) -> AsyncIterator[pb.WatchForecastsResponse]:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "WatchForecasts: not yet")
-        yield pb.WatchForecastsResponse()  # pragma: no cover
+        start = time.perf_counter()
+        code = grpc.StatusCode.OK
+        detail: dict[str, Any] = {"pushed": 0}
+        core = self.core
+        wanted = list(request.peer_ids)
+        try:
+            check_peer_ids(wanted, core.config.max_batch_peers) if wanted else None
+        except InvalidArgument as exc:
+            self._done(
+                "WatchForecasts", "server_stream", grpc.StatusCode.INVALID_ARGUMENT, start, {}
+            )
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        core.metrics.watchers.inc()
+        watcher = core.watch.subscribe(wanted or None)
+        try:
+            # Start with the current forecast of every watched peer we hold.
+            watcher.push(wanted or core.store.peer_ids())
+            async for ids in watcher:
+                kept, fc = core.forecast_tracked(ids)
+                if fc is None:
+                    continue
+                for msg in forecast_messages(kept, fc):
+                    yield pb.WatchForecastsResponse(forecast=msg)
+                detail["pushed"] += len(kept)
+        except BaseException as exc:
+            code = grpc.StatusCode.CANCELLED if _is_cancel(exc) else grpc.StatusCode.INTERNAL
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("rpc_failed", rpc="WatchForecasts")
+            raise
+        finally:
+            watcher.close()
+            core.metrics.watchers.dec()
+            self._done("WatchForecasts", "server_stream", code, start, detail)
 
-    async def Advise(self, request: pb.AdviseRequest, context: Any) -> pb.AdviseResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Advise: not yet")
-        raise AssertionError  # pragma: no cover
+    @_rpc("unary")
+    async def Advise(
+        self, request: pb.AdviseRequest, context: Any, detail: dict[str, Any]
+    ) -> pb.AdviseResponse:
+        check_peer_id(request.peer_id)
+        advice, fc = self.core.advise(
+            [request.peer_id],
+            request.payload_bytes,
+            _DATA_KINDS.get(request.data_kind, "unspecified"),
+            request.compressibility if request.HasField("compressibility") else None,
+        )
+        return pb.AdviseResponse(advice=_advice_message(advice[0], fc, 0))
 
-    async def RankPeers(self, request: pb.RankPeersRequest, context: Any) -> pb.RankPeersResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "RankPeers: not yet")
-        raise AssertionError  # pragma: no cover
+    @_rpc("unary")
+    async def RankPeers(
+        self, request: pb.RankPeersRequest, context: Any, detail: dict[str, Any]
+    ) -> pb.RankPeersResponse:
+        peer_ids = list(request.peer_ids)
+        ranked, fc = self.core.rank_peers(
+            peer_ids,
+            request.payload_bytes,
+            _DATA_KINDS.get(request.data_kind, "unspecified"),
+            request.compressibility if request.HasField("compressibility") else None,
+        )
+        index = {p: i for i, p in enumerate(peer_ids)}
+        detail["peers"] = len(peer_ids)
+        return pb.RankPeersResponse(
+            advice=[_advice_message(a, fc, index[a.peer_id]) for a in ranked]
+        )
+
+
+_DATA_KINDS = {
+    pb.DATA_KIND_MEMORY: "memory",
+    pb.DATA_KIND_TEXT: "text",
+    pb.DATA_KIND_RANDOM: "random",
+}
+_MODES = {
+    "datacenter": pb.NETWORK_MODE_DATACENTER,
+    "internet": pb.NETWORK_MODE_INTERNET,
+    "unknown": pb.NETWORK_MODE_UNKNOWN,
+}
+_CODECS = {"none": pb.CODEC_NONE, "lz4": pb.CODEC_LZ4, "zstd": pb.CODEC_ZSTD}
+
+
+def _advice_message(a: Advice, fc: Forecasts, i: int) -> pb.Advice:
+    """One Advice message; ``i`` is the peer's row in ``fc``."""
+    return pb.Advice(
+        forecast=pb.PeerForecast(
+            peer_id=a.peer_id,
+            bandwidth_mbps=float(fc.point[i]),
+            low_mbps=float(fc.low[i]),
+            high_mbps=float(fc.high[i]),
+            source=pb.ForecastSource.Name(int(fc.source[i])),
+            samples_in_window=int(fc.counts[i]),
+            model_version=fc.model_version,
+        ),
+        payload_bytes=a.payload_bytes,
+        transfer_seconds=a.transfer_seconds,
+        transfer_seconds_low=a.transfer_seconds_low,
+        transfer_seconds_high=a.transfer_seconds_high,
+        parallel_streams=a.parallel_streams,
+        socket_buffer_bytes=a.socket_buffer_bytes,
+        network_mode=_MODES[a.network_mode],
+        compression=pb.Compression(codec=_CODECS[a.codec], level=a.level, ratio=a.ratio),
+        confidence=a.confidence,
+        latency_ms=a.latency_ms,
+    )
 
 
 def _is_cancel(exc: BaseException) -> bool:

@@ -97,6 +97,10 @@ class WindowStore:
         """The slot of a peer, or None if it is not tracked."""
         return self._slots.get(peer_id)
 
+    def peer_at(self, slot: int) -> str | None:
+        """The peer holding a slot, or None."""
+        return self._peers[slot]
+
     def peer_ids(self) -> list[str]:
         """Every tracked peer id, sorted."""
         return sorted(self._slots)
