@@ -1,0 +1,205 @@
+"""Prometheus metrics: the names and labels of bwpredd.metrics on a fresh
+registry, and the live endpoint of a real server scraped after traffic."""
+
+from __future__ import annotations
+
+import math
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from bwpredd.metrics import Metrics
+from bwpredd.servicer import SERVICE_NAME
+from tests.helpers import running_server, sample
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on (the server does not report the
+    port it bound for metrics_addr port 0, so the test picks one)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def scrape(port: int) -> Samples:
+    """GET /metrics and parse the text format into {(name, labels): value}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/plain")
+        text = resp.read().decode()
+    out: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """One sample's value; 0 when absent (a labelled counter not yet used)."""
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def rpc_labels(method: str, kind: str = "unary") -> dict[str, str]:
+    return {"grpc_service": SERVICE_NAME, "grpc_method": method, "grpc_type": kind}
+
+
+class TestMetricsRegistry:
+    """bwpredd.metrics.Metrics on a fresh CollectorRegistry."""
+
+    def test_names_follow_conventions(self) -> None:
+        """The gRPC metrics keep go-grpc-prometheus names; the daemon's own
+        carry the bwpredd_ namespace and _total/_seconds suffixes."""
+        registry = CollectorRegistry()
+        m = Metrics(registry)
+        m.handled.labels(SERVICE_NAME, "Forecast", "unary", "OK").inc()
+        m.handling.labels(SERVICE_NAME, "Forecast", "unary").observe(0.0003)
+        m.accepted.inc(3)
+        m.rejected.labels(field="bandwidth_mbps").inc()
+        m.evictions.labels(cause="lru").inc()
+        m.forecasts.labels(source="model").inc(2)
+        m.reloads.labels(outcome="ok").inc()
+        m.peers.set(7)
+        get = registry.get_sample_value
+        labels = rpc_labels("Forecast")
+        assert get("grpc_server_handled_total", {**labels, "grpc_code": "OK"}) == 1
+        assert get("grpc_server_handling_seconds_count", labels) == 1
+        assert get("grpc_server_handling_seconds_bucket", {**labels, "le": "0.0005"}) == 1
+        assert get("grpc_server_handling_seconds_bucket", {**labels, "le": "0.00025"}) == 0
+        assert get("bwpredd_samples_accepted_total") == 3
+        assert get("bwpredd_samples_rejected_total", {"field": "bandwidth_mbps"}) == 1
+        assert get("bwpredd_peer_evictions_total", {"cause": "lru"}) == 1
+        assert get("bwpredd_forecasts_total", {"source": "model"}) == 2
+        assert get("bwpredd_model_reloads_total", {"outcome": "ok"}) == 1
+        assert get("bwpredd_peers") == 7
+        assert get("bwpredd_snapshot_age_seconds") == -1
+
+    def test_model_info_names_one_version(self) -> None:
+        """set_model points model_info at the new version and drops the old
+        one; no model reads "none"."""
+        registry = CollectorRegistry()
+        m = Metrics(registry)
+        m.set_model("v1")
+        m.set_model("v2")
+        get = registry.get_sample_value
+        assert get("bwpredd_model_info", {"version": "v2"}) == 1
+        assert get("bwpredd_model_info", {"version": "v1"}) is None
+        m.set_model("")
+        assert get("bwpredd_model_info", {"version": "none"}) == 1
+        assert get("bwpredd_model_info", {"version": "v2"}) is None
+
+    def test_registry_is_injected(self) -> None:
+        """Two Metrics on two registries are independent; a second one on the
+        same registry is refused (ValueError), not merged."""
+        a, b = CollectorRegistry(), CollectorRegistry()
+        Metrics(a).accepted.inc(5)
+        Metrics(b)
+        assert a.get_sample_value("bwpredd_samples_accepted_total") == 5
+        assert b.get_sample_value("bwpredd_samples_accepted_total") == 0
+        with pytest.raises(ValueError, match="Duplicated"):
+            Metrics(a)
+
+    def test_namespace(self) -> None:
+        """The namespace prefixes the daemon's metrics but not the gRPC ones."""
+        registry = CollectorRegistry()
+        Metrics(registry, namespace="edge").accepted.inc()
+        assert registry.get_sample_value("edge_samples_accepted_total") == 1
+        assert registry.get_sample_value("bwpredd_samples_accepted_total") is None
+
+
+def _wait(cond: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met")
+        time.sleep(0.05)
+
+
+class TestScrape:
+    """The /metrics endpoint of a real server."""
+
+    def test_counters_move_with_traffic(self, tmp_path: Path) -> None:
+        """After pushes, a stream, forecasts, a NOT_FOUND, evictions and a
+        reload, every counter the issue names has moved by what was sent."""
+        port = free_port()
+        with running_server(tmp_path, metrics_addr=f"127.0.0.1:{port}", max_peers=3) as (
+            server,
+            client,
+        ):
+            before = scrape(port)
+            version = server.core.engine.version if server.core else ""
+            assert version
+            assert value(before, "bwpredd_model_info", version=version) == 1
+            assert value(before, "bwpredd_peers") == 0
+
+            # 12 good samples for "full", 3 for "cold"; 2 bad ones.
+            resp = client.push(
+                [sample("full", 100.0 + i, latency_ms=2.0) for i in range(12)]
+                + [sample("cold", 50.0 + i) for i in range(3)]
+                + [sample("bad", math.nan), sample("bad", 1.0, packet_loss=2.0)]
+            )
+            assert (resp.accepted, resp.rejected) == (15, 2)
+            acks = list(client.stream([[sample("cold", 1.0)], [sample("cold", -1.0)]]))
+            assert [(a.accepted, a.rejected) for a in acks] == [(1, 0), (0, 1)]
+            client.forecast(["full", "cold"])
+            client.forecast(["full"])
+            client.allocate(["full"])
+            with pytest.raises(grpc.RpcError):
+                client.forecast(["ghost"])
+            mid = scrape(port)
+            # Two more peers beyond max_peers=3 evict the least recently seen.
+            client.push([sample("e1", 1.0), sample("e2", 1.0)])
+            loop = server._wake._loop  # type: ignore[union-attr]
+            loop.call_soon_threadsafe(server.request_reload)
+            _wait(lambda: value(scrape(port), "bwpredd_model_reloads_total", outcome="ok") == 1)
+            after = scrape(port)
+
+        def moved(name: str, **labels: str) -> float:
+            return value(mid, name, **labels) - value(before, name, **labels)
+
+        push_ok = {**rpc_labels("PushSamples"), "grpc_code": "OK"}
+        assert moved("grpc_server_handled_total", **push_ok) == 1
+        forecast_ok = {**rpc_labels("Forecast"), "grpc_code": "OK"}
+        assert moved("grpc_server_handled_total", **forecast_ok) == 2
+        forecast_nf = {**rpc_labels("Forecast"), "grpc_code": "NOT_FOUND"}
+        assert moved("grpc_server_handled_total", **forecast_nf) == 1
+        stream_ok = {**rpc_labels("StreamSamples", "bidi_stream"), "grpc_code": "OK"}
+        assert moved("grpc_server_handled_total", **stream_ok) == 1
+        assert (
+            moved("grpc_server_msg_received_total", **rpc_labels("StreamSamples", "bidi_stream"))
+            == 2
+        )
+        assert moved("grpc_server_handling_seconds_count", **rpc_labels("Forecast")) == 3
+        assert moved("grpc_server_handling_seconds_sum", **rpc_labels("Forecast")) > 0
+        inf = {**rpc_labels("PushSamples"), "le": "+Inf"}
+        assert moved("grpc_server_handling_seconds_bucket", **inf) == 1
+        assert moved("bwpredd_samples_accepted_total") == 16
+        assert moved("bwpredd_samples_rejected_total", field="bandwidth_mbps") == 2
+        assert moved("bwpredd_samples_rejected_total", field="packet_loss") == 1
+        assert value(mid, "bwpredd_peers") == 2
+        assert moved("bwpredd_forecasts_total", source="model") == 2
+        assert moved("bwpredd_forecasts_total", source="baseline_cold_start") == 1
+
+        assert value(after, "bwpredd_peers") == 3
+        assert value(after, "bwpredd_peer_evictions_total", cause="lru") == 1
+        assert value(after, "bwpredd_model_reloads_total", outcome="ok") == 1
+        assert value(after, "bwpredd_model_info", version=version) == 1
+
+    def test_metrics_port_released_on_stop(self, tmp_path: Path) -> None:
+        """After the server stops, its metrics port refuses connections."""
+        port = free_port()
+        with running_server(tmp_path, metrics_addr=f"127.0.0.1:{port}"):
+            assert scrape(port)
+        with pytest.raises(urllib.error.URLError) as err:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
+        assert isinstance(err.value.reason, ConnectionRefusedError)

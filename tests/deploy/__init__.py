@@ -1,0 +1,1 @@
+"""Tests of the deployment files: the systemd unit, the example config, the DaemonSet."""
