@@ -125,6 +125,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = quick_config(args.seed) if args.quick else TrainConfig(seed=args.seed)
     if args.max_epochs:
         cfg.max_epochs = args.max_epochs
+    if args.threads:
+        cfg.threads = args.threads
     model_cfg = ForecasterConfig(residual=True)
     model, hist = train_forecaster(train, val, cfg, model_cfg, progress=not args.quiet)
     history = _json_safe(hist.to_json())
@@ -203,6 +205,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a tiny run of a few seconds")
     parser.add_argument("--skip-agent", action="store_true", help="train the forecaster only")
     parser.add_argument("--max-epochs", type=int, default=0, help="override the epoch cap")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: 1)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
 

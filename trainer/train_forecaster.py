@@ -69,7 +69,10 @@ class TrainConfig:
     # Validation windows per trace (evenly spaced), to bound estimate_loss time.
     val_windows_per_trace: int = 64
     grad_clip: float = 1.0
-    threads: int = 2
+    # One thread: a batch-32 LSTM step is no faster on two (7.5 vs 7.4 ms
+    # measured here), and two threads spin against each other when the
+    # machine is busy (a 40x slowdown measured with other jobs running).
+    threads: int = 1
     # Safety net only: stop (and say so) if training runs past this.
     time_budget_s: float = 450.0
     source_weights: dict[str, float] = field(default_factory=dict)

@@ -134,18 +134,20 @@ class TestTraining:
             _ar_trace(s, 200, 100 + k, b) for s, b in (("x", 2.0), ("y", 50.0)) for k in range(2)
         ]
         cfg = TrainConfig(
-            seed=0, max_epochs=3, steps_per_epoch=60, batch_size=32, val_windows_per_trace=64
+            seed=0, max_epochs=2, steps_per_epoch=40, val_windows_per_trace=32, threads=1
         )
         model, hist = train_forecaster(train, val, cfg, ForecasterConfig(), progress=False)
         assert hist.best_val_loss < hist.initial_val_loss
-        assert len(hist.val_loss) == hist.best_epoch or hist.best_epoch >= 1
+        assert hist.best_epoch >= 1
         assert not model.training
 
     def test_deterministic_for_a_seed(self) -> None:
         """Two runs with the same seed end with identical weights."""
         train = [_ar_trace("x", 200, k, 1.0) for k in range(3)]
         val = [_ar_trace("x", 100, 9, 1.0)]
-        cfg = TrainConfig(seed=7, max_epochs=1, steps_per_epoch=10, val_windows_per_trace=16)
+        cfg = TrainConfig(
+            seed=7, max_epochs=1, steps_per_epoch=5, val_windows_per_trace=8, threads=1
+        )
         a, _ = train_forecaster(train, val, cfg, ForecasterConfig(residual=True), progress=False)
         b, _ = train_forecaster(train, val, cfg, ForecasterConfig(residual=True), progress=False)
         for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
