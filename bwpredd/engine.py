@@ -11,6 +11,7 @@ usable model, are answered by the baselines.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -19,6 +20,10 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
+# onnxruntime phones home (a device-id database and an events endpoint)
+# unless told not to before it loads; a sidecar must not.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 import onnxruntime as ort
 
 from bwpredd import baselines

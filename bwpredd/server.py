@@ -74,10 +74,23 @@ def _umask(mask: int) -> Iterator[None]:
 
 def _prepare_socket_dir(path: Path) -> None:
     """Create the socket's directory (mode 0750: only the service and its
-    group may enter) and clear a stale socket file."""
+    group may enter) and clear a stale socket file.
+
+    A directory that already exists must be ours (someone else's could swap
+    the socket under us); if anyone else may write to it, it is tightened.
+    """
     parent = path.parent
     if not parent.exists():
         parent.mkdir(mode=0o750, parents=True)
+    st = parent.stat()
+    if st.st_uid != os.geteuid():
+        raise StartupError(
+            f"listen: socket directory {parent} belongs to uid {st.st_uid}, not to the "
+            f"service (uid {os.geteuid()})"
+        )
+    if st.st_mode & 0o027:
+        parent.chmod(stat.S_IMODE(st.st_mode) & ~0o027)
+        log.warning("socket_dir_tightened", path=str(parent), mode=oct(st.st_mode & 0o777))
     with contextlib.suppress(FileNotFoundError):
         if stat.S_ISSOCK(path.lstat().st_mode):
             path.unlink()
@@ -171,6 +184,7 @@ class Server:
         self._health: health.aio.HealthServicer | None = None
         self._wake: asyncio.Event | None = None
         self._metrics_server: Any = None
+        self.metrics_address = ""
         self._last_snapshot = 0.0  # monotonic time of the last good snapshot
 
     # -- life cycle -----------------------------------------------------------------
@@ -238,7 +252,7 @@ class Server:
             "started",
             listen=self.address,
             model_version=engine.version or None,
-            metrics=config.metrics_addr or None,
+            metrics=self.metrics_address or None,
             startup_ms=round((time.perf_counter() - started) * 1e3, 1),
         )
         self.notifier.notify("READY=1", f"STATUS=serving on {self.address}")
@@ -293,6 +307,7 @@ class Server:
             self._metrics_server, _ = start_http_server(
                 int(port), addr=host.strip("[]"), registry=self.registry
             )
+            self.metrics_address = f"{host}:{self._metrics_server.server_port}"
         except OSError as exc:
             raise StartupError(
                 f"metrics_addr: cannot bind {self.config.metrics_addr}: {exc}"

@@ -80,6 +80,15 @@ def extract_batch(samples: Iterable[pb.Sample]) -> SampleBatch:
     return SampleBatch(ids, bw, has_bw, lat, has_lat, loss, has_loss, rel, has_rel, ts)
 
 
+def source_counts(source: Iterable[int]) -> dict[str, int]:
+    """``{"MODEL": n, ...}`` for a log line."""
+    counts: dict[str, int] = {}
+    for s in source:
+        name = pb.ForecastSource.Name(int(s)).removeprefix("FORECAST_SOURCE_")
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
 def _timestamp(seconds: float) -> Timestamp:
     ts = Timestamp()
     if math.isfinite(seconds):
@@ -230,8 +239,10 @@ class BandwidthPredictorServicer(pb_grpc.BandwidthPredictorServiceServicer):
         self, request: pb.ForecastRequest, context: Any, detail: dict[str, Any]
     ) -> pb.ForecastResponse:
         peer_ids = list(request.peer_ids)
-        fc = self.core.forecast(peer_ids)
         detail["peers"] = len(peer_ids)
+        fc = self.core.forecast(peer_ids)
+        if self.log_rpcs:
+            detail["sources"] = source_counts(fc.source)
         return pb.ForecastResponse(forecasts=forecast_messages(peer_ids, fc))
 
     @_rpc("unary")
@@ -239,8 +250,10 @@ class BandwidthPredictorServicer(pb_grpc.BandwidthPredictorServiceServicer):
         self, request: pb.AllocateRequest, context: Any, detail: dict[str, Any]
     ) -> pb.AllocateResponse:
         peer_ids = list(request.peer_ids)
-        al = self.core.allocate(peer_ids)
         detail["peers"] = len(peer_ids)
+        al = self.core.allocate(peer_ids)
+        if self.log_rpcs:
+            detail["sources"] = source_counts(al.source)
         version = al.forecasts.model_version
         return pb.AllocateResponse(
             allocations=[

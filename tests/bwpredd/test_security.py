@@ -253,12 +253,6 @@ class TestUnixSocket:
             assert connect_as(NOBODY, path) == 0
             assert client.health() == "SERVING"
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="server._prepare_socket_dir uses a pre-existing socket directory as it "
-        "finds it (any owner, any mode): it should refuse a directory owned by another "
-        "user and tighten (or refuse) one that is group/world writable",
-    )
     @pytest.mark.parametrize("owner", ["self-0777", "other-user"])
     def test_preexisting_directory_is_guarded(self, open_tmp: Path, owner: str) -> None:
         """A socket directory that already exists is either refused at start-up or
