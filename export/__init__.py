@@ -32,7 +32,13 @@ from torch import nn
 from bwpredd.manifest import MANIFEST_NAME, Manifest, dump_manifest
 from bwpredd.state import STATE_LAYOUT
 from export.manifest import build_manifest, default_version, weights_digest
-from export.to_onnx import OPSET, Exporter, export_allocator, export_forecaster, op_counts
+from export.to_onnx import (
+    Exporter,
+    export_allocator,
+    export_forecaster,
+    graph_opset,
+    op_counts,
+)
 from export.verify import (
     F32,
     ParityReport,
@@ -138,11 +144,14 @@ def export_model_dir(
     version = version or default_version(weights_digest(forecaster, allocator))
 
     t0 = time.perf_counter()
-    log(f"export: forecaster -> ONNX ({exporter} exporter, opset {OPSET})")
+    log(f"export: forecaster -> ONNX ({exporter} exporter)")
     f_bytes = export_forecaster(forecaster, exporter=exporter)
     log(f"export: allocator -> ONNX (state size {len(state_layout)})")
     a_bytes = export_allocator(allocator, len(state_layout), exporter=exporter)
-    log(f"export: both graphs pass onnx.checker ({time.perf_counter() - t0:.1f}s)")
+    opset = graph_opset(f_bytes)
+    if graph_opset(a_bytes) != opset:
+        raise ExportError(f"opsets differ: {opset} vs {graph_opset(a_bytes)}")
+    log(f"export: both graphs (opset {opset}) pass onnx.checker ({time.perf_counter() - t0:.1f}s)")
 
     log(f"verify: parity on {len(windows)} windows ({windows_source})")
     forecasts = torch_forecast(forecaster, windows)
@@ -204,7 +213,7 @@ def export_model_dir(
             state_layout=tuple(state_layout),
             feature_defaults=feature_defaults,
             interval=interval,
-            opset=OPSET,
+            opset=opset,
             versions=_versions(),
             evaluation=evaluation or {},
             training_data=training_data or {},
