@@ -300,7 +300,7 @@ def _timings(f_bytes: bytes, a_bytes: bytes, windows: F32, states: F32) -> dict[
     f_sess, a_sess = make_session(f_bytes), make_session(a_bytes)
     out: dict[str, float] = {}
     for n in (1, 1000):
-        reps = 200 if n == 1 else 20
+        reps = 100 if n == 1 else 10
         w = np.ascontiguousarray(np.resize(windows, (n, *windows.shape[1:])))
         s = np.ascontiguousarray(np.resize(states, (n, states.shape[1])))
         out[f"forecaster_batch{n}"] = time_session(f_sess, {"window": w}, repeat=reps) * 1e3

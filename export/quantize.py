@@ -59,6 +59,7 @@ def try_int8(
     windows: F32,
     states: F32,
     *,
+    rounds: tuple[int, int] = (300, 30),
     log: Callable[[str], None] = print,
 ) -> tuple[bytes, bytes, dict[str, Any]]:
     """Quantise both graphs and keep each int8 graph only where it wins.
@@ -68,6 +69,7 @@ def try_int8(
         a_bytes: the float allocator graph.
         windows: the parity windows (accuracy is measured on them).
         states: the parity states built from them.
+        rounds: timed calls of each graph at batch 1 and at batch 1000.
         log: where progress lines go.
 
     Returns:
@@ -99,7 +101,7 @@ def try_int8(
             agree = float((q_ref.argmax(axis=1) == q_got.argmax(axis=1)).mean())
             loss = 1.0 - agree
             accuracy = {"greedy_action_agreement_vs_float": agree}
-        speed = _speedups(f_sess, q_sess, feed_name, inputs)
+        speed = _speedups(f_sess, q_sess, feed_name, inputs, rounds)
         fast = all(s >= MIN_SPEEDUP for s in speed["speedup"].values())
         keep = fast and loss <= MAX_LOSS
         verdict = "int8" if keep else "float32"
@@ -129,19 +131,23 @@ def _run(sess: ort.InferenceSession, feed_name: str, inputs: F32) -> list[Any]:
 
 
 def _speedups(
-    f_sess: ort.InferenceSession, q_sess: ort.InferenceSession, feed_name: str, inputs: F32
+    f_sess: ort.InferenceSession,
+    q_sess: ort.InferenceSession,
+    feed_name: str,
+    inputs: F32,
+    rounds: tuple[int, int],
 ) -> dict[str, Any]:
     """Median latencies, float and int8 interleaved so both see the same load."""
     timings: dict[str, dict[str, float]] = {"float32_ms": {}, "int8_ms": {}}
     speedup: dict[str, float] = {}
-    for n, rounds in ((1, 300), (1000, 30)):
+    for n, reps in zip((1, 1000), rounds, strict=True):
         x = np.ascontiguousarray(np.resize(inputs, (n, *inputs.shape[1:])))
         feeds = {feed_name: x}
         f_sess.run(None, feeds)
         q_sess.run(None, feeds)
         f_t: list[float] = []
         q_t: list[float] = []
-        for _ in range(rounds):
+        for _ in range(reps):
             for sess, out in ((f_sess, f_t), (q_sess, q_t)):
                 t0 = time.perf_counter()
                 sess.run(None, feeds)

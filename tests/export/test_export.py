@@ -139,7 +139,9 @@ class TestExportRoundTrip:
         run = _fresh_run(tmp_path / "run", allocator=False)
         out = tmp_path / "out"
         args = ["--run", str(run), "--out", str(out), "--untrained-allocator"]
-        assert export_main([*args, "--traces", str(tmp_path / "none")]) == 0
+        assert (
+            export_main([*args, "--traces", str(tmp_path / "none"), "--parity-windows", "128"]) == 0
+        )
         assert "untrained" in load_manifest(out).evaluation["allocator"]["note"]
 
     def test_state_layout_mismatch_refused(self, tmp_path: Path) -> None:
@@ -251,7 +253,9 @@ class TestInt8:
         a_bytes = (helper_dir / "allocator.onnx").read_bytes()
         windows = synthetic_windows(128, seed=1)
         states = np.random.default_rng(0).normal(size=(128, len(STATE_LAYOUT))).astype(np.float32)
-        f_out, a_out, report = try_int8(f_bytes, a_bytes, windows, states, log=lambda _s: None)
+        f_out, a_out, report = try_int8(
+            f_bytes, a_bytes, windows, states, rounds=(20, 2), log=lambda _s: None
+        )
         for name, original, shipped in (
             ("forecaster", f_bytes, f_out),
             ("allocator", a_bytes, a_out),
