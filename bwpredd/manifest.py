@@ -197,8 +197,7 @@ class Manifest:
         extra = out.pop("extra")
         for key in ("forecaster", "allocator"):
             for io in ("inputs", "outputs"):
-                for spec in out[key][io]:
-                    spec["shape"] = list(spec["shape"])
+                out[key][io] = [{**spec, "shape": list(spec["shape"])} for spec in out[key][io]]
         out["features"] = list(self.features)
         out["state_layout"] = list(self.state_layout)
         out.update(extra)

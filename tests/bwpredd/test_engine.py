@@ -110,3 +110,16 @@ class TestPredictor:
         np.testing.assert_array_equal(predictor.decide_allocation(w), actions)
         assert predictor.allocation_percent(int(actions[0])) == (int(actions[0]) + 1) * 10
         assert reference_capacity(w).shape == (6,)
+
+
+class TestManifest:
+    """The manifest round trip."""
+
+    def test_round_trip_equals_file(self) -> None:
+        """from_json then to_json gives back exactly the JSON of the embedded default."""
+        import json
+
+        from bwpredd.manifest import Manifest
+
+        raw = json.loads((DEFAULT_MODEL_DIR / "manifest.json").read_text())
+        assert Manifest.from_json(raw).to_json() == raw
