@@ -1,0 +1,158 @@
+"""The Double DQN agent: its target, a short training run, greedy serving."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bwpredd.state import STATE_LAYOUT
+from trainer.env import prepare_traces
+from trainer.evaluate_allocator import evaluate_policies, greedy_policy, torch_q_values
+from trainer.models.qnet import QNetConfig, QNetwork, load_checkpoint, save_checkpoint
+from trainer.replay import ReplayMemory, Transition
+from trainer.train_agent import AgentConfig, double_dqn_target, train_loop
+
+
+@dataclass
+class HandTrace:
+    source: str
+    name: str
+    step_s: float
+    data: np.ndarray
+
+
+def random_walk_traces(seed: int, n: int = 12, length: int = 200) -> list[HandTrace]:
+    """Log-random-walk bandwidth traces with occasional drops, at two scales."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        logbw = np.cumsum(rng.normal(0, 0.15, length)) + rng.uniform(0, 5)
+        bw = np.exp(logbw) * np.where(rng.random(length) < 0.05, 0.3, 1.0)
+        data = np.stack(
+            [np.full(length, 40.0), bw, np.zeros(length), np.ones(length)], axis=1
+        ).astype(np.float32)
+        out.append(HandTrace(f"walk{i % 2}", f"w{i}", 1.0, data))
+    return out
+
+
+class TestDoubleDQNTarget:
+    def test_online_picks_target_values(self) -> None:
+        """The target values the online network's argmax with the target network."""
+        q_online_next = torch.tensor([[1.0, 5.0, 2.0], [3.0, 0.0, 4.0]])
+        q_target_next = torch.tensor([[10.0, 20.0, 30.0], [7.0, 8.0, 9.0]])
+        rewards = torch.tensor([0.5, -1.0])
+        dones = torch.tensor([0.0, 0.0])
+        y = double_dqn_target(q_online_next, q_target_next, rewards, dones, 0.9)
+        # Row 0: online argmax = 1 -> target 20 (not the target's max 30).
+        # Row 1: online argmax = 2 -> target 9.
+        torch.testing.assert_close(y, torch.tensor([0.5 + 0.9 * 20.0, -1.0 + 0.9 * 9.0]))
+
+    def test_terminal_does_not_bootstrap(self) -> None:
+        """A terminal transition's target is its reward alone."""
+        y = double_dqn_target(
+            torch.tensor([[1.0, 2.0]]),
+            torch.tensor([[3.0, 4.0]]),
+            torch.tensor([0.25]),
+            torch.tensor([1.0]),
+            0.99,
+        )
+        torch.testing.assert_close(y, torch.tensor([0.25]))
+
+
+class TestReplay:
+    def test_bounded_and_overwrites_oldest(self) -> None:
+        """The memory keeps at most its capacity, dropping the oldest first."""
+        mem = ReplayMemory(5, 2)
+        for i in range(7):
+            s = np.full((1, 2), i, np.float32)
+            mem.push(Transition(s, np.array([i]), s, np.array([i], np.float32), np.zeros(1)))
+        assert len(mem) == 5
+        batch = mem.sample(5, np.random.default_rng(0))
+        assert sorted(batch.action.tolist()) == [2, 3, 4, 5, 6]
+
+    def test_sample_is_seeded(self) -> None:
+        """The same generator seed draws the same batch."""
+        mem = ReplayMemory(100, 3)
+        s = np.random.default_rng(0).random((50, 3)).astype(np.float32)
+        mem.push(Transition(s, np.arange(50), s, np.zeros(50, np.float32), np.zeros(50)))
+        a = mem.sample(8, np.random.default_rng(3)).action
+        b = mem.sample(8, np.random.default_rng(3)).action
+        assert a.tolist() == b.tolist()
+
+
+class TestTraining:
+    def test_short_run_beats_a_random_policy(self) -> None:
+        """A seeded short run's greedy policy scores above a uniformly random one."""
+        train = prepare_traces(random_walk_traces(0))
+        val = prepare_traces(random_walk_traces(1, n=4))
+        cfg = AgentConfig(
+            episodes=25,
+            episode_steps=32,
+            lanes=4,
+            eps_decay=0.85,
+            eval_every=5,
+            norm_states=1000,
+            warmup=64,
+        )
+        model, hist = train_loop(train, val, cfg, seed=0, progress=False)
+        rng = np.random.default_rng(0)
+        res = evaluate_policies(
+            val,
+            {
+                "ddqn": greedy_policy(torch_q_values(model)),
+                "random": lambda env, s: rng.integers(0, 10, env.k),
+            },
+        )
+        assert res["ddqn"]["macro"]["reward"] > res["random"]["macro"]["reward"] + 0.1
+        assert hist["updates"] > 0
+        assert len(hist["curve"]) == 25
+
+    def test_training_is_deterministic(self) -> None:
+        """Two runs with the same seed give the same weights."""
+        train = prepare_traces(random_walk_traces(0, n=4, length=80))
+        cfg = AgentConfig(episodes=4, episode_steps=16, lanes=2, eval_every=4, norm_states=200)
+        a, _ = train_loop(train, [], cfg, seed=7, progress=False)
+        b, _ = train_loop(train, [], cfg, seed=7, progress=False)
+        for (ka, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+            torch.testing.assert_close(va, vb, msg=ka)
+
+
+class TestServing:
+    @pytest.fixture
+    def checkpoint(self, tmp_path: Path) -> Path:
+        torch.manual_seed(0)
+        model = QNetwork(QNetConfig(state_size=len(STATE_LAYOUT)))
+        model.set_normalisation(torch.randn(256, len(STATE_LAYOUT)))
+        path = tmp_path / "allocator.pt"
+        save_checkpoint(model, str(path), state_layout=list(STATE_LAYOUT), seed=0)
+        return path
+
+    def test_greedy_serving_is_deterministic(self, checkpoint: Path) -> None:
+        """A loaded allocator is in eval mode and maps the same state to the same action."""
+        model, ckpt = load_checkpoint(str(checkpoint))
+        assert not model.training
+        assert ckpt["state_layout"] == list(STATE_LAYOUT)
+        q = torch_q_values(model)
+        states = np.random.default_rng(0).normal(size=(64, len(STATE_LAYOUT))).astype(np.float32)
+        first = q(states).argmax(axis=1)
+        for _ in range(5):
+            np.testing.assert_array_equal(q(states).argmax(axis=1), first)
+        # One state alone gets the action it gets in a batch (no batch statistics).
+        assert int(q(states[3:4]).argmax(axis=1)[0]) == int(first[3])
+
+    def test_greedy_policy_is_the_argmax(self, checkpoint: Path) -> None:
+        """The served action is the argmax of the Q-values, never a random one."""
+        model, _ = load_checkpoint(str(checkpoint))
+        q = torch_q_values(model)
+        states = np.random.default_rng(1).normal(size=(32, len(STATE_LAYOUT))).astype(np.float32)
+        pol = greedy_policy(q)
+
+        class FakeEnv:
+            k = 32
+
+        actions = pol(FakeEnv(), states)  # type: ignore[arg-type]
+        np.testing.assert_array_equal(actions, q(states).argmax(axis=1))
