@@ -75,7 +75,11 @@ def quick_config(seed: int) -> TrainConfig:
 
 
 def _train_agent(
-    parts: dict[str, list[Any]], forecaster_path: Path, out: Path, seed: int, quick: bool
+    parts: dict[str, list[Any]],
+    forecaster_path: Path,
+    out: Path,
+    reports: Path,
+    args: argparse.Namespace,
 ) -> tuple[dict[str, Any] | None, str]:
     try:
         from trainer.train_agent import train_agent
@@ -88,8 +92,10 @@ def _train_agent(
         test_traces=parts["test"],
         forecaster_path=forecaster_path,
         out_dir=out,
-        seed=seed,
-        quick=quick,
+        seed=args.seed,
+        quick=args.quick,
+        reports_dir=reports,
+        progress=not args.quiet,
     )
     return _json_safe(metrics), "trained"
 
@@ -123,10 +129,15 @@ def run(args: argparse.Namespace) -> int:
     (out / "split.json").write_text(json.dumps(split_rec, indent=1) + "\n")
 
     cfg = quick_config(args.seed) if args.quick else TrainConfig(seed=args.seed)
+    # The two synthetic profiles together weigh as much as one real source:
+    # they are one generator, and the model ships for real links.
+    cfg.source_weights = {t.source: 0.5 for t in synthetic}
     if args.max_epochs:
         cfg.max_epochs = args.max_epochs
     if args.threads:
         cfg.threads = args.threads
+    if args.time_budget:
+        cfg.time_budget_s = args.time_budget
     model_cfg = ForecasterConfig(residual=True)
     model, hist = train_forecaster(train, val, cfg, model_cfg, progress=not args.quiet)
     history = _json_safe(hist.to_json())
@@ -160,10 +171,6 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"wrote {ckpt}")
 
-    ddqn_metrics, agent_status = (None, "skipped: --skip-agent")
-    if not args.skip_agent:
-        ddqn_metrics, agent_status = _train_agent(parts, ckpt, out, args.seed, args.quick)
-
     from trainer.plots import pick_traces, plot_forecasts, plot_learning_curve
     from trainer.report import build_report, render_markdown
 
@@ -176,20 +183,30 @@ def run(args: argparse.Namespace) -> int:
         split=summary,
         training_data=training_data,
         seed=args.seed,
-        ddqn_metrics=ddqn_metrics,
-        agent_status=agent_status,
+        agent_status="skipped: --skip-agent" if args.skip_agent else "pending",
     )
-    report["training"]["total_seconds"] = time.monotonic() - t_start
+    report["training"]["forecaster_total_seconds"] = time.monotonic() - t_start
     report["quick"] = bool(args.quick)
     reports.mkdir(parents=True, exist_ok=True)
     plots = ["forecaster_test_traces.png", "learning_curve.png"]
     plot_forecasts(pick_traces(test, n=4), predict, reports / plots[0])
     plot_learning_curve(history, reports / plots[1])
-    (reports / "training_report.json").write_text(
-        json.dumps(_json_safe(report), indent=2, sort_keys=True) + "\n"
-    )
-    (reports / "forecaster.md").write_text(render_markdown(report, plots))
+
+    def write_reports() -> None:
+        (reports / "training_report.json").write_text(
+            json.dumps(_json_safe(report), indent=2, sort_keys=True) + "\n"
+        )
+        (reports / "forecaster.md").write_text(render_markdown(report, plots))
+
+    # Written before the agent trains, so its failure cannot lose them.
+    write_reports()
     print(f"wrote {reports}/training_report.json, forecaster.md, {', '.join(plots)}")
+    if not args.skip_agent:
+        ddqn_metrics, report["agent_status"] = _train_agent(parts, ckpt, out, reports, args)
+        if ddqn_metrics is not None:
+            report["ddqn_metrics"] = ddqn_metrics
+        write_reports()
+        print(f"updated {reports}/training_report.json (agent: {report['agent_status']})")
     return 0
 
 
@@ -206,6 +223,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-agent", action="store_true", help="train the forecaster only")
     parser.add_argument("--max-epochs", type=int, default=0, help="override the epoch cap")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: 1)")
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=0.0,
+        help="seconds after which training stops early (default: the config's safety net)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
 
