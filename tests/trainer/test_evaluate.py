@@ -100,6 +100,18 @@ class TestEvalCommand:
         assert set(res["per_source"]) == {"home"}
         assert res["per_source"]["home"]["model"]["n_traces"] == 1
 
+    def test_onnx_model_directory(self, traces_dir: Path, tmp_path: Path) -> None:
+        """A model directory is scored through onnxruntime, as the daemon runs it."""
+        model_dir = Path(__file__).resolve().parents[2] / "bwpredd" / "models" / "default"
+        if not (model_dir / "manifest.json").exists():
+            pytest.skip("no embedded default model directory")
+        out = tmp_path / "eval.json"
+        code = main(["eval", "--traces", str(traces_dir), "--model", str(model_dir),
+                     "--json", str(out), "--quiet"])  # fmt: skip
+        res = json.loads(out.read_text())
+        assert code == 0 and res["model"]["kind"] == "onnx"
+        assert np.isfinite(res["macro"]["model"]["nmae"])
+
 
 class TestOracle:
     def test_oracle_scored_on_synthetic(self) -> None:
