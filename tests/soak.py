@@ -933,6 +933,26 @@ def rss_verdict(growth: dict[str, Any], target: float = 5.0) -> str:
     return "inconclusive"
 
 
+def handling_p99(metrics: dict[str, float]) -> dict[str, float]:
+    """Per unary method, the histogram bucket bound holding the server-side
+    99th percentile of handling time (last daemon lifetime): the daemon's own
+    time, without the client's queueing and scheduling."""
+    buckets: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for key, value in metrics.items():
+        if not key.startswith("grpc_server_handling_seconds_bucket{"):
+            continue
+        labels = dict(kv.split("=", 1) for kv in key[key.index("{") + 1 : -1].split(","))
+        if labels.get("grpc_type") == "unary":
+            buckets[labels["grpc_method"]].append((float(labels["le"]), value))
+    out: dict[str, float] = {}
+    for method, pts in buckets.items():
+        pts.sort()
+        total = pts[-1][1]
+        if total:
+            out[method] = next(le for le, n in pts if n >= 0.99 * total)
+    return dict(sorted(out.items()))
+
+
 def near(log: list[dict[str, Any]], start: float, ms: float) -> dict[str, Any]:
     """The last fault that began before a slow call ended (its likely cause)."""
     before = [f for f in log if f["t"] <= start + ms / 1e3]
@@ -963,19 +983,53 @@ def schedule(plan: Plan) -> list[tuple[float, str]]:
 
 
 def run(plan: Plan, out_dir: Path) -> dict[str, Any]:
+    """Run the soak; the daemon and every client process are gone on return
+    (also on an error or Ctrl-C). The work directory (daemon log, state) is
+    kept when the run fails."""
     work = Path(tempfile.mkdtemp(prefix="bwpredd-soak-"))
     shutil.copytree(DEFAULT_MODEL_DIR, work / "model")
     ctx = mp.get_context("spawn")
-    stop, flood = ctx.Event(), ctx.Event()
-    flood_size = ctx.Value("i", 0)
+    stop = ctx.Event()
     daemon = Daemon(plan, work)
+    procs: list[tuple[Any, Connection]] = []
+    passed = False
+    try:
+        report = _run(plan, daemon, ctx, stop, procs)
+        passed = bool(report["passed"])
+        write_reports(report, out_dir)
+        return report
+    finally:
+        stop.set()
+        for p, _ in procs:
+            p.join(timeout=1)
+            if p.is_alive():
+                p.kill()
+        if daemon.alive() and daemon.proc is not None:
+            daemon.proc.kill()
+            daemon.proc.wait(timeout=10)
+        daemon.log.close()
+        if passed:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"soak: kept {work} (daemon.log, state/) for a look", flush=True)
+
+
+def _run(
+    plan: Plan,
+    daemon: Daemon,
+    ctx: Any,
+    stop: Event,
+    procs: list[tuple[Any, Connection]],
+) -> dict[str, Any]:
+    work = daemon.work
+    flood = ctx.Event()
+    flood_size = ctx.Value("i", 0)
     t_start = time.time()
     ready_s = daemon.start()
     started: dict[int, float] = {daemon.pid: daemon.started_at}
     target = daemon.listen
     t_end = t_start + plan.seconds
     fading_until = t_start + plan.warmup_s
-    procs: list[tuple[Any, Connection]] = []
 
     def spawn(fn: Callable[..., None], *args: Any) -> None:
         receiver, sender = ctx.Pipe(duplex=False)
@@ -1068,8 +1122,7 @@ def run(plan: Plan, out_dir: Path) -> dict[str, Any]:
     report["final_metrics_sample"] = {
         k: v for k, v in final_metrics.items() if k.startswith("bwpredd_")
     }
-    write_reports(report, out_dir)
-    shutil.rmtree(work, ignore_errors=True)
+    report["server_handling_p99_le_s"] = handling_p99(final_metrics)
     return report
 
 
@@ -1135,6 +1188,10 @@ def summarise(
         "daemon never crashed": crashes == 0,
         "every SIGTERM exited 0": all(life.get("exit") == 0 for life in daemon.lifetimes),
         "every fault survived": not faults.failed,
+        "one model version served throughout (the corrupt one never)": len(
+            [v for v in extra.get("reader", {}).get("versions", {}) if v != "(none)"]
+        )
+        == 1,
         "all workers reported": workers_reported == plan.workers,
     }
     checks = {name: ok[bool(passed)] for name, passed in checks_ok.items()}
@@ -1264,6 +1321,12 @@ def write_reports(report: dict[str, Any], out_dir: Path) -> None:
         "",
     ]
     md += [
+        "## Server-side handling time, p99 (histogram bucket bound, last daemon lifetime)",
+        "",
+        ", ".join(
+            f"{m} <= {le * 1e3:g} ms" for m, le in report["server_handling_p99_le_s"].items()
+        ),
+        "",
         "## Slowest calls",
         "",
         "| ms | rpc | at (s) | last fault before it |",
