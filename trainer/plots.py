@@ -16,7 +16,7 @@ import numpy.typing as npt
 
 from bwpredd import baselines
 
-__all__ = ["pick_traces", "plot_forecasts", "plot_learning_curve"]
+__all__ = ["pick_traces", "plot_forecasts", "plot_learning_curve", "plot_ratios"]
 
 F32 = npt.NDArray[np.float32]
 Predictor = Callable[[F32], tuple[F32, F32, F32]]
@@ -31,8 +31,11 @@ def pick_traces(traces: Sequence[Any], n: int = 4) -> list[Any]:
         if len(t.data) > 40:
             by_source.setdefault(t.source, []).append(t)
     order = sorted(by_source, key=lambda s: (s.startswith("synthetic"), s))
+    real = [s for s in order if not s.startswith("synthetic")] or order
+    # evenly spread over the (alphabetical) real sources, not just the first n
+    chosen = [real[int(i)] for i in np.unique(np.linspace(0, len(real) - 1, min(n, len(real))))]
     picked = []
-    for source in order[:n]:
+    for source in chosen:
         members = sorted(by_source[source], key=lambda t: (len(t.data), t.name))
         picked.append(members[len(members) // 2])
     return picked
@@ -88,7 +91,10 @@ def plot_learning_curve(history: dict[str, Any], path: Path) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
     ep = history["epoch"]
     ax1.plot(ep, history["train_loss"], label="train loss (sampled batches)")
-    ax1.plot(ep, history["val_loss"], label="val loss")
+    val_ep, val = list(ep), list(history["val_loss"])
+    if np.isfinite(history.get("initial_val_loss", np.nan)):
+        val_ep, val = [0, *val_ep], [history["initial_val_loss"], *val]
+    ax1.plot(val_ep, val, label="val loss (epoch 0: untrained)")
     ax1.plot(ep, history["val_point"], label="val point part (= weighted nMAE)")
     if history.get("best_epoch"):
         ax1.axvline(history["best_epoch"], color="grey", ls=":", label="best epoch")
@@ -100,6 +106,38 @@ def plot_learning_curve(history: dict[str, Any], path: Path) -> None:
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("80% interval coverage")
     ax2.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_ratios(result: dict[str, Any], path: Path) -> None:
+    """Per source: normalised MAE of the model and of every baseline, divided
+    by that source's best baseline (below 1: better than the best baseline).
+
+    Args:
+        result: :func:`trainer.evaluate.evaluate_windows` output with a model.
+        path: the PNG to write.
+    """
+    per_source = result["per_source"]
+    best = result["best_baseline"]["per_source"]
+    sources = sorted(per_source)
+    methods = ["model", "last_value", "ewma", "harmonic_mean", "mean"]
+    fig, ax = plt.subplots(figsize=(11, 4))
+    width = 0.8 / len(methods)
+    pos = np.arange(len(sources))
+    for k, m in enumerate(methods):
+        ratios = [per_source[s][m]["nmae"] / best[s]["nmae"] for s in sources]
+        ax.bar(pos + k * width, ratios, width, label=m.replace("_", " "))
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.axhline(1.05, color="red", lw=0.8, ls=":", label="1.05 (per-source target)")
+    ax.set_xticks(pos + width * (len(methods) - 1) / 2)
+    ax.set_xticklabels(sources, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("nMAE / best baseline of the source")
+    ax.set_ylim(0.8, 1.6)
+    ax.legend(fontsize=8, ncol=3)
+    ax.set_title("Test split: normalised MAE relative to each source's best baseline")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

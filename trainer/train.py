@@ -22,7 +22,12 @@ import numpy as np
 import torch
 
 from trainer.evaluate import evaluate_traces, format_table
-from trainer.models.forecaster import Forecaster, ForecasterConfig, save_checkpoint
+from trainer.models.forecaster import (
+    Forecaster,
+    ForecasterConfig,
+    load_checkpoint,
+    save_checkpoint,
+)
 from trainer.train_forecaster import TrainConfig, train_forecaster
 
 __all__ = ["add_arguments", "main", "predictor", "run"]
@@ -138,10 +143,20 @@ def run(args: argparse.Namespace) -> int:
         cfg.threads = args.threads
     if args.time_budget:
         cfg.time_budget_s = args.time_budget
-    model_cfg = ForecasterConfig(residual=True)
-    model, hist = train_forecaster(train, val, cfg, model_cfg, progress=not args.quiet)
-    history = _json_safe(hist.to_json())
-    print(f"forecaster: {hist.stopped}; best epoch {hist.best_epoch}, {hist.seconds:.0f} s")
+    ckpt = out / "forecaster.pt"
+    if args.report_only:
+        # Re-score and re-report a finished run: same split, same weights.
+        model, meta = load_checkpoint(str(ckpt))
+        model_cfg = model.cfg
+        cfg = TrainConfig(**meta["train_config"])  # type: ignore[arg-type]
+        history = meta["history"]
+        assert isinstance(history, dict)
+        print(f"forecaster: loaded {ckpt} (--report-only)")
+    else:
+        model_cfg = ForecasterConfig(residual=True)
+        model, hist = train_forecaster(train, val, cfg, model_cfg, progress=not args.quiet)
+        history = _json_safe(hist.to_json())
+        print(f"forecaster: {hist.stopped}; best epoch {hist.best_epoch}, {hist.seconds:.0f} s")
 
     predict = predictor(model)
     val_res = evaluate_traces(val, predict) if val else None
@@ -157,7 +172,6 @@ def run(args: argparse.Namespace) -> int:
             "unknown_files": [str(p) for p in loaded.unknown],
         }
     )
-    ckpt = out / "forecaster.pt"
     save_checkpoint(
         model,
         str(ckpt),
@@ -171,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"wrote {ckpt}")
 
-    from trainer.plots import pick_traces, plot_forecasts, plot_learning_curve
+    from trainer.plots import pick_traces, plot_forecasts, plot_learning_curve, plot_ratios
     from trainer.report import build_report, render_markdown
 
     report = build_report(
@@ -188,9 +202,10 @@ def run(args: argparse.Namespace) -> int:
     report["training"]["forecaster_total_seconds"] = time.monotonic() - t_start
     report["quick"] = bool(args.quick)
     reports.mkdir(parents=True, exist_ok=True)
-    plots = ["forecaster_test_traces.png", "learning_curve.png"]
-    plot_forecasts(pick_traces(test, n=4), predict, reports / plots[0])
-    plot_learning_curve(history, reports / plots[1])
+    plots = ["forecaster_ratios.png", "forecaster_test_traces.png", "learning_curve.png"]
+    plot_ratios(test_res, reports / plots[0])
+    plot_forecasts(pick_traces(test, n=4), predict, reports / plots[1])
+    plot_learning_curve(history, reports / plots[2])
 
     def write_reports() -> None:
         (reports / "training_report.json").write_text(
@@ -221,6 +236,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--quick", action="store_true", help="a tiny run of a few seconds")
     parser.add_argument("--skip-agent", action="store_true", help="train the forecaster only")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="no training: re-evaluate <out>/forecaster.pt on the same split and rewrite reports",
+    )
     parser.add_argument("--max-epochs", type=int, default=0, help="override the epoch cap")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: 1)")
     parser.add_argument(
