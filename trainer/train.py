@@ -28,7 +28,7 @@ from trainer.models.forecaster import (
     load_checkpoint,
     save_checkpoint,
 )
-from trainer.train_forecaster import TrainConfig, train_forecaster
+from trainer.train_forecaster import TrainConfig, calibrate_interval, train_forecaster
 
 __all__ = ["add_arguments", "main", "predictor", "run"]
 
@@ -144,19 +144,22 @@ def run(args: argparse.Namespace) -> int:
     if args.time_budget:
         cfg.time_budget_s = args.time_budget
     ckpt = out / "forecaster.pt"
-    if args.report_only:
-        # Re-score and re-report a finished run: same split, same weights.
+    if args.skip_training:
+        # Everything after training, again: same split, the run's weights.
         model, meta = load_checkpoint(str(ckpt))
         model_cfg = model.cfg
         cfg = TrainConfig(**meta["train_config"])  # type: ignore[arg-type]
         history = meta["history"]
         assert isinstance(history, dict)
-        print(f"forecaster: loaded {ckpt} (--report-only)")
+        print(f"forecaster: loaded {ckpt} (--skip-training)")
     else:
         model_cfg = ForecasterConfig(residual=True)
         model, hist = train_forecaster(train, val, cfg, model_cfg, progress=not args.quiet)
         history = _json_safe(hist.to_json())
         print(f"forecaster: {hist.stopped}; best epoch {hist.best_epoch}, {hist.seconds:.0f} s")
+    if val:
+        scale = calibrate_interval(model, val)
+        print(f"interval scale calibrated on the validation split: {scale:.3f}")
 
     predict = predictor(model)
     val_res = evaluate_traces(val, predict) if val else None
@@ -237,9 +240,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a tiny run of a few seconds")
     parser.add_argument("--skip-agent", action="store_true", help="train the forecaster only")
     parser.add_argument(
-        "--report-only",
+        "--skip-training",
         action="store_true",
-        help="no training: re-evaluate <out>/forecaster.pt on the same split and rewrite reports",
+        help="reuse <out>/forecaster.pt's weights; redo calibration, evaluation and reports",
     )
     parser.add_argument("--max-epochs", type=int, default=0, help="override the epoch cap")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: 1)")

@@ -15,7 +15,13 @@ from trainer.models.forecaster import (
     load_checkpoint,
     save_checkpoint,
 )
-from trainer.train_forecaster import TraceBank, TrainConfig, forecaster_loss, train_forecaster
+from trainer.train_forecaster import (
+    TraceBank,
+    TrainConfig,
+    calibrate_interval,
+    forecaster_loss,
+    train_forecaster,
+)
 
 
 @dataclass
@@ -152,3 +158,21 @@ class TestTraining:
         b, _ = train_forecaster(train, val, cfg, ForecasterConfig(residual=True), progress=False)
         for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
             assert torch.equal(pa, pb), name
+
+
+class TestCalibration:
+    @pytest.mark.parametrize("target", [0.5, 0.8])
+    def test_interval_covers_the_target_share(self, target: float) -> None:
+        """After calibration the interval covers the target share of actuals on those traces."""
+        from trainer.data.windows import make_windows
+
+        traces = [_ar_trace("a", 400, k, 3.0) for k in range(3)]
+        model = Forecaster(ForecasterConfig(residual=True)).eval()
+        scale = calibrate_interval(model, traces, target=target)
+        assert scale > 0 and model.cfg.interval_scale == scale
+        w = make_windows(traces)  # type: ignore[arg-type]
+        with torch.no_grad():
+            _, low, high = model(torch.from_numpy(w.x))
+        y = torch.from_numpy(w.y)
+        covered = ((y >= low[:, 0]) & (y <= high[:, 0])).float().mean().item()
+        assert covered == pytest.approx(target, abs=0.01)
