@@ -1,0 +1,80 @@
+"""``make bench QUICK=1`` runs end to end and writes a valid report.
+
+No timing is asserted: the bench's figures depend on the machine. This only
+checks that every section runs against a real daemon and bare floors, and
+that bench.json and bench.md carry what the README and the lead read.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bwpredd.bench import summarize_profile
+
+# The torch comparison (onnx) imports torch in a child: slow to start, and
+# covered by its own smoke below only when torch is there.
+SECTIONS = "startup,latency,batch,ingest,concurrency,memory"
+
+
+@pytest.mark.slow
+class TestQuickBench:
+    """``python -m bwpredd.bench --quick`` on a temporary output directory."""
+
+    def test_quick_run_writes_json_and_markdown(self, tmp_path: Path) -> None:
+        """A quick run exits 0 and writes bench.json with machine info, every
+        section's figures and a pass/fail per target, and a bench.md table."""
+        args = ["--quick", "--only", SECTIONS, "--out", str(tmp_path)]
+        proc = subprocess.run(
+            [sys.executable, "-m", "bwpredd.bench", *args],
+            capture_output=True,
+            text=True,
+            timeout=150,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        report = json.loads((tmp_path / "bench.json").read_text())
+        assert report["quick"] is True
+        machine = report["machine"]
+        assert machine["cpu_model"] and machine["logical_cpus"] >= 1 and machine["cores_used"]
+        res = report["results"]
+        assert {"startup", "latency", "batch", "ingest", "concurrency", "memory"} <= set(res)
+        lat = res["latency"]
+        for key in ("forecast", "allocate", "echo_sync_forecast_size", "echo_aio_forecast_size"):
+            assert lat[key]["p50_us"] > 0 and lat[key]["p99_us"] >= lat[key]["p50_us"]
+        assert lat["forecast_floor"] in ("sync", "aio") and lat["forecast_p50_ratio"] > 0
+        assert res["batch"]["model_sourced"] == res["batch"]["peers"] == 1000
+        assert res["batch"]["max_rel_diff_vs_raw"] < 1e-4
+        assert res["ingest"]["all_accepted"] is True
+        assert res["ingest"]["daemon"]["samples_per_s"] > 0
+        mem = res["memory"]
+        assert mem["windows_full"] is True and mem["samples"] == 10 * mem["peers"]
+        assert res["concurrency"]["errors"] == [] and res["concurrency"]["rejected"] == 0
+        names = {t["name"] for t in report["targets"]}
+        assert len(names) == 6
+        assert all(isinstance(t["pass"], bool) for t in report["targets"])
+        md = (tmp_path / "bench.md").read_text()
+        assert "python -m bwpredd.bench --quick" in md and "| figure |" in md
+
+
+class TestProfileSummary:
+    """The py-spy collapsed-stack summary."""
+
+    def test_self_and_inclusive_shares(self, tmp_path: Path) -> None:
+        """Self time goes to the leaf, inclusive time once per stack; shares
+        are of all samples."""
+        raw = tmp_path / "p.txt"
+        raw.write_text(
+            "main (a.py:1);f (a.py:5);g (a.py:9) 3\n"
+            "main (a.py:1);f (a.py:6) 1\n"
+            "main (a.py:1);f (a.py:5);f (a.py:7) 4\n"
+        )
+        s = summarize_profile(raw)
+        assert s["samples"] == 8
+        assert dict(s["self"]) == {"f (a.py)": 0.625, "g (a.py)": 0.375}
+        assert dict(s["inclusive"])["main (a.py)"] == 1.0
+        assert dict(s["inclusive"])["f (a.py)"] == 1.0
