@@ -32,6 +32,61 @@ MAX_PAGE = 1000
 log = get_logger(__name__)
 
 
+class _Answers:
+    """The last forecast and allocation computed for each slot, valid until
+    the peer's window changes (a sample, a reset) or the model is swapped.
+
+    A forecast depends only on the window, the model and the guardrail state,
+    and the guardrail only moves when samples arrive, so repeated Forecast
+    and Allocate calls between samples reuse the answer instead of running
+    the model again.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.valid = np.zeros(capacity, dtype=np.bool_)
+        self.alloc_valid = np.zeros(capacity, dtype=np.bool_)
+        self.point = np.zeros(capacity, dtype=np.float32)
+        self.low = np.zeros(capacity, dtype=np.float32)
+        self.high = np.zeros(capacity, dtype=np.float32)
+        self.baseline = np.zeros(capacity, dtype=np.float32)
+        self.model_point = np.zeros(capacity, dtype=np.float32)
+        self.source = np.zeros(capacity, dtype=np.int8)
+        self.counts = np.zeros(capacity, dtype=np.int64)
+        self.action = np.zeros(capacity, dtype=np.int64)
+        self.capacity = np.zeros(capacity, dtype=np.float32)
+
+    def invalidate(self, slots: I64 | None = None) -> None:
+        """Forget the answers of ``slots`` (all when None)."""
+        if slots is None:
+            self.valid[:] = False
+            self.alloc_valid[:] = False
+        else:
+            self.valid[slots] = False
+            self.alloc_valid[slots] = False
+
+    def put(self, slots: I64, fc: Forecasts) -> None:
+        self.point[slots] = fc.point
+        self.low[slots] = fc.low
+        self.high[slots] = fc.high
+        self.baseline[slots] = fc.baseline
+        self.model_point[slots] = fc.model_point
+        self.source[slots] = fc.source
+        self.counts[slots] = fc.counts
+        self.valid[slots] = True
+
+    def get(self, slots: I64, version: str) -> Forecasts:
+        return Forecasts(
+            self.point[slots],
+            self.low[slots],
+            self.high[slots],
+            self.source[slots],
+            self.baseline[slots],
+            self.model_point[slots],
+            self.counts[slots],
+            version,
+        )
+
+
 @dataclass(frozen=True)
 class IngestOutcome:
     """The answer to one ingest batch."""
@@ -76,8 +131,14 @@ class Core:
             config.max_peers, config.guardrail_steps, config.guardrail_margin, config.guardrail
         )
         self.store.on_reset(self.scores.reset)
+        self.answers = _Answers(config.max_peers)
+        self.store.on_reset(self.answers.invalidate)
         self.watch = WatchHub(config.max_peers)
         self.codecs = CodecTable.load()
+        # Bound once: a labels() look-up per call costs more than the count.
+        self._source_counters = {
+            v: metrics.forecasts.labels(source=name) for v, name in _SOURCE_NAMES.items()
+        }
         summary = self.scores.summary
         metrics.live_error.labels(predictor="model").set_function(
             lambda: float(summary()["model_nmae"])
@@ -115,6 +176,7 @@ class Core:
             reasons[int(valid.index[j])] = (field, rule)
         accepted = int(result.accepted.sum())
         if accepted:
+            self.answers.invalidate(result.slots[result.accepted])
             self._score(result.slots[result.accepted], valid.rows[result.accepted, 1])
             if len(self.watch):
                 ids = valid.peer_ids
@@ -166,11 +228,22 @@ class Core:
         slots = self._slots(peer_ids)
         return self._forecast_slots(slots)
 
-    def _forecast_slots(self, slots: I64) -> Forecasts:
-        windows, counts = self.store.gather(slots)
-        fc = self.engine.forecast(windows, counts, self.scores.fallback_mask(slots))
+    def _forecast_slots(self, slots: I64, count: bool = True) -> Forecasts:
+        """Forecasts of distinct slots, computed only where the cached answer
+        is stale; each is recorded for live scoring and, with ``count``,
+        counted as served (Allocate uses forecasts without serving them)."""
+        answers = self.answers
+        stale = ~answers.valid[slots]
+        if stale.any():
+            miss = slots[stale]
+            windows, counts = self.store.gather(miss)
+            answers.put(
+                miss, self.engine.forecast(windows, counts, self.scores.fallback_mask(miss))
+            )
+        fc = answers.get(slots, self.engine.version)
         self.scores.record(slots, fc.model_point, fc.baseline, np.isfinite(fc.model_point))
-        self._count_sources(fc.source)
+        if count:
+            self._count_sources(fc.source)
         return fc
 
     def allocate(self, peer_ids: list[str]) -> Allocations:
@@ -181,11 +254,17 @@ class Core:
             PeerNotFound: a peer with no window.
         """
         slots = self._slots(peer_ids)
-        windows, counts = self.store.gather(slots)
-        al = self.engine.allocate(windows, counts, self.scores.fallback_mask(slots))
-        fc = al.forecasts
-        self.scores.record(slots, fc.model_point, fc.baseline, np.isfinite(fc.model_point))
-        return al
+        fc = self._forecast_slots(slots, count=False)
+        answers = self.answers
+        stale = ~answers.alloc_valid[slots]
+        if stale.any():
+            miss = slots[stale]
+            windows, counts = self.store.gather(miss)
+            al = self.engine.allocate(windows, counts, answers.get(miss, fc.model_version))
+            answers.action[miss] = al.action
+            answers.capacity[miss] = al.capacity
+            answers.alloc_valid[miss] = True
+        return Allocations(answers.action[slots], answers.capacity[slots], fc.source, fc)
 
     def forecast_tracked(self, peer_ids: list[str]) -> tuple[list[str], Forecasts | None]:
         """Forecasts of the peers still tracked among ``peer_ids`` (watchers:
@@ -241,9 +320,12 @@ class Core:
         return rank(advice), fc
 
     def _count_sources(self, source: npt.NDArray[np.int8]) -> None:
-        values, counts = np.unique(source, return_counts=True)
-        for v, c in zip(values.tolist(), counts.tolist(), strict=True):
-            self.metrics.forecasts.labels(source=_SOURCE_NAMES.get(v, "unknown")).inc(c)
+        if len(source) == 1:
+            self._source_counters[int(source[0])].inc()
+            return
+        for v, c in enumerate(np.bincount(source, minlength=4).tolist()):
+            if c and v in self._source_counters:
+                self._source_counters[v].inc(c)
 
     def peer(self, peer_id: str) -> tuple[PeerView, Accuracy]:
         """One peer's window, counts and live accuracy.
@@ -290,6 +372,7 @@ class Core:
     def swap_model(self, model: LoadedModel | None) -> None:
         """Serve ``model``; new peers take its feature defaults."""
         self.engine.swap(model)
+        self.answers.invalidate()
         self.store.defaults = np.asarray(self.engine.feature_defaults, dtype=np.float32)
         self.metrics.set_model(self.engine.version)
 

@@ -292,12 +292,14 @@ class Engine:
         k = len(windows)
         base = baselines.ewma(windows, counts, BASELINE_ALPHA)
         point = base.copy()
-        low, high = baselines.baseline_interval(windows, base, counts)
+        low = np.empty(k, dtype=np.float32)
+        high = np.empty(k, dtype=np.float32)
         full = counts >= windows.shape[1]
         source = np.where(full, Source.BASELINE_FALLBACK, Source.BASELINE_COLD_START).astype(
             np.int8
         )
         model_point = np.full(k, np.nan, dtype=np.float32)
+        served = np.zeros(k, dtype=np.bool_)
         # The model runs on every full window, even those the guardrail
         # answers from the baseline: live scoring must see it win again.
         if model is not None and full.any():
@@ -311,33 +313,37 @@ class Engine:
             sel, p, lo, hi = sel[ok], p[ok], lo[ok], hi[ok]
             point[sel], low[sel], high[sel] = p, np.minimum(lo, p), np.maximum(hi, p)
             source[sel] = Source.MODEL
+            served[sel] = True
+        if not served.all():
+            rest = np.flatnonzero(~served)
+            low[rest], high[rest] = baselines.baseline_interval(
+                windows[rest], base[rest], counts[rest]
+            )
         return Forecasts(
             point, low, high, source, base, model_point, counts, model.version if model else ""
         )
 
-    def allocate(
-        self, windows: F32, counts: I64, force_baseline: npt.NDArray[np.bool_] | None = None
-    ) -> Allocations:
-        """Greedy allocation levels for ``k`` peers.
+    def allocate(self, windows: F32, counts: I64, fc: Forecasts) -> Allocations:
+        """Greedy allocation levels for ``k`` peers from their forecasts.
 
-        Peers answered by the model get the Q-network's argmax on the state
+        Peers the model forecast get the Q-network's argmax on the state
         built by :func:`bwpredd.state.build_state`; the others get the level
         nearest forecast / capacity (the forecast-following heuristic).
 
         Args:
             windows: ``[k, W, 4]`` oldest first.
             counts: ``[k]`` real rows per window.
-            force_baseline: ``[k]`` peers to answer from the baseline.
+            fc: :meth:`forecast` of the same windows.
         """
         model = self._model
-        fc = self.forecast(windows, counts, force_baseline)
         full_windows = edge_pad(windows, counts)
         cap = reference_capacity(full_windows)
         action = np.clip(np.rint(fc.point / cap * 10) - 1, 0, 9).astype(np.int64)
-        source = fc.source.copy()
         use = fc.source == Source.MODEL
         if model is not None and use.any():
             sel = np.flatnonzero(use)
-            states = build_state(full_windows[sel], fc.point[sel], fc.low[sel], fc.high[sel])
+            states = build_state(
+                full_windows[sel], fc.point[sel], fc.low[sel], fc.high[sel], cap[sel]
+            )
             action[sel] = model.run_allocator(states)
-        return Allocations(action, cap, source, fc)
+        return Allocations(action, cap, fc.source, fc)

@@ -105,7 +105,8 @@ class Predictor:
             window: ``[10, 4]`` or ``[N, 10, 4]`` raw units.
         """
         w, single = self._batch(window)
-        actions = self.engine.allocate(w, np.full(len(w), WINDOW, dtype=np.int64)).action
+        counts = np.full(len(w), WINDOW, dtype=np.int64)
+        actions = self.engine.allocate(w, counts, self.engine.forecast(w, counts)).action
         return int(actions[0]) if single else actions
 
     @staticmethod

@@ -353,7 +353,10 @@ class Server:
             if self.notifier.watchdog_usec:
                 self.notifier.notify("WATCHDOG=1")
             now = time.monotonic()
-            if now - last_expiry >= 10.0 and self.core is not None:
+            if (
+                now - last_expiry >= min(10.0, self.config.idle_expiry_s / 2)
+                and self.core is not None
+            ):
                 last_expiry = now
                 self.core.expire_idle()
             if (

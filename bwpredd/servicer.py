@@ -169,17 +169,38 @@ class BandwidthPredictorServicer(pb_grpc.BandwidthPredictorServiceServicer):
     def __init__(self, core: Core, log_rpcs: bool = True) -> None:
         self.core = core
         self.log_rpcs = log_rpcs
-        m = core.metrics
-        self._m_handled = m.handled
-        self._m_handling = m.handling
+        # Metric children bound once per (method, type, code): a labels()
+        # look-up per call costs more than the increment.
+        self._children: dict[tuple[str, str, grpc.StatusCode], tuple[Any, Any]] = {}
+        # grpc's max_concurrent_streams is per HTTP/2 connection; this caps
+        # the long-lived streams across all connections.
+        self.open_streams = 0
+
+    async def _admit_stream(self, name: str, context: Any) -> None:
+        limit = self.core.config.max_concurrent_streams
+        if self.open_streams >= limit:
+            self._done(name, "stream", grpc.StatusCode.RESOURCE_EXHAUSTED, time.perf_counter(), {})
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"max_concurrent_streams: {limit} streams already open",
+            )
+        self.open_streams += 1
 
     def _done(
         self, name: str, kind: str, code: grpc.StatusCode, start: float, detail: dict[str, Any]
     ) -> None:
         elapsed = time.perf_counter() - start
-        labels = (SERVICE_NAME, name, kind)
-        self._m_handled.labels(*labels, code.name).inc()
-        self._m_handling.labels(*labels).observe(elapsed)
+        key = (name, kind, code)
+        children = self._children.get(key)
+        if children is None:
+            m = self.core.metrics
+            children = (
+                m.handled.labels(SERVICE_NAME, name, kind, code.name),
+                m.handling.labels(SERVICE_NAME, name, kind),
+            )
+            self._children[key] = children
+        children[0].inc()
+        children[1].observe(elapsed)
         if self.log_rpcs or code != grpc.StatusCode.OK:
             log.info(
                 "rpc",
@@ -209,6 +230,7 @@ class BandwidthPredictorServicer(pb_grpc.BandwidthPredictorServiceServicer):
         received = self.core.metrics.msg_received.labels(
             SERVICE_NAME, "StreamSamples", "bidi_stream"
         )
+        await self._admit_stream("StreamSamples", context)
         try:
             async for request in request_iterator:
                 received.inc()
@@ -224,12 +246,14 @@ class BandwidthPredictorServicer(pb_grpc.BandwidthPredictorServiceServicer):
                 detail["accepted"] += outcome.accepted
                 detail["rejected"] += len(outcome.rejections)
                 yield _ack(outcome, pb.StreamSamplesResponse)
+            code = _ended_code(context)
         except BaseException as exc:
             code = grpc.StatusCode.CANCELLED if _is_cancel(exc) else grpc.StatusCode.INTERNAL
             if code == grpc.StatusCode.INTERNAL:
                 log.exception("rpc_failed", rpc="StreamSamples")
             raise
         finally:
+            self.open_streams -= 1
             self._done("StreamSamples", "bidi_stream", code, start, detail)
 
     # -- answers ------------------------------------------------------------------
@@ -343,6 +367,7 @@ class BandwidthPredictorServicer(pb_grpc.BandwidthPredictorServiceServicer):
                 "WatchForecasts", "server_stream", grpc.StatusCode.INVALID_ARGUMENT, start, {}
             )
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        await self._admit_stream("WatchForecasts", context)
         core.metrics.watchers.inc()
         watcher = core.watch.subscribe(wanted or None)
         try:
@@ -362,6 +387,7 @@ class BandwidthPredictorServicer(pb_grpc.BandwidthPredictorServiceServicer):
             raise
         finally:
             watcher.close()
+            self.open_streams -= 1
             core.metrics.watchers.dec()
             self._done("WatchForecasts", "server_stream", code, start, detail)
 
@@ -432,6 +458,17 @@ def _advice_message(a: Advice, fc: Forecasts, i: int) -> pb.Advice:
         confidence=a.confidence,
         latency_ms=a.latency_ms,
     )
+
+
+def _ended_code(context: Any) -> grpc.StatusCode:
+    """How a stream whose requests simply stopped really ended: a client that
+    cancels or runs out of deadline ends the iterator like a clean close."""
+    if context.cancelled():
+        return grpc.StatusCode.CANCELLED
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.OK
 
 
 def _is_cancel(exc: BaseException) -> bool:

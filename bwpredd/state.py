@@ -60,11 +60,17 @@ def reference_capacity(windows: F32) -> F32:
     Args:
         windows: ``[N, W, 4]`` raw units, newest last, all rows real.
     """
-    bw = windows[:, :, BW].astype(np.float64)
-    return np.maximum(np.percentile(bw, 90, axis=1), CAPACITY_FLOOR_MBPS).astype(np.float32)
+    # np.percentile's linear interpolation, written out: 10x cheaper per call.
+    s = np.sort(windows[:, :, BW].astype(np.float64), axis=1)
+    pos = 0.9 * (s.shape[1] - 1)
+    lo = int(pos)
+    hi = min(lo + 1, s.shape[1] - 1)
+    p90 = s[:, lo] + (pos - lo) * (s[:, hi] - s[:, lo])
+    out: F32 = np.maximum(p90, CAPACITY_FLOOR_MBPS).astype(np.float32)
+    return out
 
 
-def build_state(windows: F32, point: F32, low: F32, high: F32) -> F32:
+def build_state(windows: F32, point: F32, low: F32, high: F32, capacity: F32 | None = None) -> F32:
     """Allocator states ``[N, len(STATE_LAYOUT)]`` from full windows and the
     forecaster's point and interval.
 
@@ -73,9 +79,11 @@ def build_state(windows: F32, point: F32, low: F32, high: F32) -> F32:
         point: ``[N]`` forecast, Mbit/s.
         low: ``[N]`` interval low end, Mbit/s.
         high: ``[N]`` interval high end, Mbit/s.
+        capacity: ``[N]`` :func:`reference_capacity` of the windows, if the
+            caller has it already.
     """
     w = windows.astype(np.float64)
-    cap = reference_capacity(windows).astype(np.float64)
+    cap = (reference_capacity(windows) if capacity is None else capacity).astype(np.float64)
     bw = w[:, :, BW]
     lat = w[:, :, LAT]
     base_lat = np.maximum(lat.min(axis=1), 1e-3)

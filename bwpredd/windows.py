@@ -81,6 +81,7 @@ class WindowStore:
         self._slots: dict[str, int] = {}
         self._peers: list[str | None] = [None] * capacity
         self._free: list[int] = list(range(capacity - 1, -1, -1))
+        self._used = np.zeros(capacity, dtype=np.bool_)  # slot holds a peer
         self._reset_hooks: list[Callable[[I64], None]] = []
         self.evictions = 0
         self.expirations = 0
@@ -211,6 +212,7 @@ class WindowStore:
             slot = self._free.pop()
             self._slots[pid] = slot
             self._peers[slot] = pid
+            self._used[slot] = True
             fresh.append(slot)
         if fresh:
             self._clear(np.asarray(fresh, dtype=np.int64), now)
@@ -233,14 +235,20 @@ class WindowStore:
             if pid is not None:
                 del self._slots[pid]
                 self._peers[slot] = None
+                self._used[slot] = False
                 self._free.append(int(slot))
 
     def _evict_lru(self, n: int, protect: I64) -> int:
-        """Free up to ``n`` slots, least recently seen first, never one in
-        ``protect`` (peers written by the batch being ingested)."""
-        used = np.fromiter(self._slots.values(), dtype=np.int64, count=len(self._slots))
-        if protect.size:
-            used = np.setdiff1d(used, protect, assume_unique=False)
+        """Free at least ``n`` slots, least recently seen first, never one in
+        ``protect`` (peers written by the batch being ingested).
+
+        Evicts in bulk (1/256 of capacity at a time): each call scans every
+        slot, so a flood of new ids at capacity must not pay that per batch.
+        """
+        n = max(n, self.capacity // 256)
+        candidates = self._used.copy()
+        candidates[protect] = False
+        used = np.flatnonzero(candidates)
         n = min(n, used.size)
         if n <= 0:
             return 0
@@ -378,6 +386,7 @@ class WindowStore:
             pid = str(ids[j])
             self._slots[pid] = slot
             self._peers[slot] = pid
+            self._used[slot] = True
         slots = np.array([self._slots[str(ids[j])] for j in fresh], dtype=np.int64)
         if slots.size:
             self._clear(slots, now)

@@ -157,3 +157,21 @@ def test_channel_to_missing_socket_fails(tmp_path: Path) -> None:
     with pytest.raises(grpc.RpcError) as err:
         client.health()
     assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+class TestAnswerCache:
+    """Forecasts are reused only while the window is unchanged."""
+
+    def test_new_sample_refreshes_answer(self, tmp_path: Path) -> None:
+        """Repeated Forecast/Allocate calls agree; a new sample changes the window's
+        answer; an allocation follows its forecast."""
+        with running_server(tmp_path) as (_, client):
+            client.push([sample("c", 100.0, latency_ms=5.0) for _ in range(10)])
+            first, again = client.forecast(["c"])[0], client.forecast(["c"])[0]
+            assert first == again
+            a1 = client.allocate(["c"])[0]
+            client.push([sample("c", 5000.0, latency_ms=5.0)])
+            after = client.forecast(["c"])[0]
+            assert after.bandwidth_mbps != first.bandwidth_mbps
+            a2 = client.allocate(["c"])[0]
+            assert a2.reference_capacity_mbps > a1.reference_capacity_mbps
