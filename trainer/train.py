@@ -143,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
         cfg.threads = args.threads
     if args.time_budget:
         cfg.time_budget_s = args.time_budget
+    if args.ema_decay is not None:
+        cfg.ema_decay = args.ema_decay
     ckpt = out / "forecaster.pt"
     if args.skip_training:
         # Everything after training, again: same split, the run's weights.
@@ -239,6 +241,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--quick", action="store_true", help="a tiny run of a few seconds")
     parser.add_argument("--skip-agent", action="store_true", help="train the forecaster only")
+    parser.add_argument(
+        "--ema-decay", type=float, help="keep an EMA of the weights (default: the config's)"
+    )
     parser.add_argument(
         "--skip-training",
         action="store_true",
