@@ -176,3 +176,38 @@ class TestCalibration:
         y = torch.from_numpy(w.y)
         covered = ((y >= low[:, 0]) & (y <= high[:, 0])).float().mean().item()
         assert covered == pytest.approx(target, abs=0.01)
+
+
+class TestTrainCommand:
+    def test_quick_run_writes_checkpoint_split_and_reports(self, tmp_path: Path) -> None:
+        """train --quick on a generic-CSV dir writes the checkpoint, split.json and reports."""
+        import json
+
+        from trainer.__main__ import main
+
+        root = tmp_path / "traces"
+        rng = np.random.default_rng(0)
+        for source, base in (("lab", 5.0), ("home", 80.0)):
+            (root / source).mkdir(parents=True)
+            for k in range(4):
+                bw = base * np.exp(rng.normal(0, 0.2, 60))
+                rows = "".join(f"{t},{b:.4f},,,\n" for t, b in enumerate(bw))
+                (root / source / f"f{k}.csv").write_text(
+                    "time_s,bandwidth_mbps,latency_ms,packet_loss,reliability\n" + rows
+                )
+        out = tmp_path / "run"
+        code = main(["train", "--traces", str(root), "--seed", "0", "--out", str(out),
+                     "--quick", "--skip-agent", "--quiet"])  # fmt: skip
+        assert code == 0
+        _, ckpt = load_checkpoint(str(out / "forecaster.pt"))
+        assert ckpt["seed"] == 0
+        split = json.loads((out / "split.json").read_text())
+        names = [r["name"] for part in split["splits"].values() for r in part]
+        assert len(names) == len(set(names))  # no file in two splits
+        report = json.loads((out / "reports" / "training_report.json").read_text())
+        for key in ("mse", "mae", "mape", "accuracy"):
+            assert key in report["lstm_metrics"]
+        assert {"lab", "home"} <= set(report["test"]["per_source"])
+        assert "training_date" in report and "model_config" in report
+        assert (out / "reports" / "forecaster.md").read_text().startswith("# Forecaster")
+        assert (out / "reports" / "learning_curve.png").stat().st_size > 0
