@@ -72,7 +72,10 @@ class TrainConfig:
     val_windows_per_trace: int = 64
     grad_clip: float = 1.0
     # Validate and keep an exponential moving average of the weights (0: off).
-    ema_decay: float = 0.0
+    # 0.999 won on the validation split (macro nMAE 0.968 vs 0.972 x last
+    # value, best val loss 0.3146 vs 0.3155): it trains longer before early
+    # stopping but each step's noise is averaged out.
+    ema_decay: float = 0.999
     # One thread: a batch-32 LSTM step is no faster on two (7.5 vs 7.4 ms
     # measured here), and two threads spin against each other when the
     # machine is busy (a 40x slowdown measured with other jobs running).
