@@ -67,6 +67,7 @@ from trainer.config import WINDOW
 
 __all__ = [
     "LEVEL_ARRAY",
+    "QUEUE_EPS_STEPS",
     "EnvConfig",
     "ForecastFn",
     "LinkEnv",
@@ -397,12 +398,9 @@ class LinkEnv:
             )
         return link_step(self.queue, LEVEL_ARRAY[actions], cap, link, self.step_s, cfg=self.cfg)
 
-    def step(self, actions: I64) -> StepResult:
-        """Apply one action per lane and advance every unfinished lane.
-
-        Args:
-            actions: ``[K]`` ints in 0..9.
-        """
+    def _outcome(self, actions: I64) -> tuple[dict[str, F64], F32]:
+        """The link's outcome of ``actions`` and the window row each lane would
+        observe, without changing the environment."""
         actions = np.asarray(actions, dtype=np.int64)
         if actions.shape != (self.k,) or actions.min() < 0 or actions.max() >= N_ACTIONS:
             raise ValueError(f"actions: expected {self.k} ints in 0..9")
@@ -412,12 +410,45 @@ class LinkEnv:
         out = link_step(
             self.queue, LEVEL_ARRAY[actions], cap, self.link(), self.step_s, cfg=self.cfg
         )
-        live = ~self.finished
         row = self._data[self._index()].copy()
         base_lat = row[:, LAT].astype(np.float64)
         row[:, LAT] = base_lat + 1000.0 * out["queue"] / np.maximum(cap, OUTAGE_MBPS)
         trace_loss = np.clip(row[:, LOSS].astype(np.float64), 0.0, 1.0)
         row[:, LOSS] = 1.0 - (1.0 - trace_loss) * (1.0 - out["loss"])
+        return out, row
+
+    def _next_state(self, row: F32) -> F32:
+        """The state after appending ``row`` to every lane's window."""
+        window = np.concatenate([self.window[:, 1:], row[:, None]], axis=1)
+        idx = self._offset[self.trace_idx] + np.minimum(
+            self.t + 1, self._length[self.trace_idx] - 1
+        )
+        return build_state(
+            window,
+            self._flat["point"][idx].astype(np.float32),
+            self._flat["low"][idx].astype(np.float32),
+            self._flat["high"][idx].astype(np.float32),
+        )
+
+    def counterfactual(self, actions: I64) -> tuple[F32, F64]:
+        """``(next_state, reward)`` had each lane taken ``actions`` instead;
+        the environment is unchanged. The trace-driven link is deterministic
+        given the action, so this is exact, not a model.
+
+        Args:
+            actions: ``[K]`` ints in 0..9.
+        """
+        out, row = self._outcome(actions)
+        return self._next_state(row), out["reward"]
+
+    def step(self, actions: I64) -> StepResult:
+        """Apply one action per lane and advance every unfinished lane.
+
+        Args:
+            actions: ``[K]`` ints in 0..9.
+        """
+        out, row = self._outcome(actions)
+        live = ~self.finished
         self.queue = np.where(live, out["queue"], self.queue)
         self.window = np.where(
             live[:, None, None],

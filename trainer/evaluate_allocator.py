@@ -31,6 +31,7 @@ import numpy.typing as npt
 
 from trainer.env import (
     LEVEL_ARRAY,
+    QUEUE_EPS_STEPS,
     EnvConfig,
     ForecastFn,
     LinkEnv,
@@ -156,7 +157,7 @@ def run_policy(
         np.add.at(sums["steps"], owner, live)
         np.add.at(sums["reward"], owner, res.reward)
         np.add.at(sums["util"], owner, res.info["util"])
-        np.add.at(sums["queued"], owner, live * (res.info["queue_steps"] > 0.01))
+        np.add.at(sums["queued"], owner, live * (res.info["queue_steps"] > QUEUE_EPS_STEPS))
         np.add.at(sums["lossy"], owner, live * (res.info["drop"] > 0))
         if record:
             actions_log.append(np.where(live > 0, actions, -1))

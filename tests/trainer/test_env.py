@@ -149,3 +149,16 @@ class TestObservation:
         assert res.done.tolist() == [True, False]
         res = env.step(np.array([4, 4]))
         assert res.reward.tolist() == [0.0, 0.5]
+
+    def test_counterfactual_matches_the_step_it_predicts(self) -> None:
+        """counterfactual(a) gives the state and reward step(a) then produces."""
+        rng = np.random.default_rng(2)
+        env, _ = env_at_step_10(list(rng.uniform(1, 20, 40)))
+        env.step(np.array([9]))
+        state, reward = env.counterfactual(np.array([7]))
+        other, _ = env.counterfactual(np.array([0]))
+        res = env.step(np.array([7]))
+        np.testing.assert_allclose(state, res.state, rtol=1e-6)
+        np.testing.assert_allclose(reward, res.reward)
+        # A different action leaves a different footprint (the queue from the 100% step).
+        assert not np.allclose(other, res.state)
