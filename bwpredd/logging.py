@@ -7,13 +7,16 @@ through context variables so one canonical line per RPC carries them.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
 import sys
+import threading
 from typing import Any
 
 import structlog
 
-__all__ = ["configure_logging", "get_logger"]
+__all__ = ["configure_logging", "flush_logs", "get_logger"]
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -21,6 +24,65 @@ _LEVELS = {
     "warning": logging.WARNING,
     "error": logging.ERROR,
 }
+
+
+class _LineSink:
+    """Writes rendered lines to a stream, flushing warnings and errors at
+    once and the rest at least every :func:`flush_logs` call (the server's
+    main loop calls it every tick) or every ``max_lines`` lines.
+
+    A flush per line is a write(2) per RPC, which cost the daemon as much as
+    the rest of a Forecast call; batching keeps one line per RPC affordable.
+    """
+
+    def __init__(self, stream: Any, max_lines: int = 256) -> None:
+        self.stream = stream
+        self.max_lines = max_lines
+        self._pending = 0
+        self._lock = threading.Lock()
+
+    def write(self, line: str, urgent: bool) -> None:
+        with self._lock:
+            self.stream.write(line + "\n")
+            self._pending += 1
+            if urgent or self._pending >= self.max_lines:
+                self._flush_locked()
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._pending:
+                self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        self._pending = 0
+        # A closed or broken stdout must not take the daemon down.
+        with contextlib.suppress(OSError, ValueError):
+            self.stream.flush()
+
+
+class _SinkLogger:
+    """The structlog logger behind every bound logger: one line per call."""
+
+    def __init__(self, sink: _LineSink) -> None:
+        self._sink = sink
+
+    def _normal(self, message: str) -> None:
+        self._sink.write(message, urgent=False)
+
+    def _urgent(self, message: str) -> None:
+        self._sink.write(message, urgent=True)
+
+    debug = info = msg = _normal
+    warning = warn = error = err = critical = exception = fatal = failure = _urgent
+
+
+_sinks: list[_LineSink] = []  # the current sink, once configured
+
+
+def flush_logs() -> None:
+    """Write out buffered log lines (called each main-loop tick and at exit)."""
+    for sink in _sinks:
+        sink.flush()
 
 
 def configure_logging(fmt: str = "auto", level: str = "info") -> None:
@@ -55,10 +117,13 @@ def configure_logging(fmt: str = "auto", level: str = "info") -> None:
     # the list's contents, sees every logger.
     processors = structlog.get_config()["processors"]
     processors[:] = chain
+    flush_logs()
+    sink = _LineSink(sys.stdout)
+    _sinks[:] = [sink]
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        logger_factory=lambda *_: _SinkLogger(sink),
         cache_logger_on_first_use=True,
     )
 
@@ -74,3 +139,6 @@ def get_logger(name: str) -> Any:
         name: the module's name.
     """
     return structlog.get_logger(logger_name=name)
+
+
+atexit.register(flush_logs)

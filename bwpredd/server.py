@@ -29,7 +29,7 @@ from bwpredd.config import Config, parse_listen
 from bwpredd.core import Core
 from bwpredd.engine import DEFAULT_MODEL_DIR, Engine, LoadedModel, load_model
 from bwpredd.errors import ModelError
-from bwpredd.logging import get_logger
+from bwpredd.logging import flush_logs, get_logger
 from bwpredd.metrics import Metrics
 from bwpredd.persist import load_snapshot, save_snapshot
 from bwpredd.servicer import SERVICE_NAME, BandwidthPredictorServicer
@@ -255,6 +255,7 @@ class Server:
             metrics=self.metrics_address or None,
             startup_ms=round((time.perf_counter() - started) * 1e3, 1),
         )
+        flush_logs()
         self.notifier.notify("READY=1", f"STATUS=serving on {self.address}")
 
     @property
@@ -352,6 +353,7 @@ class Server:
                 await self.reload()
             if self.notifier.watchdog_usec:
                 self.notifier.notify("WATCHDOG=1")
+            flush_logs()
             now = time.monotonic()
             if (
                 now - last_expiry >= min(10.0, self.config.idle_expiry_s / 2)
@@ -426,6 +428,7 @@ class Server:
                 Path(path).unlink()
         self.notifier.close()
         log.info("stopped")
+        flush_logs()
 
     # -- signals --------------------------------------------------------------------
 
