@@ -138,20 +138,24 @@ def _rpc(kind: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         @functools.wraps(method)
         async def handler(self: BandwidthPredictorServicer, request: Any, context: Any) -> Any:
             start = time.perf_counter()
-            code = grpc.StatusCode.OK
             detail: dict[str, Any] = {}
+            # Count before abort(): it sends the status at once, so a client
+            # could otherwise see the error before the metric moves.
             try:
-                return await method(self, request, context, detail)
+                result = await method(self, request, context, detail)
             except BwpreddError as exc:
                 code = status_for(exc)
                 detail["error"] = str(exc)
+                self._done(name, kind, code, start, detail)
                 await context.abort(code, str(exc))
             except Exception as exc:
-                code = grpc.StatusCode.INTERNAL
                 log.exception("rpc_failed", rpc=name)
-                await context.abort(code, f"internal error: {type(exc).__name__}")
-            finally:
-                self._done(name, kind, code, start, detail)
+                self._done(name, kind, grpc.StatusCode.INTERNAL, start, detail)
+                await context.abort(
+                    grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}"
+                )
+            self._done(name, kind, grpc.StatusCode.OK, start, detail)
+            return result
 
         return handler
 
