@@ -28,6 +28,7 @@ __all__ = ["SERVICE_NAME", "BandwidthPredictorServicer", "extract_batch"]
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["BandwidthPredictorService"].full_name
 log = get_logger(__name__)
+WATCH_CHUNK = 512  # peers forecast per step of a WatchForecasts stream
 T = TypeVar("T")
 
 _CODES: dict[type[BwpreddError], grpc.StatusCode] = {
@@ -378,12 +379,15 @@ class BandwidthPredictorServicer(pb_grpc.BandwidthPredictorServiceServicer):
             # Start with the current forecast of every watched peer we hold.
             watcher.push(wanted or core.store.peer_ids())
             async for ids in watcher:
-                kept, fc = core.forecast_tracked(ids)
-                if fc is None:
-                    continue
-                for msg in forecast_messages(kept, fc):
-                    yield pb.WatchForecastsResponse(forecast=msg)
-                detail["pushed"] += len(kept)
+                # In chunks, so a watcher of every peer never holds the event
+                # loop for one model run over all of them.
+                for i in range(0, len(ids), WATCH_CHUNK):
+                    kept, fc = core.forecast_tracked(ids[i : i + WATCH_CHUNK])
+                    if fc is None:
+                        continue
+                    for msg in forecast_messages(kept, fc):
+                        yield pb.WatchForecastsResponse(forecast=msg)
+                    detail["pushed"] += len(kept)
         except BaseException as exc:
             code = grpc.StatusCode.CANCELLED if _is_cancel(exc) else grpc.StatusCode.INTERNAL
             if code == grpc.StatusCode.INTERNAL:

@@ -115,3 +115,24 @@ class TestWatch:
             watcher = next(iter(hub._all))
             assert watcher.pending <= 5
             call.cancel()
+
+
+class TestWatchAll:
+    """A watcher of every peer."""
+
+    def test_all_peers_in_chunks(self, tmp_path: Path) -> None:
+        """An empty peer list watches everyone: the first pushes cover every
+        tracked peer, more than one chunk of them, each exactly once."""
+        from bwpredd.servicer import WATCH_CHUNK
+
+        n = WATCH_CHUNK + 40
+        with running_server(tmp_path) as (_, client):
+            client.push([sample(f"n{i}", 10.0 + i % 7) for i in range(n)])
+            call = client.stub.WatchForecasts(pb.WatchForecastsRequest(), timeout=20)
+            seen = []
+            for resp in call:
+                seen.append(resp.forecast.peer_id)
+                if len(seen) == n:
+                    break
+            call.cancel()
+            assert sorted(seen) == sorted(f"n{i}" for i in range(n))
