@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from trainer.models import checkpoint
+
 __all__ = ["Forecaster", "ForecasterConfig", "load_checkpoint", "save_checkpoint"]
 
 
@@ -133,27 +135,10 @@ def save_checkpoint(model: Forecaster, path: str, **meta: object) -> None:
     """Save weights with the config that rebuilds them, plus JSON-able ``meta``
     (metrics, training data summary, seed). Loadable with ``weights_only=True``.
     """
-    from dataclasses import asdict
-
-    torch.save(
-        {
-            "kind": "forecaster",
-            "config": asdict(model.cfg),
-            "state_dict": model.state_dict(),
-            **meta,
-        },
-        path,
-    )
+    checkpoint.save(model, "forecaster", path, **meta)
 
 
 def load_checkpoint(path: str) -> tuple[Forecaster, dict[str, object]]:
     """Rebuild a :class:`Forecaster` (in eval mode) from its checkpoint alone."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    assert ckpt.get("kind") == "forecaster", f"{path}: not a forecaster checkpoint"
-    cfg = ForecasterConfig(
-        **{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["config"].items()}
-    )
-    model = Forecaster(cfg)
-    model.load_state_dict(ckpt["state_dict"])
-    model.eval()
+    model, ckpt = checkpoint.load(path, "forecaster", (ForecasterConfig, Forecaster))
     return model, ckpt

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from trainer.models import checkpoint
+
 __all__ = ["QNetConfig", "QNetwork", "load_checkpoint", "save_checkpoint"]
 
 
@@ -65,22 +67,10 @@ def save_checkpoint(model: QNetwork, path: str, **meta: object) -> None:
     """Save weights with the config that rebuilds them, plus JSON-able ``meta``
     (state layout, metrics, seed). Loadable with ``weights_only=True``.
     """
-    from dataclasses import asdict
-
-    torch.save(
-        {"kind": "qnet", "config": asdict(model.cfg), "state_dict": model.state_dict(), **meta},
-        path,
-    )
+    checkpoint.save(model, "qnet", path, **meta)
 
 
 def load_checkpoint(path: str) -> tuple[QNetwork, dict[str, object]]:
     """Rebuild a :class:`QNetwork` (in eval mode) from its checkpoint alone."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    assert ckpt.get("kind") == "qnet", f"{path}: not a Q-network checkpoint"
-    cfg = QNetConfig(
-        **{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["config"].items()}
-    )
-    model = QNetwork(cfg)
-    model.load_state_dict(ckpt["state_dict"])
-    model.eval()
+    model, ckpt = checkpoint.load(path, "qnet", (QNetConfig, QNetwork))
     return model, ckpt
