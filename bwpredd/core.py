@@ -25,9 +25,11 @@ from bwpredd.validate import SampleBatch, check_peer_id, check_peer_ids, validat
 from bwpredd.watch import WatchHub
 from bwpredd.windows import PeerView, WindowStore
 
-__all__ = ["Core", "IngestOutcome", "PeerSummary"]
+__all__ = ["Core", "IngestOutcome", "PeerSummary", "Stamp"]
 
 I64 = npt.NDArray[np.int64]
+# (epoch, slots, their answer generations): see Core.stamp.
+Stamp = tuple[int, list[int], list[int]]
 MAX_PAGE = 1000
 log = get_logger(__name__)
 
@@ -43,6 +45,12 @@ class _Answers:
     """
 
     def __init__(self, capacity: int) -> None:
+        # Bumped on every invalidation: an answer read at (epoch, gen[slot])
+        # is still the current one while both are unchanged. Plain Python, as
+        # the reply cache checks them on every call and a NumPy operation
+        # costs tens of microseconds in the server's request path.
+        self.epoch = 0
+        self.gen = [0] * capacity
         self.valid = np.zeros(capacity, dtype=np.bool_)
         self.alloc_valid = np.zeros(capacity, dtype=np.bool_)
         self.point = np.zeros(capacity, dtype=np.float32)
@@ -58,9 +66,13 @@ class _Answers:
     def invalidate(self, slots: I64 | None = None) -> None:
         """Forget the answers of ``slots`` (all when None)."""
         if slots is None:
+            self.epoch += 1
             self.valid[:] = False
             self.alloc_valid[:] = False
         else:
+            gen = self.gen
+            for slot in slots.tolist():
+                gen[slot] += 1
             self.valid[slots] = False
             self.alloc_valid[slots] = False
 
@@ -266,6 +278,25 @@ class Core:
             answers.alloc_valid[miss] = True
         return Allocations(answers.action[slots], answers.capacity[slots], fc.source, fc)
 
+    def stamp(self, peer_ids: list[str]) -> Stamp:
+        """Where the answers of these known peers stand now: compare it later
+        with :meth:`unchanged` to know whether an answer built from them (a
+        reply message, say) is still the one Forecast and Allocate would give.
+        """
+        slots = self._slots(peer_ids).tolist()
+        gen = self.answers.gen
+        return self.answers.epoch, slots, [gen[s] for s in slots]
+
+    def unchanged(self, stamp: Stamp) -> bool:
+        """True while no sample, reset, eviction or model swap has touched
+        the answers of the peers in ``stamp`` since it was taken."""
+        epoch, slots, gens = stamp
+        answers = self.answers
+        if epoch != answers.epoch:
+            return False
+        gen = answers.gen
+        return all(gen[s] == g for s, g in zip(slots, gens, strict=True))
+
     def forecast_tracked(self, peer_ids: list[str]) -> tuple[list[str], Forecasts | None]:
         """Forecasts of the peers still tracked among ``peer_ids`` (watchers:
         a peer evicted since it changed is skipped, not an error)."""
@@ -318,6 +349,12 @@ class Core:
         the forecasts in request order."""
         advice, fc = self.advise(peer_ids, payload_bytes, data_kind, compressibility)
         return rank(advice), fc
+
+    def count_served(self, counts: list[tuple[int, int]]) -> None:
+        """Count forecasts served again (a cached reply): ``(source, n)`` pairs."""
+        counters = self._source_counters
+        for source, n in counts:
+            counters[source].inc(n)
 
     def _count_sources(self, source: npt.NDArray[np.int8]) -> None:
         if len(source) == 1:

@@ -10,18 +10,21 @@ import functools
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import grpc
+import numpy as np
+import numpy.typing as npt
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from bwpredd._proto.bwpred.v1 import bwpred_pb2 as pb
 from bwpredd._proto.bwpred.v1 import bwpred_pb2_grpc as pb_grpc
 from bwpredd.advise import Advice
-from bwpredd.core import Core, IngestOutcome
+from bwpredd.core import Core, IngestOutcome, Stamp
 from bwpredd.engine import Forecasts
 from bwpredd.errors import BwpreddError, InvalidArgument, PeerNotFound
-from bwpredd.logging import get_logger
+from bwpredd.logging import DeferredLines, get_logger
 from bwpredd.validate import SampleBatch, check_peer_id, check_peer_ids
 
 __all__ = ["SERVICE_NAME", "BandwidthPredictorServicer", "extract_batch"]
@@ -29,6 +32,8 @@ __all__ = ["SERVICE_NAME", "BandwidthPredictorServicer", "extract_batch"]
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["BandwidthPredictorService"].full_name
 log = get_logger(__name__)
 WATCH_CHUNK = 512  # peers forecast per step of a WatchForecasts stream
+REPLY_CACHE_PEERS = 8  # Forecast/Allocate requests this small keep their reply
+REPLY_CACHE_ENTRIES = 4096
 T = TypeVar("T")
 
 _CODES: dict[type[BwpreddError], grpc.StatusCode] = {
@@ -81,13 +86,16 @@ def extract_batch(samples: Iterable[pb.Sample]) -> SampleBatch:
     return SampleBatch(ids, bw, has_bw, lat, has_lat, loss, has_loss, rel, has_rel, ts)
 
 
-def source_counts(source: Iterable[int]) -> dict[str, int]:
+_SOURCE_NAMES = [
+    pb.ForecastSource.Name(v).removeprefix("FORECAST_SOURCE_")
+    for v in range(max(pb.ForecastSource.values()) + 1)
+]
+
+
+def source_counts(source: npt.NDArray[np.int8]) -> dict[str, int]:
     """``{"MODEL": n, ...}`` for a log line."""
-    counts: dict[str, int] = {}
-    for s in source:
-        name = pb.ForecastSource.Name(int(s)).removeprefix("FORECAST_SOURCE_")
-        counts[name] = counts.get(name, 0) + 1
-    return counts
+    counts = np.bincount(source, minlength=len(_SOURCE_NAMES)).tolist()
+    return {_SOURCE_NAMES[v]: n for v, n in enumerate(counts) if n}
 
 
 def _timestamp(seconds: float) -> Timestamp:
@@ -128,6 +136,52 @@ def _ack(outcome: IngestOutcome, kind: type[T]) -> T:
         rejected=len(outcome.rejections),
         rejections=[pb.Rejection(index=i, field=f, reason=r) for i, f, r in outcome.rejections],
     )
+
+
+M = TypeVar("M")
+
+
+@dataclass(slots=True)
+class _Reply(Generic[M]):
+    stamp: Stamp
+    message: M
+    served: list[tuple[int, int]]  # (source, peers), to count it served again
+    sources: dict[str, int]  # the same, by name, for the log line
+
+
+class _Replies(Generic[M]):
+    """The reply messages of recent small Forecast or Allocate requests, by
+    their peer ids, served again while no answer behind them has changed.
+
+    A sidecar is asked about the same peers over and over between samples;
+    the per-peer answers are cached in Core already, and keeping the built
+    reply as well skips validation, look-ups and message building. A reply
+    is current while :meth:`Core.unchanged` says so for its stamp: any
+    sample, reset, eviction or model swap of one of its peers retires it.
+    Memory is bounded: at most ``REPLY_CACHE_ENTRIES`` replies of at most
+    ``REPLY_CACHE_PEERS`` peers, forgotten all at once when full.
+    """
+
+    def __init__(self, core: Core) -> None:
+        self._core = core
+        self._entries: dict[tuple[str, ...], _Reply[M]] = {}
+
+    def get(self, key: tuple[str, ...]) -> _Reply[M] | None:
+        reply = self._entries.get(key)
+        if reply is None or not self._core.unchanged(reply.stamp):
+            return None
+        return reply
+
+    def put(self, key: tuple[str, ...], message: M, source: npt.NDArray[np.int8]) -> None:
+        if len(key) > REPLY_CACHE_PEERS:
+            return
+        if len(self._entries) >= REPLY_CACHE_ENTRIES:
+            self._entries.clear()
+        stamp = self._core.stamp(list(key))
+        counts = np.bincount(source, minlength=len(_SOURCE_NAMES)).tolist()
+        served = [(v, n) for v, n in enumerate(counts) if n]
+        sources = {_SOURCE_NAMES[v]: n for v, n in served}
+        self._entries[key] = _Reply(stamp, message, served, sources)
 
 
 def _rpc(kind: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -180,6 +234,9 @@ class BandwidthPredictorServicer(pb_grpc.BandwidthPredictorServiceServicer):
         # grpc's max_concurrent_streams is per HTTP/2 connection; this caps
         # the long-lived streams across all connections.
         self.open_streams = 0
+        self._lines = DeferredLines(log, "rpc")
+        self._forecasts: _Replies[pb.ForecastResponse] = _Replies(core)
+        self._allocations: _Replies[pb.AllocateResponse] = _Replies(core)
 
     async def _admit_stream(self, name: str, context: Any) -> None:
         limit = self.core.config.max_concurrent_streams
@@ -206,15 +263,16 @@ class BandwidthPredictorServicer(pb_grpc.BandwidthPredictorServiceServicer):
             self._children[key] = children
         children[0].inc()
         children[1].observe(elapsed)
-        if self.log_rpcs or code != grpc.StatusCode.OK:
-            log.info(
-                "rpc",
+        ok = code == grpc.StatusCode.OK
+        if self.log_rpcs or not ok:
+            detail.update(
                 rpc=name,
                 code=code.name,
                 duration_ms=round(elapsed * 1e3, 3),
                 model_version=self.core.engine.version,
-                **detail,
             )
+            # A failure is written at once, after the lines waiting before it.
+            self._lines.add(detail, now=not ok)
 
     # -- ingest -------------------------------------------------------------------
 
@@ -267,24 +325,39 @@ class BandwidthPredictorServicer(pb_grpc.BandwidthPredictorServiceServicer):
     async def Forecast(
         self, request: pb.ForecastRequest, context: Any, detail: dict[str, Any]
     ) -> pb.ForecastResponse:
-        peer_ids = list(request.peer_ids)
-        detail["peers"] = len(peer_ids)
+        key = tuple(request.peer_ids)
+        detail["peers"] = len(key)
+        hit = self._forecasts.get(key)
+        if hit is not None:
+            self.core.count_served(hit.served)
+            if self.log_rpcs:
+                detail["sources"] = hit.sources
+            return hit.message
+        peer_ids = list(key)
         fc = self.core.forecast(peer_ids)
         if self.log_rpcs:
             detail["sources"] = source_counts(fc.source)
-        return pb.ForecastResponse(forecasts=forecast_messages(peer_ids, fc))
+        reply = pb.ForecastResponse(forecasts=forecast_messages(peer_ids, fc))
+        self._forecasts.put(key, reply, fc.source)
+        return reply
 
     @_rpc("unary")
     async def Allocate(
         self, request: pb.AllocateRequest, context: Any, detail: dict[str, Any]
     ) -> pb.AllocateResponse:
-        peer_ids = list(request.peer_ids)
-        detail["peers"] = len(peer_ids)
+        key = tuple(request.peer_ids)
+        detail["peers"] = len(key)
+        hit = self._allocations.get(key)
+        if hit is not None:
+            if self.log_rpcs:
+                detail["sources"] = hit.sources
+            return hit.message
+        peer_ids = list(key)
         al = self.core.allocate(peer_ids)
         if self.log_rpcs:
             detail["sources"] = source_counts(al.source)
         version = al.forecasts.model_version
-        return pb.AllocateResponse(
+        reply = pb.AllocateResponse(
             allocations=[
                 pb.PeerAllocation(
                     peer_id=pid,
@@ -306,6 +379,8 @@ class BandwidthPredictorServicer(pb_grpc.BandwidthPredictorServiceServicer):
                 )
             ]
         )
+        self._allocations.put(key, reply, al.source)
+        return reply
 
     @_rpc("unary")
     async def GetPeer(

@@ -17,7 +17,7 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from bwpredd.logging import configure_logging, get_logger
+from bwpredd.logging import configure_logging, flush_logs, get_logger
 from tests.helpers import daemon_process, running_server, sample, wait_for_health
 
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
@@ -42,6 +42,12 @@ def restore_structlog() -> Iterator[None]:
     )
 
 
+def _out(capsys: pytest.CaptureFixture[str]) -> str:
+    """What was logged so far (the sink keeps lines until a flush)."""
+    flush_logs()
+    return capsys.readouterr().out
+
+
 def _lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.strip()]
 
@@ -57,7 +63,7 @@ class TestConfigureLogging:
         log = get_logger("bwpredd.test")
         with structlog.contextvars.bound_contextvars(rpc="Forecast"):
             log.info("rpc", code="OK", duration_ms=0.25)
-        (line,) = _lines(capsys.readouterr().out)
+        (line,) = _lines(_out(capsys))
         event = json.loads(line)
         assert event["event"] == "rpc" and event["level"] == "info"
         assert event["logger_name"] == "bwpredd.test"
@@ -72,7 +78,7 @@ class TestConfigureLogging:
             raise RuntimeError("boom")
         except RuntimeError:
             get_logger("bwpredd.test").exception("rpc_failed")
-        (line,) = _lines(capsys.readouterr().out)
+        (line,) = _lines(_out(capsys))
         event = json.loads(line)
         assert "RuntimeError: boom" in event["exception"]
 
@@ -80,13 +86,13 @@ class TestConfigureLogging:
         """'auto' writes JSON when stdout is not a TTY (systemd, Kubernetes)."""
         configure_logging("auto", "info")
         get_logger("bwpredd.test").info("hello")
-        assert json.loads(capsys.readouterr().out)["event"] == "hello"
+        assert json.loads(_out(capsys))["event"] == "hello"
 
     def test_console_is_readable(self, capsys: pytest.CaptureFixture[str]) -> None:
         """'console' writes a readable line, not JSON."""
         configure_logging("console", "info")
         get_logger("bwpredd.test").info("hello", peers=3)
-        out = capsys.readouterr().out
+        out = _out(capsys)
         assert "hello" in out and "peers" in out
         with pytest.raises(json.JSONDecodeError):
             json.loads(out)
@@ -97,7 +103,7 @@ class TestConfigureLogging:
         log = get_logger("bwpredd.test")
         log.info("quiet")
         log.warning("loud")
-        assert [json.loads(x)["event"] for x in _lines(capsys.readouterr().out)] == ["loud"]
+        assert [json.loads(x)["event"] for x in _lines(_out(capsys))] == ["loud"]
 
     def test_logger_made_before_configure_follows_it(
         self, capsys: pytest.CaptureFixture[str]
@@ -107,7 +113,7 @@ class TestConfigureLogging:
         early = get_logger("bwpredd.early")
         configure_logging("json", "info")
         early.info("after")
-        assert json.loads(capsys.readouterr().out)["logger_name"] == "bwpredd.early"
+        assert json.loads(_out(capsys))["logger_name"] == "bwpredd.early"
 
     def test_bad_arguments_refused(self) -> None:
         """An unknown format or level raises ValueError naming it."""
