@@ -970,6 +970,17 @@ def latency_section(
         },
     }
     out.update(_summaries(times))
+    fresh = pb.ForecastRequest(peer_ids=[FRESH_PEER]).SerializeToString()
+    fresh_al = pb.AllocateRequest(peer_ids=[FRESH_PEER]).SerializeToString()
+    out["fresh"] = _fresh_latency(
+        daemon,
+        floors["aio"],
+        {
+            "forecast": (FORECAST, fresh, len(fc_resp)),
+            "allocate": (ALLOCATE, fresh_al, len(al_resp)),
+        },
+        max(50, calls // 3),
+    )
     for rpc in ("forecast", "allocate"):
         floors_p50 = {k: out[f"echo_{k}_{rpc}_size"]["p50_us"] for k in floors}
         best = min(floors_p50, key=lambda k: floors_p50[k])
@@ -984,6 +995,52 @@ def latency_section(
         out[f"{rpc}_handler_cpu_us"] = round(
             out[rpc]["server_cpu_us"] - out["daemon_health_check"]["server_cpu_us"], 1
         )
+    return out
+
+
+def _fresh_latency(
+    daemon: Daemon,
+    floor: Floor,
+    rpcs: dict[str, tuple[str, bytes, int]],
+    calls: int,
+) -> dict[str, Any]:
+    """Forecast and Allocate right after a new sample for the peer: no cached
+    answer, the model runs. Each timed call follows an untimed PushSamples and
+    is paired with an echo of the same sizes, timed alongside.
+
+    Args:
+        rpcs: per name, ``(method, request bytes, reply size)``.
+    """
+    pushes = [
+        pb.PushSamplesRequest(
+            samples=[pb.Sample(peer_id=FRESH_PEER, bandwidth_mbps=50.0 + (i % 97), latency_ms=20.0)]
+        ).SerializeToString()
+        for i in range(calls + 10)
+    ]
+    clock = time.perf_counter_ns
+    out: dict[str, Any] = {}
+    with _channel(daemon.address) as dch, _channel(floor.address) as ech:
+        push = raw_unary(dch, f"/{SERVICE}/PushSamples")
+        for raw in pushes[calls:]:  # a full window: the model answers
+            push(raw)
+        echo = raw_unary(ech, ECHO_METHOD)
+        for rpc, (method, req, size) in rpcs.items():
+            call = raw_unary(dch, method)
+            echo_req = echo_request(len(req), size)
+            own: list[int] = []
+            floor_ns: list[int] = []
+            for i in range(calls):
+                push(pushes[i])
+                t0 = clock()
+                call(req)
+                t1 = clock()
+                echo(echo_req)
+                floor_ns.append(clock() - t1)
+                own.append(t1 - t0)
+            mine = latency_summary(np.asarray(own, dtype=np.int64))
+            base = latency_summary(np.asarray(floor_ns, dtype=np.int64))
+            out[rpc] = {**mine, "echo_p50_us": base["p50_us"]}
+            out[f"{rpc}_p50_ratio"] = _ratio(mine["p50_us"], base["p50_us"])
     return out
 
 
@@ -1151,6 +1208,7 @@ def startup_section(workdir: Path, plan: Plan) -> dict[str, Any]:
 
 
 COLD_PEER = "cold-0"  # one sample: answered by the baseline, no model run
+FRESH_PEER = "fresh-0"  # gets a new sample before each timed call
 
 
 def _fill_daemon(d: Daemon, fx: Fixture) -> None:
@@ -1378,6 +1436,18 @@ def table_rows(res: dict[str, Any]) -> list[list[str]]:
                 f"{lat['forecast_cold_start']['p50_us']:.0f} us",
                 f"handler {lat['forecast_handler_cpu_us']:.0f}, "
                 f"{lat['allocate_handler_cpu_us']:.0f} us",
+                "",
+                "",
+            )
+        )
+        fresh = lat["fresh"]
+        rows.append(
+            _row(
+                f"  after each new sample (model runs){tag}: Forecast, Allocate p50",
+                f"{fresh['forecast']['p50_us']:.0f}, {fresh['allocate']['p50_us']:.0f} us",
+                f"{fresh['forecast']['echo_p50_us']:.0f}, "
+                f"{fresh['allocate']['echo_p50_us']:.0f} us aio echo",
+                f"{fresh['forecast_p50_ratio']:.2f}x, {fresh['allocate_p50_ratio']:.2f}x",
                 "",
                 "",
             )

@@ -47,6 +47,8 @@ class TestQuickBench:
         for key in ("forecast", "allocate", "echo_sync_forecast_size", "echo_aio_forecast_size"):
             assert lat[key]["p50_us"] > 0 and lat[key]["p99_us"] >= lat[key]["p50_us"]
         assert lat["forecast_floor"] in ("sync", "aio") and lat["forecast_p50_ratio"] > 0
+        for rpc in ("forecast", "allocate"):  # after a new sample: no cached answer
+            assert lat["fresh"][rpc]["p50_us"] > 0 and lat["fresh"][f"{rpc}_p50_ratio"] > 0
         assert res["batch"]["model_sourced"] == res["batch"]["peers"] == 1000
         assert res["batch"]["max_rel_diff_vs_raw"] < 1e-4
         assert res["ingest"]["all_accepted"] is True
