@@ -8,6 +8,7 @@ servicer maps to status codes.
 from __future__ import annotations
 
 import time
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -50,7 +51,7 @@ class _Answers:
         # the reply cache checks them on every call and a NumPy operation
         # costs tens of microseconds in the server's request path.
         self.epoch = 0
-        self.gen = [0] * capacity
+        self.gen = array("q", bytes(8 * capacity))
         self.valid = np.zeros(capacity, dtype=np.bool_)
         self.alloc_valid = np.zeros(capacity, dtype=np.bool_)
         self.point = np.zeros(capacity, dtype=np.float32)
