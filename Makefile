@@ -62,7 +62,8 @@ fmt: install
 	$(BIN)/ruff check --fix .
 
 train: install
-	$(PYTHON) -m trainer train --traces $(TRACES) --seed $(SEED) --out runs/latest
+	$(PYTHON) -m trainer train --traces $(TRACES) --seed $(SEED) --out runs/latest \
+		--agent-gamma 0.8 --agent-episodes 4000
 
 export: install
 	$(PYTHON) -m export --run runs/latest --traces $(TRACES) --embed

@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -87,10 +87,17 @@ def _train_agent(
     args: argparse.Namespace,
 ) -> tuple[dict[str, Any] | None, str]:
     try:
-        from trainer.train_agent import train_agent
+        from trainer.train_agent import QUICK, AgentConfig, train_agent
     except ImportError as exc:
         print(f"allocator agent skipped: trainer.train_agent not importable ({exc})")
         return None, f"skipped: {exc}"
+    overrides = {
+        k: v
+        for k, v in (("gamma", args.agent_gamma), ("episodes", args.agent_episodes))
+        if v is not None
+    }
+    base = QUICK if args.quick else AgentConfig()
+    config = replace(base, **overrides) if overrides else None
     metrics = train_agent(
         train_traces=parts["train"],
         val_traces=parts["val"],
@@ -100,6 +107,7 @@ def _train_agent(
         seed=args.seed,
         quick=args.quick,
         reports_dir=reports,
+        config=config,
         progress=not args.quiet,
     )
     return _json_safe(metrics), "trained"
@@ -256,6 +264,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=0.0,
         help="seconds after which training stops early (default: the config's safety net)",
+    )
+    parser.add_argument(
+        "--agent-gamma",
+        type=float,
+        help="the agent's discount (default: the origin's 0.99; make train uses 0.8)",
+    )
+    parser.add_argument(
+        "--agent-episodes",
+        type=int,
+        help="the agent's training episodes (default: the origin's 2000)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)

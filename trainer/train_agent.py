@@ -94,7 +94,7 @@ class AgentConfig:
     reward_offset: float = 0.0  # subtracted from rewards while learning (see train_loop)
     lr_final: float = 0.1  # the step size decays (cosine) to this fraction of lr
     ema: float = 0.999  # per-update decay of the served network's weight average
-    counterfactual: int = 1  # extra random-action outcomes replayed per state
+    counterfactual: int = 9  # extra random-action outcomes replayed per state
     warmup: int = 1000  # transitions stored before the first update
     crop_steps: int = 500  # longest stretch of each train/val trace that is used
     latency_jitter: float = 0.25  # share of flat-latency training traces given jitter
@@ -102,6 +102,19 @@ class AgentConfig:
     def epsilon(self, episode: int) -> float:
         """Exploration rate during ``episode`` (0-based)."""
         return max(self.eps_end, self.eps_start * self.eps_decay**episode)
+
+
+# The origin's hyperparameters (the issue names them): AgentConfig's defaults.
+ORIGIN_HYPERPARAMETERS = (
+    "episodes",
+    "gamma",
+    "eps_start",
+    "eps_end",
+    "eps_decay",
+    "replay",
+    "batch",
+    "target_sync",
+)
 
 
 # Seconds, for tests and bootstrapping: a handful of episodes on short crops.
@@ -490,6 +503,22 @@ def _plot_example(
     return f"{tr.source}/{tr.name}"
 
 
+def _departures(config: dict[str, Any]) -> str:
+    """The line saying which of the origin's hyperparameters this run changed."""
+    origin = AgentConfig()
+    changed = [
+        f"{name} {config[name]} (origin {getattr(origin, name)})"
+        for name in ORIGIN_HYPERPARAMETERS
+        if config.get(name) != getattr(origin, name)
+    ]
+    if not changed:
+        return "* hyperparameters: the origin's (episodes, gamma, epsilon, replay, batch, sync)"
+    return (
+        "* departures from the origin's hyperparameters, chosen on the validation "
+        "split (README, Allocation): " + ", ".join(changed)
+    )
+
+
 def _markdown(
     doc: dict[str, Any], val_doc: dict[str, Any], metrics: dict[str, Any], example: str
 ) -> str:
@@ -531,6 +560,7 @@ def _markdown(
         f"last-100-episode training reward {metrics['avg_reward_last_100']:.4f} "
         f"(epsilon-greedy); final epsilon {metrics['final_epsilon']:.4f}",
         f"* forecast in the state: {metrics['forecast']}",
+        _departures(metrics["config"]),
         "",
         "## Test split, macro over sources",
         "",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +14,7 @@ from trainer.env import prepare_traces
 from trainer.evaluate_allocator import evaluate_policies, greedy_policy, torch_q_values
 from trainer.models.qnet import QNetConfig, QNetwork, load_checkpoint, save_checkpoint
 from trainer.replay import ReplayMemory, Transition
-from trainer.train_agent import AgentConfig, double_dqn_target, train_loop
+from trainer.train_agent import AgentConfig, _departures, double_dqn_target, train_loop
 
 
 @dataclass
@@ -156,3 +156,54 @@ class TestServing:
 
         actions = pol(FakeEnv(), states)  # type: ignore[arg-type]
         np.testing.assert_array_equal(actions, q(states).argmax(axis=1))
+
+
+class TestShippedHyperparameters:
+    """The origin's hyperparameters stay the defaults; a run that departs from
+    them says so in its report."""
+
+    def test_defaults_are_the_origins(self) -> None:
+        """AgentConfig's defaults are the origin's: 2000 episodes, gamma 0.99,
+        epsilon 1.0 -> 0.01 decaying 0.995, replay 10,000, batch 64, sync 10."""
+        cfg = AgentConfig()
+        assert (cfg.episodes, cfg.gamma, cfg.eps_start, cfg.eps_end, cfg.eps_decay) == (
+            2000,
+            0.99,
+            1.0,
+            0.01,
+            0.995,
+        )
+        assert (cfg.replay, cfg.batch, cfg.target_sync) == (10_000, 64, 10)
+        assert _departures(asdict(cfg)).startswith("* hyperparameters: the origin's")
+
+    def test_departures_named(self) -> None:
+        """A changed gamma and episode count are named with the origin's values."""
+        line = _departures(asdict(replace(AgentConfig(), gamma=0.8, episodes=3000)))
+        assert "gamma 0.8 (origin 0.99)" in line and "episodes 3000 (origin 2000)" in line
+
+    def test_train_flags_reach_the_agent(self, tmp_path: Path) -> None:
+        """`trainer train --agent-gamma/--agent-episodes` set the agent's config,
+        recorded in training_report.json and named in allocator.md."""
+        import json
+
+        from trainer.__main__ import main
+
+        root = tmp_path / "traces"
+        rng = np.random.default_rng(0)
+        for source, base in (("lab", 5.0), ("home", 80.0)):
+            (root / source).mkdir(parents=True)
+            for k in range(4):
+                bw = base * np.exp(rng.normal(0, 0.2, 80))
+                rows = "".join(f"{t},{b:.4f},,,\n" for t, b in enumerate(bw))
+                (root / source / f"f{k}.csv").write_text(
+                    "time_s,bandwidth_mbps,latency_ms,packet_loss,reliability\n" + rows
+                )
+        out = tmp_path / "run"
+        code = main(["train", "--traces", str(root), "--seed", "0", "--out", str(out), "--quick",
+                     "--quiet", "--agent-gamma", "0.5", "--agent-episodes", "12"])  # fmt: skip
+        assert code == 0
+        report = json.loads((out / "reports" / "training_report.json").read_text())
+        config = report["ddqn_metrics"]["config"]
+        assert config["gamma"] == 0.5 and config["episodes"] == 12
+        text = (out / "reports" / "allocator.md").read_text()
+        assert "gamma 0.5 (origin 0.99)" in text
