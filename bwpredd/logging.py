@@ -94,8 +94,9 @@ class DeferredLines:
     the next :func:`flush_logs` (each main-loop tick), when ``limit`` lines
     are waiting, or at once with ``now``, which also writes the lines waiting
     before it, so the order is kept. Each line carries the time of its
-    :meth:`add`. Rendering a line in the RPC path cost several times more than
-    rendering the same line in a batch: the path runs cold between calls.
+    :meth:`add`. Rendered in the RPC path, the line cost the server several
+    times what the same rendering costs in a batch (``reports/profile.md``,
+    section 4).
 
     Args:
         log: the logger the lines go to (``info`` level).
