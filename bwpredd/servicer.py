@@ -92,10 +92,15 @@ _SOURCE_NAMES = [
 ]
 
 
+def _served(source: npt.NDArray[np.int8]) -> list[tuple[int, int]]:
+    """``(source value, peers)`` for each source present."""
+    counts = np.bincount(source, minlength=len(_SOURCE_NAMES)).tolist()
+    return [(v, n) for v, n in enumerate(counts) if n]
+
+
 def source_counts(source: npt.NDArray[np.int8]) -> dict[str, int]:
     """``{"MODEL": n, ...}`` for a log line."""
-    counts = np.bincount(source, minlength=len(_SOURCE_NAMES)).tolist()
-    return {_SOURCE_NAMES[v]: n for v, n in enumerate(counts) if n}
+    return {_SOURCE_NAMES[v]: n for v, n in _served(source)}
 
 
 def _timestamp(seconds: float) -> Timestamp:
@@ -178,8 +183,7 @@ class _Replies(Generic[M]):
         if len(self._entries) >= REPLY_CACHE_ENTRIES:
             self._entries.clear()
         stamp = self._core.stamp(list(key))
-        counts = np.bincount(source, minlength=len(_SOURCE_NAMES)).tolist()
-        served = [(v, n) for v, n in enumerate(counts) if n]
+        served = _served(source)
         sources = {_SOURCE_NAMES[v]: n for v, n in served}
         self._entries[key] = _Reply(stamp, message, served, sources)
 
