@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 from prometheus_client import CollectorRegistry
 
 from bwpredd.client import Client, channel_for, pb
@@ -116,3 +117,19 @@ def daemon_process(
         proc.wait(timeout=10)
         if proc.stdout:
             proc.stdout.close()
+
+
+def write_csv_traces(root: Path, length: int, seed: int = 0) -> Path:
+    """A generic-CSV traces directory: two sources ("lab" around 5 Mbit/s,
+    "home" around 80) of 4 files each, ``length`` steps of log-normal
+    bandwidth and empty optional columns. Returns ``root``."""
+    rng = np.random.default_rng(seed)
+    for source, base in (("lab", 5.0), ("home", 80.0)):
+        (root / source).mkdir(parents=True)
+        for k in range(4):
+            bw = base * np.exp(rng.normal(0, 0.2, length))
+            rows = "".join(f"{t},{b:.4f},,,\n" for t, b in enumerate(bw))
+            (root / source / f"f{k}.csv").write_text(
+                "time_s,bandwidth_mbps,latency_ms,packet_loss,reliability\n" + rows
+            )
+    return root

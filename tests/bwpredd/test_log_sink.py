@@ -7,10 +7,17 @@ import io
 import json
 import time
 
+import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from bwpredd.logging import DeferredLines, _LineSink, _SinkLogger, flush_logs
+from bwpredd.logging import (
+    DeferredLines,
+    _LineSink,
+    _SinkLogger,
+    configure_logging,
+    flush_logs,
+)
 
 
 class _Counting(io.StringIO):
@@ -100,33 +107,18 @@ class TestDeferredLines:
                 lines.add({"i": i})
             assert [e["i"] for e in logs] == [0, 1, 2, 3, 4]
 
-    def test_json_timestamp_is_the_add_time(self, capsys: object) -> None:
+    @pytest.mark.usefixtures("restore_structlog")
+    def test_json_timestamp_is_the_add_time(self, capsys: pytest.CaptureFixture[str]) -> None:
         """Rendered as JSON, a deferred line's timestamp is its add() time, in
         the same ISO UTC form as every other line."""
-        from bwpredd.logging import configure_logging
-
-        old = structlog.get_config()
-        saved = list(old["processors"])
-        try:
-            configure_logging("json", "info")
-            lines = DeferredLines(structlog.get_logger("bwpredd.test"), "rpc")
-            before = time.time()
-            lines.add({"rpc": "Forecast"})
-            after = time.time()
-            time.sleep(0.05)
-            flush_logs()
-            out = capsys.readouterr().out  # type: ignore[attr-defined]
-            event = json.loads(out.splitlines()[-1])
-            assert event["timestamp"].endswith("Z") and "_at" not in event
-            when = datetime.datetime.fromisoformat(event["timestamp"][:-1] + "+00:00")
-            assert before - 1e-3 <= when.timestamp() <= after + 1e-3
-        finally:
-            processors = structlog.get_config()["processors"]
-            processors[:] = saved
-            structlog.configure(
-                processors=processors,
-                wrapper_class=old["wrapper_class"],
-                context_class=old["context_class"],
-                logger_factory=old["logger_factory"],
-                cache_logger_on_first_use=old["cache_logger_on_first_use"],
-            )
+        configure_logging("json", "info")
+        lines = DeferredLines(structlog.get_logger("bwpredd.test"), "rpc")
+        before = time.time()
+        lines.add({"rpc": "Forecast"})
+        after = time.time()
+        time.sleep(0.05)
+        flush_logs()
+        event = json.loads(capsys.readouterr().out.splitlines()[-1])
+        assert event["timestamp"].endswith("Z") and "_at" not in event
+        when = datetime.datetime.fromisoformat(event["timestamp"][:-1] + "+00:00")
+        assert before - 1e-3 <= when.timestamp() <= after + 1e-3

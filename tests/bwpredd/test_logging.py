@@ -8,7 +8,6 @@ import queue
 import re
 import signal
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -22,24 +21,6 @@ from tests.helpers import daemon_process, running_server, sample, wait_for_healt
 
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
-
-
-@pytest.fixture
-def restore_structlog() -> Iterator[None]:
-    """Put structlog's configuration back after a test reconfigures it, in
-    place, so loggers of other tests keep seeing the same processor list."""
-    old = structlog.get_config()
-    saved = list(old["processors"])
-    yield
-    processors = structlog.get_config()["processors"]
-    processors[:] = saved
-    structlog.configure(
-        processors=processors,
-        wrapper_class=old["wrapper_class"],
-        context_class=old["context_class"],
-        logger_factory=old["logger_factory"],
-        cache_logger_on_first_use=old["cache_logger_on_first_use"],
-    )
 
 
 def _out(capsys: pytest.CaptureFixture[str]) -> str:

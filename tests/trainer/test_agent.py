@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from bwpredd.state import STATE_LAYOUT
+from tests.helpers import write_csv_traces
 from trainer.env import prepare_traces
 from trainer.evaluate_allocator import evaluate_policies, greedy_policy, torch_q_values
 from trainer.models.qnet import QNetConfig, QNetwork, load_checkpoint, save_checkpoint
@@ -188,16 +189,7 @@ class TestShippedHyperparameters:
 
         from trainer.__main__ import main
 
-        root = tmp_path / "traces"
-        rng = np.random.default_rng(0)
-        for source, base in (("lab", 5.0), ("home", 80.0)):
-            (root / source).mkdir(parents=True)
-            for k in range(4):
-                bw = base * np.exp(rng.normal(0, 0.2, 80))
-                rows = "".join(f"{t},{b:.4f},,,\n" for t, b in enumerate(bw))
-                (root / source / f"f{k}.csv").write_text(
-                    "time_s,bandwidth_mbps,latency_ms,packet_loss,reliability\n" + rows
-                )
+        root = write_csv_traces(tmp_path / "traces", length=80)
         out = tmp_path / "run"
         code = main(["train", "--traces", str(root), "--seed", "0", "--out", str(out), "--quick",
                      "--quiet", "--agent-gamma", "0.5", "--agent-episodes", "12"])  # fmt: skip

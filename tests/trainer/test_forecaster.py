@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers import write_csv_traces
 from trainer.models.forecaster import (
     Forecaster,
     ForecasterConfig,
@@ -190,16 +191,7 @@ class TestTrainCommand:
 
         from trainer.__main__ import main
 
-        root = tmp_path / "traces"
-        rng = np.random.default_rng(0)
-        for source, base in (("lab", 5.0), ("home", 80.0)):
-            (root / source).mkdir(parents=True)
-            for k in range(4):
-                bw = base * np.exp(rng.normal(0, 0.2, 60))
-                rows = "".join(f"{t},{b:.4f},,,\n" for t, b in enumerate(bw))
-                (root / source / f"f{k}.csv").write_text(
-                    "time_s,bandwidth_mbps,latency_ms,packet_loss,reliability\n" + rows
-                )
+        root = write_csv_traces(tmp_path / "traces", length=60)
         out = tmp_path / "run"
         code = main(["train", "--traces", str(root), "--seed", "0", "--out", str(out),
                      "--quick", "--skip-agent", "--quiet"])  # fmt: skip
