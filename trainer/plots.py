@@ -82,30 +82,36 @@ def plot_forecasts(traces: Sequence[Any], predict: Predictor, path: Path) -> Non
 
 
 def plot_learning_curve(history: dict[str, Any], path: Path) -> None:
-    """Training and validation loss per epoch, plus validation coverage.
+    """Training and validation loss per epoch, plus validation coverage, for
+    each network when several were trained (``history["members"]``).
 
     Args:
         history: :meth:`trainer.train_forecaster.History.to_json` output.
         path: the PNG to write.
     """
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
-    ep = history["epoch"]
-    ax1.plot(ep, history["train_loss"], label="train loss (sampled batches)")
-    val_ep, val = list(ep), list(history["val_loss"])
-    if np.isfinite(history.get("initial_val_loss", np.nan)):
-        val_ep, val = [0, *val_ep], [history["initial_val_loss"], *val]
-    ax1.plot(val_ep, val, label="val loss (epoch 0: untrained)")
-    ax1.plot(ep, history["val_point"], label="val point part (= weighted nMAE)")
-    if history.get("best_epoch"):
-        ax1.axvline(history["best_epoch"], color="grey", ls=":", label="best epoch")
-    ax1.set_xlabel("epoch")
+    members = history.get("members") or [history]
+    for i, h in enumerate(members):
+        who = f"network {i}: " if len(members) > 1 else ""
+        ep = h["epoch"]
+        ax1.plot(ep, h["train_loss"], color=f"C{3 * i}", label=f"{who}train loss (sampled)")
+        val_ep, val = list(ep), list(h["val_loss"])
+        if np.isfinite(h.get("initial_val_loss", np.nan)):
+            val_ep, val = [0, *val_ep], [h["initial_val_loss"], *val]
+        ax1.plot(val_ep, val, color=f"C{3 * i + 1}", label=f"{who}val loss (epoch 0: untrained)")
+        ax1.plot(
+            ep, h["val_point"], color=f"C{3 * i + 2}", label=f"{who}val point part (weighted nMAE)"
+        )
+        if h.get("best_epoch"):
+            ax1.axvline(h["best_epoch"], color=f"C{3 * i + 1}", ls=":", lw=1)
+        ax2.plot(ep, h["val_coverage"], color=f"C{3 * i + 2}", label=f"{who}val coverage")
+    ax1.set_xlabel("epoch (dotted: best)")
     ax1.set_ylabel("loss (per trace mean)")
-    ax1.legend(fontsize=8)
-    ax2.plot(ep, history["val_coverage"], color="tab:green", label="val coverage")
+    ax1.legend(fontsize=7)
     ax2.axhspan(0.75, 0.85, color="tab:green", alpha=0.1, label="target 75-85%")
     ax2.set_xlabel("epoch")
-    ax2.set_ylabel("80% interval coverage")
-    ax2.legend(fontsize=8)
+    ax2.set_ylabel("80% interval coverage (one network)")
+    ax2.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -140,6 +140,35 @@ def _f(v: float, digits: int = 4) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
 
+def _training_lines(training: dict[str, Any], tcfg: dict[str, Any]) -> list[str]:
+    """The training run, one line per network when several were trained."""
+    members = training["history"].get("members") or [training["history"]]
+    lines = []
+    if len(members) > 1:
+        lines.append(
+            f"- {len(members)} networks trained side by side (seeds "
+            f"{', '.join(str(tcfg['seed'] + i) for i in range(len(members)))}), each selected "
+            "on the validation split on its own; the "
+            "model averages their median corrections and interval half-widths."
+        )
+    for i, h in enumerate(members):
+        who = f"network {i}: " if len(members) > 1 else ""
+        steps, seconds = h["steps"], h["seconds"]
+        lines.append(
+            f"- {who}{len(h['epoch'])} epochs of {tcfg['steps_per_epoch']} sampled batches of "
+            f"{tcfg['batch_size']}, Adam lr {tcfg['lr']:g} (halved after "
+            f"{tcfg['lr_patience']} epochs without validation improvement), best epoch "
+            f"{h['best_epoch']}; stopped: {h['stopped']}; {steps} steps in {seconds:.0f} s "
+            f"({1000 * seconds / max(steps, 1):.0f} ms/step with validation) on "
+            f"{tcfg['threads']} torch thread(s)."
+        )
+    lines[-1] += (
+        " A step takes about 7.5 ms on an idle 2-core machine; more means other jobs "
+        "shared the cores."
+    )
+    return lines
+
+
 def render_markdown(report: dict[str, Any], plots: list[str]) -> str:
     """``forecaster.md``: the per-source table against every baseline and
     an honest list of where the model loses.
@@ -298,13 +327,7 @@ def render_markdown(report: dict[str, Any], plots: list[str]) -> str:
         "",
         "## Training",
         "",
-        f"- {training['epochs_run']} epochs of {tcfg['steps_per_epoch']} sampled batches of "
-        f"{tcfg['batch_size']}, Adam lr {tcfg['lr']:g} (halved after {tcfg['lr_patience']} "
-        f"epochs without validation improvement), best epoch {training['best_epoch']}; "
-        f"stopped: {training['stopped']}; {training['steps']} steps in "
-        f"{training['seconds']:.0f} s ({1000 * training['seconds'] / max(training['steps'], 1):.0f}"
-        f" ms/step with validation) on {tcfg['threads']} torch thread(s). A step takes about "
-        "7.5 ms on an idle 2-core machine; more means other jobs shared the cores.",
+        *_training_lines(training, tcfg),
         "- Loss: |error| / trace mean for the point head plus pinball losses for the 0.1 / "
         "0.9 heads on the same scale; windows in log scale relative to their own mean "
         "(inside the model).",

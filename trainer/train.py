@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from trainer.evaluate import evaluate_traces, format_table
+from trainer.members import run_members
 from trainer.models.forecaster import (
     Forecaster,
     ForecasterConfig,
@@ -93,7 +94,11 @@ def _train_agent(
         return None, f"skipped: {exc}"
     overrides = {
         k: v
-        for k, v in (("gamma", args.agent_gamma), ("episodes", args.agent_episodes))
+        for k, v in (
+            ("gamma", args.agent_gamma),
+            ("episodes", args.agent_episodes),
+            ("members", args.members),
+        )
         if v is not None
     }
     base = QUICK if args.quick else AgentConfig()
@@ -119,6 +124,9 @@ def run(args: argparse.Namespace) -> int:
     from trainer.data.traces import load_traces, summarize
     from trainer.data.windows import split_summary, split_traces
 
+    if args.members is not None and args.members < 1:
+        print(f"--members: must be >= 1, got {args.members}", file=sys.stderr)
+        return 2
     t_start = time.monotonic()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -164,9 +172,28 @@ def run(args: argparse.Namespace) -> int:
         print(f"forecaster: loaded {ckpt} (--skip-training)")
     else:
         model_cfg = ForecasterConfig(residual=True)
-        model, hist = train_forecaster(train, val, cfg, model_cfg, progress=not args.quiet)
-        history = _json_safe(hist.to_json())
-        print(f"forecaster: {hist.stopped}; best epoch {hist.best_epoch}, {hist.seconds:.0f} s")
+        n = args.members or 1
+        jobs = [
+            {
+                "train_traces": train,
+                "val_traces": val,
+                "cfg": replace(cfg, seed=cfg.seed + i),
+                "model_cfg": model_cfg,
+                "progress": not args.quiet,
+                "member": i if n > 1 else None,
+            }
+            for i in range(n)
+        ]
+        trained = run_members(train_forecaster, jobs)
+        model = trained[0][0] if n == 1 else Forecaster.merge([m for m, _ in trained])
+        for i, (_, hist) in enumerate(trained):
+            print(
+                f"forecaster {i} (seed {cfg.seed + i}): {hist.stopped}; "
+                f"best epoch {hist.best_epoch}, {hist.seconds:.0f} s"
+            )
+        # The first member's curves, and every member's summary.
+        history = _json_safe(trained[0][1].to_json())
+        history["members"] = [_json_safe(h.to_json()) for _, h in trained]
     if val:
         scale = calibrate_interval(model, val)
         print(f"interval scale calibrated on the validation split: {scale:.3f}")
@@ -274,6 +301,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--agent-episodes",
         type=int,
         help="the agent's training episodes (default: the origin's 2000)",
+    )
+    parser.add_argument(
+        "--members",
+        type=int,
+        help="networks averaged in each model, trained side by side with seeds "
+        "seed, seed+1, ... (default 1; make train uses 2)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)

@@ -57,6 +57,7 @@ from trainer.evaluate_allocator import (
     run_policy,
     torch_q_values,
 )
+from trainer.members import run_members
 from trainer.models.qnet import QNetConfig, QNetwork, save_checkpoint
 from trainer.replay import ReplayMemory, Transition
 
@@ -98,6 +99,7 @@ class AgentConfig:
     warmup: int = 1000  # transitions stored before the first update
     crop_steps: int = 500  # longest stretch of each train/val trace that is used
     latency_jitter: float = 0.25  # share of flat-latency training traces given jitter
+    members: int = 1  # Q-networks averaged, trained side by side (seeds seed, seed+1, ...)
 
     def epsilon(self, episode: int) -> float:
         """Exploration rate during ``episode`` (0-based)."""
@@ -274,8 +276,14 @@ def train_loop(
     cfg: AgentConfig,
     seed: int,
     progress: bool = True,
+    *,
+    member: int | None = None,
 ) -> tuple[QNetwork, dict[str, Any]]:
-    """Train a Q-network; returns the weights best on ``val`` and the history."""
+    """Train a Q-network; returns the weights best on ``val`` and the history.
+
+    ``member`` names one of several networks trained side by side (its
+    progress bar's name and row); None for a lone network.
+    """
     # A 12-input MLP on batches of 64 gains nothing from intra-op threads and
     # loses a lot to them when the 2 cores are shared (measured: 122 ms vs
     # 4.5 ms per update under load), so the loop runs on one thread; the
@@ -283,7 +291,7 @@ def train_loop(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _train_loop(train, val, cfg, seed, progress)
+        return _train_loop(train, val, cfg, seed, progress, member=member)
     finally:
         torch.set_num_threads(threads)
 
@@ -294,9 +302,12 @@ def _train_loop(
     cfg: AgentConfig,
     seed: int,
     progress: bool,
+    *,
+    member: int | None,
 ) -> tuple[QNetwork, dict[str, Any]]:
     from tqdm import tqdm
 
+    t0, c0 = time.perf_counter(), time.process_time()
     rng = _seed_everything(seed)
     env_cfg = EnvConfig()
     sampler = EpisodeSampler(train, cfg.episode_steps, env_cfg.window)
@@ -331,7 +342,13 @@ def _train_loop(
     val_curve: list[tuple[int, float]] = []
     best_val, best_state, best_episode = -np.inf, None, -1
     updates = 0
-    bar = tqdm(range(cfg.episodes), desc="ddqn", unit="ep", disable=not progress)
+    bar = tqdm(
+        range(cfg.episodes),
+        desc="ddqn" if member is None else f"ddqn {member}",
+        unit="ep",
+        position=member or 0,
+        disable=not progress,
+    )
     for episode in bar:
         eps = cfg.epsilon(episode)
         states = env.reset(sampler.draw(cfg.lanes, rng))
@@ -398,6 +415,11 @@ def _train_loop(
         "best_episode": best_episode,
         "updates": updates,
         "final_epsilon": cfg.epsilon(cfg.episodes - 1),
+        "seed": seed,
+        # Wall and CPU time of this network's loop (it may run in a process
+        # of its own, whose CPU time the caller's clock does not see).
+        "seconds": time.perf_counter() - t0,
+        "cpu_seconds": time.process_time() - c0,
     }
     return averaged, history
 
@@ -408,7 +430,7 @@ def _ema_update(averaged: QNetwork, online: QNetwork, decay: float) -> None:
     for (name, a), o in zip(
         averaged.state_dict().items(), online.state_dict().values(), strict=True
     ):
-        if a.is_floating_point() and name not in ("state_mean", "state_std"):
+        if a.is_floating_point() and name.rsplit(".", 1)[-1] not in ("state_mean", "state_std"):
             a.lerp_(o, 1.0 - decay)
         else:
             a.copy_(o)
@@ -427,21 +449,30 @@ def _val_score(policy: QNetwork, val: Sequence[PreparedTrace], segment: int = 10
 # --------------------------------------------------------------------------- outputs
 
 
-def _plot_curves(history: dict[str, Any], heur_val: dict[str, float], path: Path) -> None:
+def _plot_curves(
+    histories: Sequence[dict[str, Any]], heur_val: dict[str, float], path: Path
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curve = np.asarray(history["curve"])
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    ax.plot(curve, lw=0.5, alpha=0.4, label="training episode (epsilon-greedy)")
-    if len(curve) >= 100:
-        ma = np.convolve(curve, np.ones(100) / 100, mode="valid")
-        ax.plot(np.arange(99, len(curve)), ma, label="training, 100-episode mean")
-    if history["val_curve"]:
-        ep, score = zip(*history["val_curve"], strict=True)
-        ax.plot(ep, score, "o-", ms=3, label="validation, greedy (macro)")
+    for i, history in enumerate(histories):
+        who = f"network {i}, " if len(histories) > 1 else ""
+        curve = np.asarray(history["curve"])
+        ax.plot(curve, lw=0.5, alpha=0.3, color=f"C{2 * i}")
+        if len(curve) >= 100:
+            ma = np.convolve(curve, np.ones(100) / 100, mode="valid")
+            ax.plot(
+                np.arange(99, len(curve)),
+                ma,
+                color=f"C{2 * i}",
+                label=f"{who}training, 100-episode mean (epsilon-greedy)",
+            )
+        if history["val_curve"]:
+            ep, score = zip(*history["val_curve"], strict=True)
+            ax.plot(ep, score, "o-", ms=3, color=f"C{2 * i + 1}", label=f"{who}validation, greedy")
     for name in ("oracle", "best_heuristic"):
         if name in heur_val:
             ax.axhline(heur_val[name], ls="--", lw=1, color="k" if name == "oracle" else "C3")
@@ -519,6 +550,35 @@ def _departures(config: dict[str, Any]) -> str:
     )
 
 
+def _training_line(metrics: dict[str, Any]) -> str:
+    """What the training run did, per network when there were several."""
+    members = metrics["members"]
+    head = (
+        f"* training: {metrics['episodes']} episodes, {metrics['updates']} updates, "
+        f"{metrics['train_seconds']:.0f} s wall, {metrics['train_cpu_seconds']:.0f} s CPU; "
+    )
+    tail = f"final epsilon {metrics['final_epsilon']:.4f}"
+    if len(members) == 1:
+        m = members[0]
+        return head + (
+            f"best validation at episode {m['best_episode']}; converged at episode "
+            f"{m['converged_episode']}; last-100-episode training reward "
+            f"{m['avg_reward_last_100']:.4f} (epsilon-greedy); " + tail
+        )
+    each = "; ".join(
+        f"network {i} (seed {m['seed']}): best validation at episode {m['best_episode']}, "
+        f"converged at episode {m['converged_episode']}, last-100-episode training reward "
+        f"{m['avg_reward_last_100']:.4f}"
+        for i, m in enumerate(members)
+    )
+    return (
+        f"* training: {len(members)} Q-networks trained side by side, each "
+        f"{metrics['episodes']} episodes, their Q-values averaged when serving; "
+        f"{metrics['updates']} updates, {metrics['train_seconds']:.0f} s wall, "
+        f"{metrics['train_cpu_seconds']:.0f} s CPU; {each}; " + tail
+    )
+
+
 def _markdown(
     doc: dict[str, Any], val_doc: dict[str, Any], metrics: dict[str, Any], example: str
 ) -> str:
@@ -553,12 +613,7 @@ def _markdown(
         f"best heuristic `{val_doc['best_heuristic']}` "
         f"{val_doc['policies'][val_doc['best_heuristic']]:.4f}, oracle "
         f"{val_doc['policies']['oracle']:.4f}, gap closure {val_doc['gap_closure']:.3f}",
-        f"* training: {metrics['episodes']} episodes, {metrics['updates']} updates, "
-        f"{metrics['train_seconds']:.0f} s wall, {metrics['train_cpu_seconds']:.0f} s CPU; "
-        f"best validation at episode "
-        f"{metrics['best_episode']}; converged at episode {metrics['converged_episode']}; "
-        f"last-100-episode training reward {metrics['avg_reward_last_100']:.4f} "
-        f"(epsilon-greedy); final epsilon {metrics['final_epsilon']:.4f}",
+        _training_line(metrics),
         f"* forecast in the state: {metrics['forecast']}",
         _departures(metrics["config"]),
         "",
@@ -721,24 +776,56 @@ def train_agent(  # noqa: PLR0917 (the orchestrator's contract)
     )
     prep_s = time.perf_counter() - t0
 
-    t1, c1 = time.perf_counter(), time.process_time()
-    model, hist = train_loop(train_p, val_p, cfg, seed, progress)
+    t1 = time.perf_counter()
+    n = max(cfg.members, 1)
+    jobs = [
+        {
+            "train": train_p,
+            "val": val_p,
+            "cfg": cfg,
+            "seed": seed + i,
+            "progress": progress,
+            "member": i if n > 1 else None,
+        }
+        for i in range(n)
+    ]
+    trained = run_members(train_loop, jobs)
+    model = trained[0][0] if n == 1 else QNetwork.merge([m for m, _ in trained])
+    hists = [h for _, h in trained]
     # CPU seconds as well as wall: on a shared 2-core box the wall time says
     # more about the neighbours than about the run.
-    train_s, train_cpu = time.perf_counter() - t1, time.process_time() - c1
+    train_s = time.perf_counter() - t1
+    train_cpu = sum(h["cpu_seconds"] for h in hists)
 
     q = torch_q_values(model)
     policies = {"ddqn": greedy_policy(q), **heuristic_policies()}
     val_doc = report(evaluate_policies(val_p, policies)) if val_p else {}
     test_doc = report(evaluate_policies(test_p, policies)) if test_p else {}
-    curve = np.asarray(hist["curve"])
+    members = [
+        {
+            "seed": int(h["seed"]),
+            "avg_reward_last_100": float(np.mean(h["curve"][-100:])),
+            "converged_episode": _converged_episode(np.asarray(h["curve"])),
+            "best_episode": int(h["best_episode"]),
+            "best_val": float(h["best_val"]),
+            "updates": int(h["updates"]),
+            "seconds": float(h["seconds"]),
+            "cpu_seconds": float(h["cpu_seconds"]),
+        }
+        for h in hists
+    ]
+    # With several networks: their mean training reward, and the episode by
+    # which every one of them had converged.
     metrics: dict[str, Any] = {
-        "avg_reward_last_100": float(curve[-100:].mean()),
-        "final_epsilon": float(hist["final_epsilon"]),
-        "converged_episode": _converged_episode(curve),
-        "best_episode": int(hist["best_episode"]),
+        "avg_reward_last_100": float(np.mean([m["avg_reward_last_100"] for m in members])),
+        "final_epsilon": float(hists[0]["final_epsilon"]),
+        "converged_episode": max(m["converged_episode"] for m in members),
+        "best_episode": [m["best_episode"] for m in members]
+        if n > 1
+        else members[0]["best_episode"],
         "episodes": cfg.episodes,
-        "updates": int(hist["updates"]),
+        "updates": sum(m["updates"] for m in members),
+        "members": members,
         "train_seconds": train_s,
         "train_cpu_seconds": train_cpu,
         "prepare_seconds": prep_s,
@@ -768,7 +855,7 @@ def train_agent(  # noqa: PLR0917 (the orchestrator's contract)
                 "oracle": val_doc["policies"]["oracle"],
                 "best_heuristic": val_doc["policies"][val_doc["best_heuristic"]],
             }
-        _plot_curves(hist, heur_val, reports_dir / "allocator_reward.png")
+        _plot_curves(hists, heur_val, reports_dir / "allocator_reward.png")
         shown = {
             k: v for k, v in policies.items() if k in ("ddqn", "oracle", "forecast", "conservative")
         }

@@ -208,6 +208,8 @@ def train_forecaster(
     cfg: TrainConfig | None = None,
     model_cfg: ForecasterConfig | None = None,
     progress: bool = True,
+    *,
+    member: int | None = None,
 ) -> tuple[Forecaster, History]:
     """Train a :class:`Forecaster`; return the best-on-validation weights.
 
@@ -217,6 +219,8 @@ def train_forecaster(
         cfg: loop settings; defaults to :class:`TrainConfig`.
         model_cfg: architecture; defaults to :class:`ForecasterConfig`.
         progress: show tqdm progress bars.
+        member: which of several members trained side by side this is (its
+            progress bar's name and row); None for a lone model.
 
     Returns:
         ``(model in eval mode, history)``.
@@ -259,11 +263,20 @@ def train_forecaster(
     t0 = time.monotonic()
     hist.initial_val_loss = estimate_loss()[0]
     model.train()
-    epochs = tqdm(range(1, cfg.max_epochs + 1), desc="forecaster", disable=not progress)
+    epochs = tqdm(
+        range(1, cfg.max_epochs + 1),
+        desc="forecaster" if member is None else f"forecaster {member}",
+        position=member or 0,
+        disable=not progress,
+    )
     for epoch in epochs:
         running = 0.0
         steps = tqdm(
-            range(cfg.steps_per_epoch), desc=f"epoch {epoch}", leave=False, disable=not progress
+            range(cfg.steps_per_epoch),
+            desc=f"epoch {epoch}",
+            leave=False,
+            # Side-by-side members show their epoch counters only.
+            disable=not progress or member is not None,
         )
         for _ in steps:
             xb, yb, sb = train.sample(rng, cfg.batch_size)

@@ -199,3 +199,57 @@ class TestShippedHyperparameters:
         assert config["gamma"] == 0.5 and config["episodes"] == 12
         text = (out / "reports" / "allocator.md").read_text()
         assert "gamma 0.5 (origin 0.99)" in text
+
+    def test_members_train_side_by_side(self, tmp_path: Path) -> None:
+        """`trainer train --members 2` trains two forecasters and two Q-networks
+        in processes of their own (seeds 0 and 1) and ships their averages."""
+        import json
+
+        from trainer.__main__ import main
+        from trainer.models.forecaster import load_checkpoint as load_forecaster
+
+        root = write_csv_traces(tmp_path / "traces", length=80)
+        out = tmp_path / "run"
+        code = main(["train", "--traces", str(root), "--seed", "0", "--out", str(out), "--quick",
+                     "--quiet", "--members", "2", "--agent-episodes", "6"])  # fmt: skip
+        assert code == 0
+        forecaster, _ = load_forecaster(str(out / "forecaster.pt"))
+        allocator, _ = load_checkpoint(str(out / "allocator.pt"))
+        assert forecaster.cfg.members == 2 and allocator.cfg.members == 2
+        report = json.loads((out / "reports" / "training_report.json").read_text())
+        assert len(report["training"]["history"]["members"]) == 2
+        networks = report["ddqn_metrics"]["members"]
+        assert [m["seed"] for m in networks] == [0, 1]
+        # Different seeds, different networks.
+        a, b = allocator.members
+        assert not torch.equal(a.net[0].weight, b.net[0].weight)
+        assert "2 Q-networks trained side by side" in (out / "reports" / "allocator.md").read_text()
+        assert "network 1:" in (out / "reports" / "forecaster.md").read_text()
+
+    def test_members_must_be_positive(self, tmp_path: Path) -> None:
+        """--members 0 is refused with the flag named."""
+        from trainer.__main__ import main
+
+        code = main(["train", "--traces", str(tmp_path), "--quick", "--members", "0"])
+        assert code == 2
+
+
+class TestQNetworkMembers:
+    def test_merge_averages_q_values(self) -> None:
+        """A merged Q-network's Q-values are the mean of its members', each
+        behind its own input standardisation."""
+        torch.manual_seed(0)
+        cfg = QNetConfig(state_size=len(STATE_LAYOUT))
+        a, b = QNetwork(cfg), QNetwork(cfg)
+        states = torch.randn(64, cfg.state_size) * 5 + 2
+        a.set_normalisation(states)
+        a.eval(), b.eval()
+        merged = QNetwork.merge([a, b])
+        assert merged.cfg.members == 2
+        with torch.no_grad():
+            torch.testing.assert_close(merged(states), (a(states) + b(states)) / 2)
+
+    def test_merge_refuses_different_architectures(self) -> None:
+        """Members must share their architecture."""
+        with pytest.raises(ValueError, match="architectures differ"):
+            QNetwork.merge([QNetwork(QNetConfig(state_size=4)), QNetwork(QNetConfig(state_size=5))])

@@ -100,6 +100,34 @@ class TestForecasterModel:
                 torch.testing.assert_close(a, b)
         assert ckpt["seed"] == 3 and loaded.cfg.residual
 
+    def test_merge_averages_the_members(self) -> None:
+        """A merged forecaster's median is the mean of its members' medians (in
+        relative log space) and its interval half-widths the mean of theirs; it
+        survives a checkpoint round trip."""
+        torch.manual_seed(0)
+        a, b = (Forecaster(ForecasterConfig(residual=True)).eval() for _ in range(2))
+        merged = Forecaster.merge([a, b])
+        assert merged.cfg.members == 2 and not merged.training
+        x = _windows(8, 30.0)
+        with torch.no_grad():
+            qa, qb, qm = a.forward_rel(x), b.forward_rel(x), merged.forward_rel(x)
+        torch.testing.assert_close(qm, (qa + qb) / 2)
+        assert not torch.allclose(qa, qb)
+
+    def test_merge_refuses_different_architectures(self) -> None:
+        """Members must share their architecture."""
+        with pytest.raises(ValueError, match="architectures differ"):
+            Forecaster.merge([Forecaster(), Forecaster(ForecasterConfig(residual=True))])
+
+    def test_merged_checkpoint_round_trip(self, tmp_path: Path) -> None:
+        """A merged forecaster's checkpoint rebuilds both members."""
+        merged = Forecaster.merge([Forecaster().eval(), Forecaster().eval()])
+        save_checkpoint(merged, str(tmp_path / "m.pt"))
+        loaded, _ = load_checkpoint(str(tmp_path / "m.pt"))
+        x = _windows(4, 3.0)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.forward_rel(x), merged.forward_rel(x))
+
 
 class TestLossAndSampling:
     def test_loss_is_scaled_absolute_error_plus_pinball(self) -> None:

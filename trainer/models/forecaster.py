@@ -10,11 +10,17 @@ next step's 10th, 50th and 90th percentiles of ``r``; the inverse transform is
 monotone, so they map exactly to percentiles in Mbit/s. The median is the
 point forecast (it minimises absolute error). With ``residual`` the median is
 the newest sample's ``r`` plus the head's correction.
+
+A forecaster may hold several independently trained networks ("members",
+:meth:`Forecaster.merge`): it averages their median corrections and their
+interval half-widths, so one graph serves the ensemble.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -44,6 +50,8 @@ class ForecasterConfig:
     # Multiplies both quantile heads' distance from the median, set after
     # training so the nominal 80% interval covers 80% of validation actuals.
     interval_scale: float = 1.0
+    # Networks whose outputs are averaged (each trained alone; see merge).
+    members: int = 1
 
 
 class _SeqBatchNorm(nn.Module):
@@ -57,18 +65,12 @@ class _SeqBatchNorm(nn.Module):
         return self.bn(x.transpose(1, 2)).transpose(1, 2)
 
 
-class Forecaster(nn.Module):
-    """LSTM 128 -> 64 -> 32 (each + dropout 0.2 + batch norm), Dense 16 ReLU +
-    dropout 0.3, Dense 8 ReLU, and a 3-quantile head.
+class _Member(nn.Module):
+    """One network: LSTM 128 -> 64 -> 32 (each + dropout 0.2 + batch norm),
+    Dense 16 ReLU + dropout 0.3, Dense 8 ReLU, Dense 3."""
 
-    ``forward(window)`` returns ``(bandwidth_mbps, low_mbps, high_mbps)``, each
-    ``[N, 1]`` in Mbit/s; :meth:`forward_rel` returns the quantiles of the
-    relative log target, which is what training works on.
-    """
-
-    def __init__(self, cfg: ForecasterConfig | None = None) -> None:
+    def __init__(self, cfg: ForecasterConfig) -> None:
         super().__init__()
-        self.cfg = cfg = cfg or ForecasterConfig()
         sizes = (cfg.n_features, *cfg.lstm_sizes)
         self.lstms = nn.ModuleList(
             nn.LSTM(sizes[i], sizes[i + 1], batch_first=True) for i in range(len(cfg.lstm_sizes))
@@ -84,6 +86,45 @@ class Forecaster(nn.Module):
             nn.ReLU(),
             nn.Linear(d2, 3),
         )
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        """``[N, 3]``: the low half-width, the median and the high half-width
+        (both widths >= 0), before the residual and the interval scale."""
+        h = feats
+        for lstm, drop, norm in zip(self.lstms, self.drops, self.norms, strict=True):
+            h, _ = lstm(h)
+            h = norm(drop(h))
+        out = self.head(h[:, -1, :])
+        width = nn.functional.softplus(out[:, 0::2])
+        return torch.stack([width[:, 0], out[:, 1], width[:, 1]], dim=1)
+
+
+class Forecaster(nn.Module):
+    """The origin's stacked LSTM with a 3-quantile head (:class:`_Member`),
+    or the average of ``cfg.members`` of them.
+
+    ``forward(window)`` returns ``(bandwidth_mbps, low_mbps, high_mbps)``, each
+    ``[N, 1]`` in Mbit/s; :meth:`forward_rel` returns the quantiles of the
+    relative log target, which is what training works on.
+    """
+
+    def __init__(self, cfg: ForecasterConfig | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg = cfg or ForecasterConfig()
+        self.members = nn.ModuleList(_Member(cfg) for _ in range(cfg.members))
+
+    @classmethod
+    def merge(cls, models: Sequence[Forecaster]) -> Forecaster:
+        """One forecaster averaging the members of ``models``, which must
+        share their architecture. Its interval scale is 1: calibrate it.
+        """
+        base = replace(models[0].cfg, members=1, interval_scale=1.0)
+        for m in models[1:]:
+            if replace(m.cfg, members=1, interval_scale=1.0) != base:
+                raise ValueError("merge: the forecasters' architectures differ")
+        merged = cls(replace(base, members=sum(m.cfg.members for m in models)))
+        merged.members = nn.ModuleList(copy.deepcopy(x) for m in models for x in m.members)
+        return merged.eval()
 
     def scale(self, window: torch.Tensor) -> torch.Tensor:
         """The window's mean bandwidth ``m`` ``[N, 1]`` (floored at 1 kbit/s)."""
@@ -102,18 +143,13 @@ class Forecaster(nn.Module):
     def forward_rel(self, window: torch.Tensor) -> torch.Tensor:
         """Quantiles ``[N, 3]`` (low, median, high) of the relative log target."""
         feats = self.features(window)
-        h = feats
-        for lstm, drop, norm in zip(self.lstms, self.drops, self.norms, strict=True):
-            h, _ = lstm(h)
-            h = norm(drop(h))
-        out = self.head(h[:, -1, :])
+        outs = [member(feats) for member in self.members]
+        out = outs[0] if len(outs) == 1 else torch.stack(outs).mean(dim=0)
         mid = out[:, 1:2]
         if self.cfg.residual:
             mid = mid + feats[:, -1, 0:1]
         k = self.cfg.interval_scale
-        low = mid - k * nn.functional.softplus(out[:, 0:1])
-        high = mid + k * nn.functional.softplus(out[:, 2:3])
-        return torch.cat([low, mid, high], dim=1)
+        return torch.cat([mid - k * out[:, 0:1], mid, mid + k * out[:, 2:3]], dim=1)
 
     def to_mbps(self, rel: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
         """Invert the relative log transform: ``m exp(r) - eps m``, >= 0."""

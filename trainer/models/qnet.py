@@ -4,7 +4,9 @@ state normalisation inside the module so the exported graph takes raw states.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -22,19 +24,17 @@ class QNetConfig:
     n_actions: int = 10
     hidden: tuple[int, int, int] = (128, 64, 32)
     dropout: float = 0.3
+    # Networks whose Q-values are averaged (each trained alone; see merge).
+    members: int = 1
 
 
-class QNetwork(nn.Module):
+class _Member(nn.Module):
     """Dense 128 ReLU + batch norm + dropout 0.3, Dense 64 ReLU + batch norm +
-    dropout 0.3, Dense 32 ReLU + batch norm, Dense 10 (one Q-value per level).
-
-    ``state_mean`` and ``state_std`` are buffers: set them from training
-    states with :meth:`set_normalisation` and they travel with the weights.
-    """
+    dropout 0.3, Dense 32 ReLU + batch norm, Dense 10, behind its own input
+    standardisation (``state_mean``, ``state_std`` buffers)."""
 
     def __init__(self, cfg: QNetConfig) -> None:
         super().__init__()
-        self.cfg = cfg
         h1, h2, h3 = cfg.hidden
         self.register_buffer("state_mean", torch.zeros(cfg.state_size))
         self.register_buffer("state_std", torch.ones(cfg.state_size))
@@ -53,14 +53,44 @@ class QNetwork(nn.Module):
             nn.Linear(h3, cfg.n_actions),
         )
 
+    def forward(self, state: torch.Tensor) -> torch.Tensor:
+        return self.net((state - self.state_mean) / self.state_std)
+
+
+class QNetwork(nn.Module):
+    """The origin's Q-network (:class:`_Member`: one Q-value per level), or
+    the average of ``cfg.members`` of them.
+
+    The input standardisation is inside (buffers): set it from training
+    states with :meth:`set_normalisation` and it travels with the weights.
+    """
+
+    def __init__(self, cfg: QNetConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.members = nn.ModuleList(_Member(cfg) for _ in range(cfg.members))
+
+    @classmethod
+    def merge(cls, models: Sequence[QNetwork]) -> QNetwork:
+        """One network averaging the Q-values of the members of ``models``,
+        which must share their architecture."""
+        base = replace(models[0].cfg, members=1)
+        if any(replace(m.cfg, members=1) != base for m in models[1:]):
+            raise ValueError("merge: the Q-networks' architectures differ")
+        merged = cls(replace(base, members=sum(m.cfg.members for m in models)))
+        merged.members = nn.ModuleList(copy.deepcopy(x) for m in models for x in m.members)
+        return merged.eval()
+
     @torch.no_grad()
     def set_normalisation(self, states: torch.Tensor) -> None:
         """Standardise inputs by the mean and std of ``states`` ``[M, S]``."""
-        self.state_mean.copy_(states.mean(dim=0))
-        self.state_std.copy_(states.std(dim=0).clamp(min=1e-3))
+        for member in self.members:
+            member.state_mean.copy_(states.mean(dim=0))
+            member.state_std.copy_(states.std(dim=0).clamp(min=1e-3))
 
     def forward(self, state: torch.Tensor) -> torch.Tensor:
-        return self.net((state - self.state_mean) / self.state_std)
+        qs = [member(state) for member in self.members]
+        return qs[0] if len(qs) == 1 else torch.stack(qs).mean(dim=0)
 
 
 def save_checkpoint(model: QNetwork, path: str, **meta: object) -> None:
