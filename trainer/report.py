@@ -268,8 +268,10 @@ def render_markdown(report: dict[str, Any], plots: list[str]) -> str:
     if losses:
         for source, b in sorted(losses, key=lambda kv: -kv[1]["model_ratio"]):
             pct = (b["model_ratio"] - 1) * 100
+            # Below 0.05% the rounded figure would read "0.0% worse".
+            by = f"{pct:.1f}%" if pct >= 0.05 else f"{pct:.2g}%"
             lines.append(
-                f"- **{source}**: {pct:.1f}% worse than {METHOD_LABELS[b['method']]} "
+                f"- **{source}**: {by} worse than {METHOD_LABELS[b['method']]} "
                 f"(nMAE {_f(per_source[source]['model']['nmae'])} vs {_f(b['nmae'])})."
             )
     else:
