@@ -63,7 +63,7 @@ fmt: install
 
 train: install
 	$(PYTHON) -m trainer train --traces $(TRACES) --seed $(SEED) --out runs/latest \
-		--agent-gamma 0.8 --agent-episodes 3000
+		--agent-gamma 0.8 --agent-episodes 3000 --members 2
 
 export: install
 	$(PYTHON) -m export --run runs/latest --traces $(TRACES) --embed

@@ -39,7 +39,7 @@ from bwpredd.manifest import (
     load_manifest,
     verify_files,
 )
-from bwpredd.state import build_state
+from bwpredd.state import DEFAULT_STEP_S, build_state
 
 __all__ = ["EXIT_INVALID", "EXIT_OK", "CheckResult", "check_model_dir", "main", "smoke_windows"]
 
@@ -205,7 +205,7 @@ def _smoke(
             f"smoke: interval out of order on {int(bad.sum())} of {n} windows "
             f"(e.g. low {low[i]:.4g}, point {point[i]:.4g}, high {high[i]:.4g})"
         )
-    states = build_state(windows, point, low, high)
+    states = build_state(windows, point, low, high, DEFAULT_STEP_S)
     if states.shape[1] != len(manifest.state_layout):
         raise _CheckError(
             f"smoke: bwpredd builds states of {states.shape[1]} columns, "

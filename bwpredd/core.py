@@ -273,7 +273,9 @@ class Core:
         if stale.any():
             miss = slots[stale]
             windows, counts = self.store.gather(miss)
-            al = self.engine.allocate(windows, counts, answers.get(miss, fc.model_version))
+            al = self.engine.allocate(
+                windows, counts, answers.get(miss, fc.model_version), self.store.step_s(miss)
+            )
             answers.action[miss] = al.action
             answers.capacity[miss] = al.capacity
             answers.alloc_valid[miss] = True

@@ -39,7 +39,13 @@ from bwpredd.manifest import (
     load_manifest,
     verify_files,
 )
-from bwpredd.state import LEVELS, build_state, reference_capacity
+from bwpredd.state import (
+    DEFAULT_STEP_S,
+    LEVELS,
+    STATE_LAYOUT,
+    build_state,
+    reference_capacity,
+)
 
 __all__ = [
     "DEFAULT_MODEL_DIR",
@@ -193,6 +199,13 @@ def load_model(model_dir: Path, threads: int = 1) -> LoadedModel:
         blobs = verify_files(model_dir, manifest)
     except ManifestError as exc:
         raise ModelError(f"{model_dir}: {exc}") from None
+    if manifest.state_layout != STATE_LAYOUT:
+        # Same width in another order would run, and allocate from misread states.
+        raise ModelError(
+            f"{model_dir}: state_layout: the allocator was trained on "
+            f"{list(manifest.state_layout)}, this bwpredd builds {list(STATE_LAYOUT)}; "
+            "export the model again with this version"
+        )
     try:
         fsess = _session(blobs[manifest.forecaster.file], threads)
         asess = _session(blobs[manifest.allocator.file], threads)
@@ -213,7 +226,7 @@ def load_model(model_dir: Path, threads: int = 1) -> LoadedModel:
     try:
         for batch in (windows[:1], windows):
             point, low, high = model.run_forecaster(batch)
-            states = build_state(batch, point, low, high)
+            states = build_state(batch, point, low, high, DEFAULT_STEP_S)
             actions = model.run_allocator(states)
     except Exception as exc:
         raise ModelError(f"{model_dir}: smoke inference failed: {exc}") from None
@@ -323,7 +336,9 @@ class Engine:
             point, low, high, source, base, model_point, counts, model.version if model else ""
         )
 
-    def allocate(self, windows: F32, counts: I64, fc: Forecasts) -> Allocations:
+    def allocate(
+        self, windows: F32, counts: I64, fc: Forecasts, step_s: F32 | float
+    ) -> Allocations:
         """Greedy allocation levels for ``k`` peers from their forecasts.
 
         Peers the model forecast get the Q-network's argmax on the state
@@ -334,6 +349,8 @@ class Engine:
             windows: ``[k, W, 4]`` oldest first.
             counts: ``[k]`` real rows per window.
             fc: :meth:`forecast` of the same windows.
+            step_s: ``[k]`` (or one) seconds between samples
+                (:func:`bwpredd.state.step_seconds`).
         """
         model = self._model
         full_windows = edge_pad(windows, counts)
@@ -342,8 +359,9 @@ class Engine:
         use = fc.source == Source.MODEL
         if model is not None and use.any():
             sel = np.flatnonzero(use)
+            step = np.broadcast_to(np.asarray(step_s, np.float32), cap.shape)[sel]
             states = build_state(
-                full_windows[sel], fc.point[sel], fc.low[sel], fc.high[sel], cap[sel]
+                full_windows[sel], fc.point[sel], fc.low[sel], fc.high[sel], step, cap[sel]
             )
             action[sel] = model.run_allocator(states)
         return Allocations(action, cap, fc.source, fc)

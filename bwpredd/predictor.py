@@ -15,6 +15,7 @@ import numpy.typing as npt
 
 from bwpredd.engine import DEFAULT_MODEL_DIR, Engine, load_model
 from bwpredd.manifest import FEATURES, WINDOW
+from bwpredd.state import DEFAULT_STEP_S
 from bwpredd.state import allocation_percent as _allocation_percent
 
 __all__ = ["Forecast", "Predictor"]
@@ -97,16 +98,23 @@ class Predictor:
         point = self.forecast(w).bandwidth_mbps
         return float(point[0]) if single else point
 
-    def decide_allocation(self, window: npt.ArrayLike) -> int | npt.NDArray[np.int64]:
+    def decide_allocation(
+        self, window: npt.ArrayLike, step_s: float = DEFAULT_STEP_S
+    ) -> int | npt.NDArray[np.int64]:
         """Greedy allocation action(s) 0-9, with the state built from the
         window exactly as the daemon builds it.
 
         Args:
             window: ``[10, 4]`` or ``[N, 10, 4]`` raw units.
+            step_s: seconds between the window's samples (the daemon reads
+                it from the samples' times).
         """
+        if not step_s > 0:
+            raise ValueError(f"step_s: must be > 0, got {step_s}")
         w, single = self._batch(window)
         counts = np.full(len(w), WINDOW, dtype=np.int64)
-        actions = self.engine.allocate(w, counts, self.engine.forecast(w, counts)).action
+        fc = self.engine.forecast(w, counts)
+        actions = self.engine.allocate(w, counts, fc, step_s).action
         return int(actions[0]) if single else actions
 
     @staticmethod

@@ -5,7 +5,9 @@ the daemon builds the states it serves from with the same function, so the two
 cannot drift. Everything is relative to the link's *reference capacity*, the
 90th percentile of the window's bandwidth, which makes the state scale-free:
 the same policy serves a 3G phone and a 10 Gbit/s datacenter link. Allocation
-levels are fractions of that capacity.
+levels are fractions of that capacity. Latency enters in two ways: relative to
+the window's lowest (a queue building) and, divided by the step length, as the
+queue in steps of capacity, the unit the training reward charges it in.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ __all__ = [
     "allocation_percent",
     "build_state",
     "reference_capacity",
+    "step_seconds",
 ]
 
 F32 = npt.NDArray[np.float32]
@@ -40,7 +43,13 @@ STATE_LAYOUT: tuple[str, ...] = (
     "queue_signal",  # newest latency / window's minimum latency - 1: a queue building
     "latency_trend",  # (newest - previous latency) / window's minimum latency
     "loss_trend",  # newest loss - window mean loss
+    "queue_steps",  # (newest - window's minimum latency) / step: the queue, in steps of capacity
+    "queue_trend_steps",  # (newest - previous latency) / step
+    "min_over_capacity",  # window's lowest bandwidth / capacity
+    "median_over_capacity",  # window's median bandwidth / capacity
 )
+# A window whose samples share one timestamp has no step length to read.
+DEFAULT_STEP_S = 1.0
 
 
 def allocation_percent(action: int) -> int:
@@ -70,7 +79,37 @@ def reference_capacity(windows: F32) -> F32:
     return out
 
 
-def build_state(windows: F32, point: F32, low: F32, high: F32, capacity: F32 | None = None) -> F32:
+def step_seconds(timestamps: npt.NDArray[np.float64], counts: npt.NDArray[np.int64]) -> F32:
+    """Each window's step length: the median gap between its samples' times.
+
+    Args:
+        timestamps: ``[N, W]`` sample times in seconds, oldest first; the
+            first ``W - count`` entries of a row are padding.
+        counts: ``[N]`` real rows per window.
+
+    Returns:
+        ``[N]`` seconds; :data:`DEFAULT_STEP_S` where fewer than two samples
+        or no positive gap.
+    """
+    w = timestamps.shape[1]
+    gaps = np.diff(timestamps, axis=1)
+    # Gap j joins rows j and j + 1; both must be real rows.
+    real = np.arange(w - 1)[None, :] >= (w - counts)[:, None]
+    gaps = np.where(real, gaps, np.nan)
+    with np.errstate(all="ignore"):
+        med = np.nanmedian(np.where(real.any(axis=1)[:, None], gaps, 0.0), axis=1)
+    out: F32 = np.where(np.isfinite(med) & (med > 0), med, DEFAULT_STEP_S).astype(np.float32)
+    return out
+
+
+def build_state(  # noqa: PLR0917 (the state's inputs, in layout order)
+    windows: F32,
+    point: F32,
+    low: F32,
+    high: F32,
+    step_s: F32 | float,
+    capacity: F32 | None = None,
+) -> F32:
     """Allocator states ``[N, len(STATE_LAYOUT)]`` from full windows and the
     forecaster's point and interval.
 
@@ -79,10 +118,15 @@ def build_state(windows: F32, point: F32, low: F32, high: F32, capacity: F32 | N
         point: ``[N]`` forecast, Mbit/s.
         low: ``[N]`` interval low end, Mbit/s.
         high: ``[N]`` interval high end, Mbit/s.
+        step_s: ``[N]`` (or one) step length in seconds: a standing queue of
+            ``q`` steps of the reference capacity adds ``1000 q step_s`` ms
+            of latency, so latency over the step length reads the queue in
+            the unit the reward charges it.
         capacity: ``[N]`` :func:`reference_capacity` of the windows, if the
             caller has it already.
     """
     w = windows.astype(np.float64)
+    step_ms = 1000.0 * np.asarray(step_s, np.float64)
     cap = (reference_capacity(windows) if capacity is None else capacity).astype(np.float64)
     bw = w[:, :, BW]
     lat = w[:, :, LAT]
@@ -100,6 +144,12 @@ def build_state(windows: F32, point: F32, low: F32, high: F32, capacity: F32 | N
         lat[:, -1] / base_lat - 1.0,
         (lat[:, -1] - lat[:, -2]) / base_lat,
         w[:, -1, LOSS] - w[:, :, LOSS].mean(axis=1),
+        (lat[:, -1] - lat.min(axis=1)) / step_ms,
+        (lat[:, -1] - lat[:, -2]) / step_ms,
+        # How far below its capacity the link has been lately: with the
+        # mean, std and forecast, the spread a level must leave room for.
+        bw.min(axis=1) / cap,
+        np.median(bw, axis=1) / cap,
     ]
     state = np.stack(cols, axis=1)
     # Clip so a pathological window (a 0 after a burst, say) cannot push the

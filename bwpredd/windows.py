@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from bwpredd.state import step_seconds
+
 __all__ = ["IngestResult", "PeerView", "WindowStore"]
 
 F32 = npt.NDArray[np.float32]
@@ -301,6 +303,12 @@ class WindowStore:
             pad = np.arange(w)[None, :] < (w - counts)[:, None]
             windows[pad] = 0.0
         return windows, counts.copy()
+
+    def step_s(self, slots: I64) -> F32:
+        """Seconds between samples of each slot's window
+        (:func:`bwpredd.state.step_seconds`)."""
+        idx = (self._head[slots, None] + np.arange(self.window)[None, :]) % self.window
+        return step_seconds(self._ts[slots[:, None], idx], self._count[slots])
 
     def view(self, peer_id: str) -> PeerView | None:
         """A copy of one peer's state, or None if it is not tracked."""

@@ -35,7 +35,7 @@ from bwpredd.manifest import (
     FORECASTER_OUTPUTS,
     WINDOW,
 )
-from bwpredd.state import build_state
+from bwpredd.state import DEFAULT_STEP_S, build_state
 
 __all__ = [
     "MAX_REL_ERR",
@@ -232,7 +232,7 @@ def allocator_parity(
             :data:`MAX_REL_ERR` or a greedy action differs.
     """
     point, low, high = (r[:, 0].astype(np.float32) for r in forecasts)
-    states = build_state(windows, point, low, high)
+    states = build_state(windows, point, low, high, DEFAULT_STEP_S)
     was_training = model.training
     model.eval()
     with torch.no_grad():

@@ -20,7 +20,10 @@ The queue raises the latency observed at the end of the step,
 reference rate), and the fraction of the step's data dropped is added to the
 packet loss observed, ``1 - (1 - trace_loss_t)(1 - drop / (s dt))``. Both are
 what the next windows carry, so an overshoot shows up in the next state as a
-queue signal and then, if it persists, as loss. Everything is measured in units
+queue signal and then, if it persists, as loss. The state reads the queue in
+the unit the reward charges it, ``queue_steps = (latency - min latency of the
+window) / (1000 dt)``, which is why :func:`bwpredd.state.build_state` takes the
+step length (the daemon reads it from the samples' times). Everything is measured in units
 of the reference capacity, so the same dynamics hold on a 3G phone and a
 datacenter link, whatever the trace's step length.
 
@@ -375,7 +378,11 @@ class LinkEnv:
         :func:`bwpredd.state.build_state` from the observed windows."""
         _, point, low, high = self.forecasts()
         return build_state(
-            self.window, point.astype(np.float32), low.astype(np.float32), high.astype(np.float32)
+            self.window,
+            point.astype(np.float32),
+            low.astype(np.float32),
+            high.astype(np.float32),
+            self.step_s,
         )
 
     def link(self) -> F64:
@@ -428,6 +435,7 @@ class LinkEnv:
             self._flat["point"][idx].astype(np.float32),
             self._flat["low"][idx].astype(np.float32),
             self._flat["high"][idx].astype(np.float32),
+            self.step_s,
         )
 
     def counterfactual(self, actions: I64) -> tuple[F32, F64]:

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from bwpredd import baselines
-from bwpredd.state import STATE_LAYOUT, allocation_percent, build_state, reference_capacity
+from bwpredd.state import (
+    STATE_LAYOUT,
+    allocation_percent,
+    build_state,
+    reference_capacity,
+    step_seconds,
+)
 
 
 def windows(*bws: list[float]) -> np.ndarray:
@@ -64,7 +70,7 @@ class TestState:
         w[0, -1, 0] = 30.0  # latency tripled at the newest step: a queue
         cap = reference_capacity(w)
         assert cap[0] == pytest.approx(11.0)  # p90 of nine 10s and a 20
-        s = build_state(w, np.array([12.0]), np.array([8.0]), np.array([16.0]))
+        s = build_state(w, np.array([12.0]), np.array([8.0]), np.array([16.0]), 0.5)
         assert s.shape == (1, len(STATE_LAYOUT))
         col = dict(zip(STATE_LAYOUT, s[0].tolist(), strict=True))
         assert col["bandwidth_over_capacity"] == pytest.approx(20 / 11, rel=1e-5)
@@ -72,14 +78,33 @@ class TestState:
         assert col["queue_signal"] == pytest.approx(2.0)
         assert col["latency_trend"] == pytest.approx(2.0)
         assert col["log1p_latency_ms"] == pytest.approx(np.log1p(30.0), rel=1e-5)
+        # 20 ms above the window's minimum at 0.5 s steps: 0.04 steps of capacity.
+        assert col["queue_steps"] == pytest.approx(0.04, rel=1e-5)
+        assert col["queue_trend_steps"] == pytest.approx(0.04, rel=1e-5)
+        assert col["min_over_capacity"] == pytest.approx(10 / 11, rel=1e-5)
+        assert col["median_over_capacity"] == pytest.approx(10 / 11, rel=1e-5)
+
+    def test_step_seconds(self) -> None:
+        """The median gap between real samples; padding and repeated times
+        ignored; one second when the window has no positive gap."""
+        ts = np.array(
+            [
+                [0, 0, 0, 0, 0, 0, 10.0, 10.5, 11.0, 13.0],  # 4 real rows, gaps .5 .5 2
+                [5.0] * 10,  # one timestamp for every sample
+                [0.0] * 9 + [7.0],  # one real row
+                np.arange(10) * 2.0,
+            ]
+        )
+        counts = np.array([4, 10, 1, 10])
+        np.testing.assert_allclose(step_seconds(ts, counts), [0.5, 1.0, 1.0, 2.0])
 
     def test_scale_free(self) -> None:
         """Multiplying every bandwidth and forecast by 1000 leaves the state unchanged."""
         w = windows([3.0, 5, 4, 6, 5, 4, 7, 5, 6, 5])
-        a = build_state(w, np.array([5.0]), np.array([4.0]), np.array([6.0]))
+        a = build_state(w, np.array([5.0]), np.array([4.0]), np.array([6.0]), 1.0)
         w2 = w.copy()
         w2[:, :, 1] *= 1000
-        b = build_state(w2, np.array([5000.0]), np.array([4000.0]), np.array([6000.0]))
+        b = build_state(w2, np.array([5000.0]), np.array([4000.0]), np.array([6000.0]), 1.0)
         np.testing.assert_allclose(a, b, rtol=1e-5)
 
     def test_allocation_percent(self) -> None:

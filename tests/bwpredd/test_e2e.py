@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import signal
+import time
 from pathlib import Path
 
 import grpc
@@ -157,6 +158,46 @@ def test_channel_to_missing_socket_fails(tmp_path: Path) -> None:
     with pytest.raises(grpc.RpcError) as err:
         client.health()
     assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+class TestAllocationState:
+    def test_step_length_comes_from_the_samples_times(self, tmp_path: Path) -> None:
+        """Two peers with the same window sampled every 0.5 s and every 5 s
+        get the allocations the in-process Predictor gives for those step
+        lengths: the daemon reads the step from the samples' timestamps."""
+        import numpy as np
+        from google.protobuf.timestamp_pb2 import Timestamp
+
+        from bwpredd import Predictor
+
+        rng = np.random.default_rng(3)
+        window = np.zeros((10, 4), dtype=np.float32)
+        window[:, 0] = 20.0 + np.r_[np.zeros(6), [150.0, 400.0, 900.0, 1500.0]]  # a queue
+        window[:, 1] = rng.uniform(50, 150, 10)
+        window[:, 3] = 1.0
+        predictor = Predictor.load()
+        start = time.time() - 60.0
+        with running_server(tmp_path) as (_, client):
+            for peer, step in (("fast", 0.5), ("slow", 5.0)):
+                samples = []
+                for i, (lat, bw, loss, rel) in enumerate(window.tolist()):
+                    ts = Timestamp()
+                    ts.FromNanoseconds(int((start + i * step) * 1e9))
+                    samples.append(
+                        sample(
+                            peer,
+                            bw,
+                            latency_ms=lat,
+                            packet_loss=loss,
+                            reliability=rel,
+                            timestamp=ts,
+                        )
+                    )
+                assert client.push(samples).accepted == 10
+            fast, slow = client.allocate(["fast", "slow"])
+        assert fast.source == MODEL and slow.source == MODEL
+        assert fast.action == predictor.decide_allocation(window, step_s=0.5)
+        assert slow.action == predictor.decide_allocation(window, step_s=5.0)
 
 
 class TestAnswerCache:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -43,6 +44,17 @@ class TestLoad:
         shutil.copytree(DEFAULT_MODEL_DIR, d)
         (d / "allocator.onnx").unlink()
         with pytest.raises(ModelError, match=r"allocator\.onnx"):
+            load_model(d)
+
+    def test_other_state_layout_refused(self, tmp_path: Path) -> None:
+        """A model trained on another state layout, even of the same width,
+        is refused naming state_layout."""
+        d = tmp_path / "m"
+        shutil.copytree(DEFAULT_MODEL_DIR, d)
+        doc = json.loads((d / "manifest.json").read_text())
+        doc["state_layout"] = doc["state_layout"][::-1]
+        (d / "manifest.json").write_text(json.dumps(doc))
+        with pytest.raises(ModelError, match="state_layout"):
             load_model(d)
 
 
@@ -101,13 +113,15 @@ class TestPredictor:
         """decide_allocation equals the argmax of the allocator on build_state
         of the same window and forecast, and is deterministic."""
         w = smoke_windows(6)
-        actions = predictor.decide_allocation(w)
+        actions = predictor.decide_allocation(w, step_s=0.5)
         model = predictor.engine.model
         assert model is not None
         p, lo, hi = model.run_forecaster(w)
-        expected = model.run_allocator(build_state(w, p, lo, hi))
+        expected = model.run_allocator(build_state(w, p, lo, hi, 0.5))
         np.testing.assert_array_equal(actions, expected)
-        np.testing.assert_array_equal(predictor.decide_allocation(w), actions)
+        np.testing.assert_array_equal(predictor.decide_allocation(w, step_s=0.5), actions)
+        with pytest.raises(ValueError, match="step_s"):
+            predictor.decide_allocation(w, step_s=0.0)
         assert predictor.allocation_percent(int(actions[0])) == (int(actions[0]) + 1) * 10
         assert reference_capacity(w).shape == (6,)
 
@@ -117,8 +131,6 @@ class TestManifest:
 
     def test_round_trip_equals_file(self) -> None:
         """from_json then to_json gives back exactly the JSON of the embedded default."""
-        import json
-
         from bwpredd.manifest import Manifest
 
         raw = json.loads((DEFAULT_MODEL_DIR / "manifest.json").read_text())

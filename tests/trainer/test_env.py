@@ -125,12 +125,25 @@ class TestObservation:
     def test_state_is_the_daemons_build_state(self) -> None:
         """The env's state equals bwpredd.state.build_state on its observed window."""
         rng = np.random.default_rng(1)
-        env, _ = env_at_step_10(list(rng.uniform(1, 20, 40)))
+        env = LinkEnv(prepare_traces([make_trace(list(rng.uniform(1, 20, 40)), step_s=0.5)]))
+        env.reset([(0, 10, 29)])
         for a in (9, 9, 3, 7):
             res = env.step(np.array([a]))
         point, low, high = ewma_forecast(env.window)
-        expected = build_state(env.window, point, low, high)
+        expected = build_state(env.window, point, low, high, 0.5)
         np.testing.assert_allclose(res.state, expected, rtol=1e-5)
+
+    def test_queue_steps_reads_the_queue(self) -> None:
+        """On a link with a flat base latency, the state's queue_steps is the
+        environment's queue in steps of the reference capacity, at any step length."""
+        col = STATE_LAYOUT.index("queue_steps")
+        for step_s in (0.5, 5.0):
+            env = LinkEnv(prepare_traces([make_trace(DROP, step_s=step_s)]))
+            env.reset([(0, 10, 9)])
+            res = env.step(np.array([9]))  # 100% of 10 into a 5 Mbit/s link
+            queue_steps = env.queue[0] / (10.0 * step_s)
+            assert queue_steps > 0.1
+            assert res.state[0, col] == pytest.approx(queue_steps, rel=1e-5)
 
     def test_reference_capacity_is_p90_of_the_window(self) -> None:
         """The precomputed reference capacity is the p90 of the window's bandwidth."""
