@@ -92,13 +92,16 @@ def step_seconds(timestamps: npt.NDArray[np.float64], counts: npt.NDArray[np.int
         or no positive gap.
     """
     w = timestamps.shape[1]
-    gaps = np.diff(timestamps, axis=1)
     # Gap j joins rows j and j + 1; both must be real rows.
     real = np.arange(w - 1)[None, :] >= (w - counts)[:, None]
-    gaps = np.where(real, gaps, np.nan)
-    with np.errstate(all="ignore"):
-        med = np.nanmedian(np.where(real.any(axis=1)[:, None], gaps, 0.0), axis=1)
-    out: F32 = np.where(np.isfinite(med) & (med > 0), med, DEFAULT_STEP_S).astype(np.float32)
+    # Padding gaps sort last, so the median of a row's n real gaps sits at
+    # (n - 1) / 2 (np.nanmedian would do the same at 10x the cost).
+    s = np.sort(np.where(real, np.diff(timestamps, axis=1), np.inf), axis=1)
+    n = real.sum(axis=1)
+    rows = np.arange(len(s))
+    med = (s[rows, np.maximum((n - 1) // 2, 0)] + s[rows, n // 2]) / 2
+    ok = (n > 0) & np.isfinite(med) & (med > 0)
+    out: F32 = np.where(ok, med, DEFAULT_STEP_S).astype(np.float32)
     return out
 
 

@@ -98,6 +98,23 @@ class TestState:
         counts = np.array([4, 10, 1, 10])
         np.testing.assert_allclose(step_seconds(ts, counts), [0.5, 1.0, 1.0, 2.0])
 
+    def test_step_seconds_is_the_median_gap(self) -> None:
+        """On random windows and counts, step_seconds equals statistics.median
+        of each window's real gaps (one second where it is not positive)."""
+        import statistics
+
+        rng = np.random.default_rng(0)
+        for _ in range(300):
+            k = int(rng.integers(1, 5))
+            gaps = rng.choice([0.0, 0.5, 1.0, 2.0, 3.7], (k, 10))
+            ts = 1.7e9 + gaps.cumsum(axis=1)
+            counts = rng.integers(0, 11, k)
+            got = step_seconds(ts, counts)
+            for i in range(k):
+                real = np.diff(ts[i, 10 - counts[i] :]).tolist()
+                want = statistics.median(real) if real else 0.0
+                assert got[i] == pytest.approx(want if want > 0 else 1.0, rel=1e-6)
+
     def test_scale_free(self) -> None:
         """Multiplying every bandwidth and forecast by 1000 leaves the state unchanged."""
         w = windows([3.0, 5, 4, 6, 5, 4, 7, 5, 6, 5])
