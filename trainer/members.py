@@ -9,15 +9,38 @@ thread), so on two cores two members train in the wall time of one.
 
 from __future__ import annotations
 
+import copy
 import multiprocessing
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from typing import Any, TypeVar
 
-__all__ = ["run_members"]
+from torch import nn
+
+__all__ = ["merge_members", "run_members"]
 
 T = TypeVar("T")
+M = TypeVar("M", bound=nn.Module)
+
+
+def merge_members(cls: type[M], models: Sequence[Any], **ignored: Any) -> M:
+    """One ``cls`` model holding the members of ``models``, in eval mode.
+
+    ``cls`` is built from a dataclass ``cfg`` with a ``members`` count and
+    keeps its networks in ``self.members``. The configs must agree apart from
+    ``members`` and the fields in ``ignored``, which take the given values.
+
+    Raises:
+        ValueError: the architectures differ.
+    """
+    base = replace(models[0].cfg, members=1, **ignored)
+    if any(replace(m.cfg, members=1, **ignored) != base for m in models[1:]):
+        raise ValueError(f"merge: the {cls.__name__} architectures differ")
+    merged = cls(replace(base, members=sum(m.cfg.members for m in models)))
+    merged.members = nn.ModuleList(copy.deepcopy(x) for m in models for x in m.members)
+    return merged.eval()
 
 
 def run_members(fn: Callable[..., T], jobs: Sequence[dict[str, Any]]) -> list[T]:

@@ -18,13 +18,13 @@ interval half-widths, so one graph serves the ensemble.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from trainer.members import merge_members
 from trainer.models import checkpoint
 
 __all__ = ["Forecaster", "ForecasterConfig", "load_checkpoint", "save_checkpoint"]
@@ -118,13 +118,7 @@ class Forecaster(nn.Module):
         """One forecaster averaging the members of ``models``, which must
         share their architecture. Its interval scale is 1: calibrate it.
         """
-        base = replace(models[0].cfg, members=1, interval_scale=1.0)
-        for m in models[1:]:
-            if replace(m.cfg, members=1, interval_scale=1.0) != base:
-                raise ValueError("merge: the forecasters' architectures differ")
-        merged = cls(replace(base, members=sum(m.cfg.members for m in models)))
-        merged.members = nn.ModuleList(copy.deepcopy(x) for m in models for x in m.members)
-        return merged.eval()
+        return merge_members(cls, models, interval_scale=1.0)
 
     def scale(self, window: torch.Tensor) -> torch.Tensor:
         """The window's mean bandwidth ``m`` ``[N, 1]`` (floored at 1 kbit/s)."""

@@ -4,13 +4,13 @@ state normalisation inside the module so the exported graph takes raw states.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from trainer.members import merge_members
 from trainer.models import checkpoint
 
 __all__ = ["QNetConfig", "QNetwork", "load_checkpoint", "save_checkpoint"]
@@ -74,12 +74,7 @@ class QNetwork(nn.Module):
     def merge(cls, models: Sequence[QNetwork]) -> QNetwork:
         """One network averaging the Q-values of the members of ``models``,
         which must share their architecture."""
-        base = replace(models[0].cfg, members=1)
-        if any(replace(m.cfg, members=1) != base for m in models[1:]):
-            raise ValueError("merge: the Q-networks' architectures differ")
-        merged = cls(replace(base, members=sum(m.cfg.members for m in models)))
-        merged.members = nn.ModuleList(copy.deepcopy(x) for m in models for x in m.members)
-        return merged.eval()
+        return merge_members(cls, models)
 
     @torch.no_grad()
     def set_normalisation(self, states: torch.Tensor) -> None:
