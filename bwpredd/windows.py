@@ -296,8 +296,7 @@ class WindowStore:
             fewer than ``W`` samples the leading rows are padding (zeros).
         """
         w = self.window
-        idx = (self._head[slots, None] + np.arange(w)[None, :]) % w
-        windows = self._data[slots[:, None], idx]
+        windows = self._data[slots[:, None], self._oldest_first(slots)]
         counts = self._count[slots]
         if (counts < w).any():
             pad = np.arange(w)[None, :] < (w - counts)[:, None]
@@ -307,18 +306,24 @@ class WindowStore:
     def step_s(self, slots: I64) -> F32:
         """Seconds between samples of each slot's window
         (:func:`bwpredd.state.step_seconds`)."""
-        idx = (self._head[slots, None] + np.arange(self.window)[None, :]) % self.window
-        return step_seconds(self._ts[slots[:, None], idx], self._count[slots])
+        ts = self._ts[slots[:, None], self._oldest_first(slots)]
+        return step_seconds(ts, self._count[slots])
+
+    def _oldest_first(self, slots: I64) -> I64:
+        """``[k, W]`` ring positions of each slot's rows, oldest first."""
+        idx: I64 = (self._head[slots, None] + np.arange(self.window)[None, :]) % self.window
+        return idx
 
     def view(self, peer_id: str) -> PeerView | None:
         """A copy of one peer's state, or None if it is not tracked."""
         slot = self._slots.get(peer_id)
         if slot is None:
             return None
-        windows, counts = self.gather(np.array([slot], dtype=np.int64))
+        one = np.array([slot], dtype=np.int64)
+        windows, counts = self.gather(one)
         c = int(counts[0])
         w = self.window
-        idx = (self._head[slot] + np.arange(w)) % w
+        idx = self._oldest_first(one)[0]
         return PeerView(
             peer_id=peer_id,
             window=windows[0, w - c :].copy(),
