@@ -338,14 +338,8 @@ class Daemon:
         return None
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
+        if self.proc is not None:
+            _terminate(self.proc, grace_s=15)
 
     def __enter__(self) -> Daemon:
         self.start()
@@ -374,13 +368,19 @@ class Floor:
             grpc.channel_ready_future(channel).result(timeout=30)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        _terminate(self.proc, grace_s=10)
+
+
+def _terminate(proc: subprocess.Popen[bytes], grace_s: float) -> None:
+    """SIGTERM a child still running; SIGKILL it if it outlives ``grace_s``."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
 
 
 def _channel(address: str) -> grpc.Channel:
