@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,17 @@ from bwpredd.config import Config
 from bwpredd.server import Server
 from bwpredd.systemd import Notifier
 
-__all__ = ["daemon_process", "running_server", "sample", "wait_for_health"]
+__all__ = ["HandTrace", "daemon_process", "running_server", "sample", "wait_for_health"]
+
+
+@dataclass
+class HandTrace:
+    """A trace built in a test: what the allocation environment reads."""
+
+    source: str
+    name: str
+    step_s: float
+    data: np.ndarray
 
 
 def sample(peer: str, bw: float, **fields: Any) -> pb.Sample:

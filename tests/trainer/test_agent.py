@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -10,20 +10,12 @@ import pytest
 import torch
 
 from bwpredd.state import STATE_LAYOUT
-from tests.helpers import write_csv_traces
+from tests.helpers import HandTrace, write_csv_traces
 from trainer.env import prepare_traces
 from trainer.evaluate_allocator import evaluate_policies, greedy_policy, torch_q_values
 from trainer.models.qnet import QNetConfig, QNetwork, load_checkpoint, save_checkpoint
 from trainer.replay import ReplayMemory, Transition
 from trainer.train_agent import AgentConfig, _departures, double_dqn_target, train_loop
-
-
-@dataclass
-class HandTrace:
-    source: str
-    name: str
-    step_s: float
-    data: np.ndarray
 
 
 def random_walk_traces(seed: int, n: int = 12, length: int = 200) -> list[HandTrace]:

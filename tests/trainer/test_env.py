@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import pytest
 
 from bwpredd.state import STATE_LAYOUT, build_state, reference_capacity
+from tests.helpers import HandTrace
 from trainer.env import EnvConfig, LinkEnv, ewma_forecast, link_step, prepare_traces
 
 QUEUE_SIGNAL = STATE_LAYOUT.index("queue_signal")
-
-
-@dataclass
-class HandTrace:
-    source: str
-    name: str
-    step_s: float
-    data: np.ndarray
 
 
 def make_trace(bandwidth: list[float], step_s: float = 1.0, latency: float = 50.0) -> HandTrace:
