@@ -19,9 +19,9 @@ from typing import Any, TypeVar
 
 from torch import nn
 
-__all__ = ["merge_members", "run_members"]
+__all__ = ["merge_members", "train_members"]
 
-T = TypeVar("T")
+H = TypeVar("H")
 M = TypeVar("M", bound=nn.Module)
 
 
@@ -43,18 +43,29 @@ def merge_members(cls: type[M], models: Sequence[Any], **ignored: Any) -> M:
     return merged.eval()
 
 
-def run_members(fn: Callable[..., T], jobs: Sequence[dict[str, Any]]) -> list[T]:
-    """``[fn(**job) for job in jobs]``, each job in its own process when
-    there are several (at most one per core at a time).
+def train_members(
+    fn: Callable[..., tuple[M, H]],
+    jobs: Sequence[dict[str, Any]],
+    merge: Callable[[list[M]], M],
+) -> tuple[M, list[H]]:
+    """Train one network per job, ``fn(**job, member=i)``, each in its own
+    process when there are several (at most one per core at a time), and
+    ``merge`` them; a lone job runs here with ``member=None`` and is not merged.
 
-    ``fn`` must be a module-level function and its arguments and result
-    picklable: the processes are spawned, not forked (a fork of a process
-    whose torch thread pools have started can deadlock).
+    ``fn`` returns ``(network, history)``. It must be a module-level function
+    and its arguments and result picklable: the processes are spawned, not
+    forked (a fork of a process whose torch thread pools have started can
+    deadlock).
+
+    Returns:
+        The model and each job's history, in job order.
     """
-    if len(jobs) <= 1:
-        return [fn(**job) for job in jobs]
+    if len(jobs) == 1:
+        model, history = fn(**jobs[0], member=None)
+        return model, [history]
     workers = max(1, min(len(jobs), os.cpu_count() or 1))
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        futures = [pool.submit(fn, **job) for job in jobs]
-        return [f.result() for f in futures]
+        futures = [pool.submit(fn, **job, member=i) for i, job in enumerate(jobs)]
+        trained = [f.result() for f in futures]
+    return merge([m for m, _ in trained]), [h for _, h in trained]

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from trainer.evaluate import evaluate_traces, format_table
-from trainer.members import run_members
+from trainer.members import train_members
 from trainer.models.forecaster import (
     Forecaster,
     ForecasterConfig,
@@ -180,20 +180,18 @@ def run(args: argparse.Namespace) -> int:
                 "cfg": replace(cfg, seed=cfg.seed + i),
                 "model_cfg": model_cfg,
                 "progress": not args.quiet,
-                "member": i if n > 1 else None,
             }
             for i in range(n)
         ]
-        trained = run_members(train_forecaster, jobs)
-        model = trained[0][0] if n == 1 else Forecaster.merge([m for m, _ in trained])
-        for i, (_, hist) in enumerate(trained):
+        model, hists = train_members(train_forecaster, jobs, Forecaster.merge)
+        for i, hist in enumerate(hists):
             print(
                 f"forecaster {i} (seed {cfg.seed + i}): {hist.stopped}; "
                 f"best epoch {hist.best_epoch}, {hist.seconds:.0f} s"
             )
         # The first member's curves, and every member's summary.
-        history = _json_safe(trained[0][1].to_json())
-        history["members"] = [_json_safe(h.to_json()) for _, h in trained]
+        history = _json_safe(hists[0].to_json())
+        history["members"] = [_json_safe(h.to_json()) for h in hists]
     if val:
         scale = calibrate_interval(model, val)
         print(f"interval scale calibrated on the validation split: {scale:.3f}")

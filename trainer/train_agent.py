@@ -57,7 +57,7 @@ from trainer.evaluate_allocator import (
     run_policy,
     torch_q_values,
 )
-from trainer.members import run_members
+from trainer.members import train_members
 from trainer.models.qnet import QNetConfig, QNetwork, save_checkpoint
 from trainer.replay import ReplayMemory, Transition
 
@@ -785,13 +785,10 @@ def train_agent(  # noqa: PLR0917 (the orchestrator's contract)
             "cfg": cfg,
             "seed": seed + i,
             "progress": progress,
-            "member": i if n > 1 else None,
         }
         for i in range(n)
     ]
-    trained = run_members(train_loop, jobs)
-    model = trained[0][0] if n == 1 else QNetwork.merge([m for m, _ in trained])
-    hists = [h for _, h in trained]
+    model, hists = train_members(train_loop, jobs, QNetwork.merge)
     # CPU seconds as well as wall: on a shared 2-core box the wall time says
     # more about the neighbours than about the run.
     train_s = time.perf_counter() - t1
