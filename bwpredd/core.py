@@ -8,7 +8,6 @@ servicer maps to status codes.
 from __future__ import annotations
 
 import time
-from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,31 +28,35 @@ from bwpredd.windows import PeerView, WindowStore
 __all__ = ["Core", "IngestOutcome", "PeerSummary", "Stamp"]
 
 I64 = npt.NDArray[np.int64]
-# (epoch, slots, their answer generations): see Core.stamp.
+F32 = npt.NDArray[np.float32]
+# (model epoch, slots, their WindowStore versions): see Core.stamp.
 Stamp = tuple[int, list[int], list[int]]
 MAX_PAGE = 1000
 log = get_logger(__name__)
 
 
 class _Answers:
-    """The last forecast and allocation computed for each slot, valid until
-    the peer's window changes (a sample, a reset) or the model is swapped.
+    """The last forecast and allocation computed for each slot, each valid
+    while the slot's window is the one it was computed from and the model is
+    the one that computed it.
 
     A forecast depends only on the window, the model and the guardrail state,
     and the guardrail only moves when samples arrive, so repeated Forecast
     and Allocate calls between samples reuse the answer instead of running
-    the model again.
+    the model again. Validity is not kept by invalidation hooks, which each
+    new way of changing a window would have to remember: an answer records
+    the store's slot version it was computed at (:attr:`WindowStore.version`,
+    bumped by every change to a slot: samples, assignment, eviction, expiry,
+    restore), and ``epoch`` counts model swaps.
     """
 
-    def __init__(self, capacity: int) -> None:
-        # Bumped on every invalidation: an answer read at (epoch, gen[slot])
-        # is still the current one while both are unchanged. Plain Python, as
-        # the reply cache checks them on every call and a NumPy operation
-        # costs tens of microseconds in the server's request path.
+    def __init__(self, store: WindowStore) -> None:
+        capacity = store.capacity
+        self.store = store
         self.epoch = 0
-        self.gen = array("q", bytes(8 * capacity))
-        self.valid = np.zeros(capacity, dtype=np.bool_)
-        self.alloc_valid = np.zeros(capacity, dtype=np.bool_)
+        # Slot version each answer was computed at; -1: none.
+        self.at = np.full(capacity, -1, dtype=np.int64)
+        self.alloc_at = np.full(capacity, -1, dtype=np.int64)
         self.point = np.zeros(capacity, dtype=np.float32)
         self.low = np.zeros(capacity, dtype=np.float32)
         self.high = np.zeros(capacity, dtype=np.float32)
@@ -64,18 +67,19 @@ class _Answers:
         self.action = np.zeros(capacity, dtype=np.int64)
         self.capacity = np.zeros(capacity, dtype=np.float32)
 
-    def invalidate(self, slots: I64 | None = None) -> None:
-        """Forget the answers of ``slots`` (all when None)."""
-        if slots is None:
-            self.epoch += 1
-            self.valid[:] = False
-            self.alloc_valid[:] = False
-        else:
-            gen = self.gen
-            for slot in slots.tolist():
-                gen[slot] += 1
-            self.valid[slots] = False
-            self.alloc_valid[slots] = False
+    def forget_all(self) -> None:
+        """The model changed: every answer is stale."""
+        self.epoch += 1
+        self.at[:] = -1
+        self.alloc_at[:] = -1
+
+    def stale(self, slots: I64) -> npt.NDArray[np.bool_]:
+        out: npt.NDArray[np.bool_] = self.at[slots] != self.store.versions[slots]
+        return out
+
+    def alloc_stale(self, slots: I64) -> npt.NDArray[np.bool_]:
+        out: npt.NDArray[np.bool_] = self.alloc_at[slots] != self.store.versions[slots]
+        return out
 
     def put(self, slots: I64, fc: Forecasts) -> None:
         self.point[slots] = fc.point
@@ -85,7 +89,12 @@ class _Answers:
         self.model_point[slots] = fc.model_point
         self.source[slots] = fc.source
         self.counts[slots] = fc.counts
-        self.valid[slots] = True
+        self.at[slots] = self.store.versions[slots]
+
+    def put_allocations(self, slots: I64, action: I64, capacity: F32) -> None:
+        self.action[slots] = action
+        self.capacity[slots] = capacity
+        self.alloc_at[slots] = self.store.versions[slots]
 
     def get(self, slots: I64, version: str) -> Forecasts:
         return Forecasts(
@@ -144,8 +153,7 @@ class Core:
             config.max_peers, config.guardrail_steps, config.guardrail_margin, config.guardrail
         )
         self.store.on_reset(self.scores.reset)
-        self.answers = _Answers(config.max_peers)
-        self.store.on_reset(self.answers.invalidate)
+        self.answers = _Answers(self.store)
         self.watch = WatchHub(config.max_peers)
         self.codecs = CodecTable.load()
         # Bound once: a labels() look-up per call costs more than the count.
@@ -189,7 +197,6 @@ class Core:
             reasons[int(valid.index[j])] = (field, rule)
         accepted = int(result.accepted.sum())
         if accepted:
-            self.answers.invalidate(result.slots[result.accepted])
             self._score(result.slots[result.accepted], valid.rows[result.accepted, 1])
             if len(self.watch):
                 ids = valid.peer_ids
@@ -246,7 +253,7 @@ class Core:
         is stale; each is recorded for live scoring and, with ``count``,
         counted as served (Allocate uses forecasts without serving them)."""
         answers = self.answers
-        stale = ~answers.valid[slots]
+        stale = answers.stale(slots)
         if stale.any():
             miss = slots[stale]
             windows, counts = self.store.gather(miss)
@@ -269,16 +276,14 @@ class Core:
         slots = self._slots(peer_ids)
         fc = self._forecast_slots(slots, count=False)
         answers = self.answers
-        stale = ~answers.alloc_valid[slots]
+        stale = answers.alloc_stale(slots)
         if stale.any():
             miss = slots[stale]
             windows, counts = self.store.gather(miss)
             al = self.engine.allocate(
                 windows, counts, answers.get(miss, fc.model_version), self.store.step_s(miss)
             )
-            answers.action[miss] = al.action
-            answers.capacity[miss] = al.capacity
-            answers.alloc_valid[miss] = True
+            answers.put_allocations(miss, al.action, al.capacity)
         return Allocations(answers.action[slots], answers.capacity[slots], fc.source, fc)
 
     def stamp(self, peer_ids: list[str]) -> Stamp:
@@ -287,18 +292,19 @@ class Core:
         reply message, say) is still the one Forecast and Allocate would give.
         """
         slots = self._slots(peer_ids).tolist()
-        gen = self.answers.gen
-        return self.answers.epoch, slots, [gen[s] for s in slots]
+        version = self.store.version
+        return self.answers.epoch, slots, [version[s] for s in slots]
 
     def unchanged(self, stamp: Stamp) -> bool:
-        """True while no sample, reset, eviction or model swap has touched
-        the answers of the peers in ``stamp`` since it was taken."""
-        epoch, slots, gens = stamp
-        answers = self.answers
-        if epoch != answers.epoch:
+        """True while no model swap, and no change to the windows of the peers
+        in ``stamp`` (a sample, an eviction, an expiry, a restore), has
+        happened since it was taken: a released slot's version moves too, so
+        a stamp never outlives its peer."""
+        epoch, slots, versions = stamp
+        if epoch != self.answers.epoch:
             return False
-        gen = answers.gen
-        return all(gen[s] == g for s, g in zip(slots, gens, strict=True))
+        version = self.store.version
+        return all(version[s] == v for s, v in zip(slots, versions, strict=True))
 
     def forecast_tracked(self, peer_ids: list[str]) -> tuple[list[str], Forecasts | None]:
         """Forecasts of the peers still tracked among ``peer_ids`` (watchers:
@@ -412,7 +418,7 @@ class Core:
     def swap_model(self, model: LoadedModel | None) -> None:
         """Serve ``model``; new peers take its feature defaults."""
         self.engine.swap(model)
-        self.answers.invalidate()
+        self.answers.forget_all()
         self.store.defaults = np.asarray(self.engine.feature_defaults, dtype=np.float32)
         self.metrics.set_model(self.engine.version)
 

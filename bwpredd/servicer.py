@@ -161,8 +161,9 @@ class _Replies(Generic[M]):
     A sidecar is asked about the same peers over and over between samples;
     the per-peer answers are cached in Core already, and keeping the built
     reply as well skips validation, look-ups and message building. A reply
-    is current while :meth:`Core.unchanged` says so for its stamp: any
-    sample, reset, eviction or model swap of one of its peers retires it.
+    is current while :meth:`Core.unchanged` says so for its stamp: a model
+    swap, or any change to one of its peers' windows (a sample, an eviction,
+    an expiry, a restore), retires it.
     Memory is bounded: at most ``REPLY_CACHE_ENTRIES`` replies of at most
     ``REPLY_CACHE_PEERS`` peers, forgotten all at once when full.
     """

@@ -13,6 +13,7 @@ Snapshots are plain arrays (``.npz`` without pickle).
 from __future__ import annotations
 
 import math
+from array import array
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -85,6 +86,15 @@ class WindowStore:
         self._free: list[int] = list(range(capacity - 1, -1, -1))
         self._used = np.zeros(capacity, dtype=np.bool_)  # slot holds a peer
         self._reset_hooks: list[Callable[[I64], None]] = []
+        # Per-slot version, bumped by every change to what a slot holds: a
+        # sample, the slot (re)assigned, the peer released (evicted, expired,
+        # forgotten), a restore. Anything computed from a window is current
+        # while its slot's version is unchanged. ``version`` is a plain-Python
+        # view for callers that read single slots (a NumPy scalar read costs
+        # more in the request path); ``versions`` is a NumPy view of the same
+        # memory.
+        self.version = array("q", bytes(8 * capacity))
+        self.versions: I64 = np.frombuffer(self.version, dtype=np.int64)
         self.evictions = 0
         self.expirations = 0
 
@@ -189,6 +199,7 @@ class WindowStore:
         self._total[first_slots] += sizes
         self._last_ts[first_slots] = t[starts + sizes - 1]
         self._last_seen[first_slots] = now
+        self.versions[first_slots] += 1
         accepted[idx] = True
         slots_out[idx] = s
         return IngestResult(accepted, reasons, slots_out, evicted)
@@ -223,6 +234,7 @@ class WindowStore:
         return slots, evicted
 
     def _clear(self, slots: I64, now: float) -> None:
+        self.versions[slots] += 1
         self._head[slots] = 0
         self._count[slots] = 0
         self._total[slots] = 0
@@ -232,9 +244,11 @@ class WindowStore:
             hook(slots)
 
     def _release(self, slots: Iterable[int]) -> None:
+        version = self.version
         for slot in slots:
             pid = self._peers[slot]
             if pid is not None:
+                version[slot] += 1
                 del self._slots[pid]
                 self._peers[slot] = None
                 self._used[slot] = False

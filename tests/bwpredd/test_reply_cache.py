@@ -156,7 +156,7 @@ class TestReplies:
         assert hit is not None and hit.message == 9
 
     def test_reset_retires(self) -> None:
-        """An evicted slot's generation moves, so a stamp taken before fails."""
+        """An evicted slot's version moves, so a stamp taken before fails."""
         core = _core(max_peers=1)
         _push(core, "a", 10.0)
         stamp = core.stamp(["a"])

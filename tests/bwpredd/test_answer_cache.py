@@ -1,0 +1,249 @@
+"""Cached answers against every way a peer's window can change or disappear.
+
+Forecast and Allocate answers are cached per peer (and small replies per
+request) until the window behind them changes. Each test here changes a
+window one way (a sample, LRU eviction, idle expiry, a snapshot restore, a
+model reload) and checks, through a real server, that the next answer is the
+one computed afresh from the window the daemon now holds: NOT_FOUND for a
+peer that is gone, and the new window's forecast for a peer that came back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+import pytest
+
+from bwpredd.client import Client, pb
+from bwpredd.engine import DEFAULT_MODEL_DIR, Engine, load_model
+from bwpredd.server import Server
+from bwpredd.state import step_seconds
+from tests.conftest_models import make_model_dir
+from tests.helpers import running_server, sample
+
+MODEL = pb.FORECAST_SOURCE_MODEL
+COLD = pb.FORECAST_SOURCE_BASELINE_COLD_START
+T = TypeVar("T")
+
+
+def on_loop(server: Server, fn: Callable[[], T]) -> T:
+    """Run ``fn`` on the server's event loop (the only thread that may touch
+    the windows) and return its result."""
+    loop = server._wake._loop  # type: ignore[union-attr]
+
+    async def call() -> T:
+        return fn()
+
+    return asyncio.run_coroutine_threadsafe(call(), loop).result(timeout=30)
+
+
+def not_found(call: Callable[[], Any]) -> bool:
+    try:
+        call()
+    except grpc.RpcError as exc:
+        return bool(exc.code() == grpc.StatusCode.NOT_FOUND)
+    return False
+
+
+class Reference:
+    """The answers computed afresh, without any cache, from the window that
+    GetPeer shows: what Forecast and Allocate must say."""
+
+    def __init__(self, model_dir: Path = DEFAULT_MODEL_DIR) -> None:
+        self.engine = Engine(load_model(model_dir, 1))
+
+    def _window(self, peer: pb.Peer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        rows = [[s.latency_ms, s.bandwidth_mbps, s.packet_loss, s.reliability] for s in peer.window]
+        ts = [s.timestamp.seconds + s.timestamp.nanos * 1e-9 for s in peer.window]
+        n = len(rows)
+        window = np.zeros((1, 10, 4), dtype=np.float32)
+        window[0, 10 - n :] = rows
+        stamps = np.zeros((1, 10), dtype=np.float64)
+        stamps[0, 10 - n :] = ts
+        return window, np.array([n], dtype=np.int64), stamps
+
+    def forecast(self, peer: pb.Peer) -> tuple[float, float, float, int]:
+        window, counts, _ = self._window(peer)
+        fc = self.engine.forecast(window, counts)
+        return float(fc.point[0]), float(fc.low[0]), float(fc.high[0]), int(fc.source[0])
+
+    def allocate(self, peer: pb.Peer) -> tuple[int, float]:
+        window, counts, stamps = self._window(peer)
+        fc = self.engine.forecast(window, counts)
+        al = self.engine.allocate(window, counts, fc, step_seconds(stamps, counts))
+        return int(al.action[0]), float(al.capacity[0])
+
+
+def assert_current(client: Client, ref: Reference, peer_id: str) -> None:
+    """Forecast and Allocate of ``peer_id`` equal the answers computed afresh
+    from its window now."""
+    peer = client.peer(peer_id)
+    fc = client.forecast([peer_id])[0]
+    point, low, high, source = ref.forecast(peer)
+    assert fc.samples_in_window == peer.samples_in_window
+    assert fc.source == source
+    np.testing.assert_allclose(
+        [fc.bandwidth_mbps, fc.low_mbps, fc.high_mbps], [point, low, high], rtol=1e-5
+    )
+    al = client.allocate([peer_id])[0]
+    action, capacity = ref.allocate(peer)
+    assert al.action == action
+    np.testing.assert_allclose(al.reference_capacity_mbps, capacity, rtol=1e-5)
+
+
+def fill(client: Client, peer: str, level: float, n: int = 10) -> None:
+    resp = client.push([sample(peer, level * (1 + 0.01 * i), latency_ms=5.0) for i in range(n)])
+    assert resp.accepted == n
+
+
+class TestRemoval:
+    """A peer that is gone is NOT_FOUND, and one that came back is answered
+    from its new window, never from what was cached for its old one."""
+
+    def test_idle_expiry(self, tmp_path: Path) -> None:
+        """Expired peers are NOT_FOUND on Forecast and Allocate; one that
+        returns (into another peer's old slot) is answered from its 3 new
+        samples, not its old 10."""
+        with running_server(tmp_path, idle_expiry_s=1.0) as (server, client):
+            ref = Reference()
+            for p in ("a", "b", "c"):
+                fill(client, p, 100.0)
+            before_fc = client.forecast(["a"])[0]
+            before_al = client.allocate(["a"])[0]
+            assert before_fc.source == MODEL and before_fc.samples_in_window == 10
+            assert server.core is not None
+            core = server.core
+            assert on_loop(server, core.expire_idle) == 0
+            time.sleep(1.2)
+            assert on_loop(server, core.expire_idle) == 3
+            assert not_found(lambda: client.peer("a"))
+            assert not_found(lambda: client.forecast(["a"]))
+            assert not_found(lambda: client.allocate(["a"]))
+            client.push([sample("a", 9000.0, latency_ms=5.0) for _ in range(3)])
+            fc = client.forecast(["a"])[0]
+            assert fc.samples_in_window == 3 and fc.source == COLD
+            assert fc.bandwidth_mbps == pytest.approx(9000.0)
+            al = client.allocate(["a"])[0]
+            assert al.reference_capacity_mbps == pytest.approx(9000.0)
+            assert al.reference_capacity_mbps != before_al.reference_capacity_mbps
+            assert_current(client, ref, "a")
+
+    def test_lru_eviction(self, tmp_path: Path) -> None:
+        """LRU eviction frees slots in bulk (capacity / 256 at a time): every
+        evicted peer is NOT_FOUND, including one whose slot nobody took."""
+        with running_server(tmp_path, max_peers=512) as (_, client):
+            ref = Reference()
+            fill(client, "old-a", 100.0)
+            fill(client, "old-b", 200.0)
+            assert client.forecast(["old-a"])[0].samples_in_window == 10
+            assert client.forecast(["old-b"])[0].samples_in_window == 10
+            client.allocate(["old-a"])
+            client.allocate(["old-b"])
+            client.push([sample(f"p{i}", 50.0) for i in range(510)])
+            client.push([sample("new", 50.0)])  # evicts old-a and old-b
+            for p in ("old-a", "old-b"):
+                assert not_found(lambda p=p: client.peer(p))  # type: ignore[misc]
+                assert not_found(lambda p=p: client.forecast([p]))  # type: ignore[misc]
+                assert not_found(lambda p=p: client.allocate([p]))  # type: ignore[misc]
+            client.push([sample("old-b", 9000.0) for _ in range(3)])
+            fc = client.forecast(["old-b"])[0]
+            assert fc.samples_in_window == 3 and fc.bandwidth_mbps == pytest.approx(9000.0)
+            assert_current(client, ref, "old-b")
+
+
+class TestChange:
+    """A window that changes in place gets a fresh answer."""
+
+    def test_sample(self, tmp_path: Path) -> None:
+        """A new sample retires the cached answer of that peer."""
+        with running_server(tmp_path) as (_, client):
+            ref = Reference()
+            fill(client, "a", 100.0)
+            assert_current(client, ref, "a")
+            client.push([sample("a", 3000.0, latency_ms=50.0)])
+            assert_current(client, ref, "a")
+
+    def test_restore(self, tmp_path: Path) -> None:
+        """Restoring a snapshot into a live store retires every cached answer:
+        the restored window is answered, not the one it replaced."""
+        with running_server(tmp_path) as (server, client):
+            ref = Reference()
+            fill(client, "a", 100.0)
+            assert server.core is not None
+            store = server.core.store
+            snap = on_loop(server, store.snapshot)
+            fill(client, "a", 5000.0)
+            late = client.forecast(["a"])[0]
+            client.allocate(["a"])
+            restored = on_loop(server, lambda: store.restore(snap, time.time(), 3600.0))
+            assert restored == 1
+            fc = client.forecast(["a"])[0]
+            assert fc.bandwidth_mbps != late.bandwidth_mbps
+            assert fc.bandwidth_mbps < 1000.0
+            assert_current(client, ref, "a")
+
+    def test_reload(self, tmp_path: Path) -> None:
+        """A reloaded model answers every peer, cached or not."""
+        model_dir = make_model_dir(tmp_path / "model", version="v1", seed=1)
+        with running_server(tmp_path, model_dir=str(model_dir)) as (server, client):
+            fill(client, "a", 100.0)
+            assert_current(client, Reference(model_dir), "a")
+            make_model_dir(model_dir, version="v2", seed=2, forecast_scale=3.0)
+            loop = server._wake._loop  # type: ignore[union-attr]
+            assert asyncio.run_coroutine_threadsafe(server.reload(), loop).result(timeout=60)
+            assert client.forecast(["a"])[0].model_version == "v2"
+            assert client.allocate(["a"])[0].model_version == "v2"
+            assert_current(client, Reference(model_dir), "a")
+
+
+class TestDifferential:
+    """A random mix of samples, evictions, Forecast and Allocate: every answer
+    equals the one computed afresh from the window GetPeer shows."""
+
+    def test_random_operations(self, tmp_path: Path) -> None:
+        """300 random operations over 12 peer ids on a 6-peer table."""
+        rng = np.random.default_rng(7)
+        ids = [f"peer-{i}" for i in range(12)]
+        now = int(time.time()) - 3000
+        with running_server(tmp_path, max_peers=6, guardrail=False) as (_, client):
+            ref = Reference()
+            for _ in range(300):
+                op = rng.integers(3)
+                chosen = [str(p) for p in rng.choice(ids, size=rng.integers(1, 4), replace=False)]
+                if op == 0:
+                    level = float(10 ** rng.uniform(0, 4))
+                    batch = []
+                    for p in chosen:
+                        for _ in range(int(rng.integers(1, 12))):
+                            now += 1
+                            s = sample(p, level * float(rng.uniform(0.5, 1.5)), latency_ms=5.0)
+                            s.timestamp.seconds = now
+                            batch.append(s)
+                    assert client.push(batch).accepted == len(batch)
+                    continue
+                tracked = {p.peer_id for p in client.peers()}
+                call = client.forecast if op == 1 else client.allocate
+                if not set(chosen) <= tracked:
+                    assert not_found(lambda call=call, c=chosen: call(c))  # type: ignore[misc]
+                    continue
+                answers = call(chosen)
+                for p, got in zip(chosen, answers, strict=True):
+                    peer = client.peer(p)
+                    if op == 1:
+                        point, low, high, source = ref.forecast(peer)
+                        assert got.source == source
+                        np.testing.assert_allclose(
+                            [got.bandwidth_mbps, got.low_mbps, got.high_mbps],
+                            [point, low, high],
+                            rtol=1e-5,
+                        )
+                    else:
+                        action, capacity = ref.allocate(peer)
+                        assert got.action == action
+                        np.testing.assert_allclose(got.reference_capacity_mbps, capacity, rtol=1e-5)
