@@ -14,6 +14,10 @@ default model directory, then runs, until the time is up:
 - a *churn* worker trickling new peer ids, and id floods on demand (LRU);
 - a *reader* (Forecast, Allocate, GetPeer, ListPeers, Advise) and a *watcher*
   (WatchForecasts, cancelled and reopened now and then);
+- a *checker* owning a few peers that it feeds, leaves idle past the expiry
+  time and feeds again (the id floods evict some too): it checks every
+  Forecast and Allocate answer against one computed afresh from the window
+  GetPeer shows just before and after, and that a removed peer is NOT_FOUND;
 
 and injects faults: clients killed with SIGKILL mid-stream, SIGHUP reloads, a
 corrupt model pushed (one flipped byte) then reverted, id floods, and a restart
@@ -62,7 +66,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client.parser import text_string_to_metric_families
 
 from bwpredd.client import Client, channel_for, pb
-from bwpredd.engine import DEFAULT_MODEL_DIR
+from bwpredd.engine import DEFAULT_MODEL_DIR, Engine, load_model
+from bwpredd.state import step_seconds
 
 REPO = Path(__file__).resolve().parents[1]
 WINDOW = 10
@@ -538,6 +543,159 @@ def watcher_main(job: Job, stop: Event, out: Connection) -> None:
         "received": received,
         "opened": opened,
         "cancelled": cancelled,
+        "errors": dict(errors),
+    }
+    out.send_bytes(json.dumps(result).encode())
+    out.close()
+
+
+def _window_of(peer: pb.Peer) -> tuple[Any, Any, Any]:
+    """GetPeer's window as the daemon's arrays: ``[1, W, 4]`` padded at the
+    front, counts ``[1]``, timestamps ``[1, W]``."""
+    n = len(peer.window)
+    window = np.zeros((1, WINDOW, 4), dtype=np.float32)
+    stamps = np.zeros((1, WINDOW), dtype=np.float64)
+    for k, s in enumerate(peer.window):
+        window[0, WINDOW - n + k] = (s.latency_ms, s.bandwidth_mbps, s.packet_loss, s.reliability)
+        stamps[0, WINDOW - n + k] = s.timestamp.seconds + s.timestamp.nanos * 1e-9
+    return window, np.array([n], dtype=np.int64), stamps
+
+
+def _same_window(a: pb.Peer, b: pb.Peer) -> bool:
+    return (
+        a.sample_count == b.sample_count
+        and list(a.window) == list(b.window)
+        and a.live_accuracy.guardrail_active == b.live_accuracy.guardrail_active
+    )
+
+
+def _answer_problem(engine: Engine, peer: pb.Peer, fc: Any, al: Any) -> str | None:
+    """Why the answers ``fc`` and ``al`` are not the ones computed afresh
+    from ``peer``'s window (None when they are)."""
+    window, counts, stamps = _window_of(peer)
+    guard = np.array([peer.live_accuracy.guardrail_active])
+    ref = engine.forecast(window, counts, guard)
+    ref_al = engine.allocate(window, counts, ref, step_seconds(stamps, counts))
+    got = np.array([fc.bandwidth_mbps, fc.low_mbps, fc.high_mbps])
+    want = np.array([ref.point[0], ref.low[0], ref.high[0]], dtype=np.float64)
+    if fc.samples_in_window != len(peer.window):
+        return f"samples_in_window {fc.samples_in_window}, window holds {len(peer.window)}"
+    if fc.source != int(ref.source[0]) or not np.allclose(got, want, rtol=1e-4):
+        return f"forecast {got.tolist()} source {fc.source}, window gives {want.tolist()}"
+    if al.action != int(ref_al.action[0]) or not math.isclose(
+        al.reference_capacity_mbps, float(ref_al.capacity[0]), rel_tol=1e-4
+    ):
+        return (
+            f"allocation {al.action} at {al.reference_capacity_mbps:.6g}, window gives "
+            f"{int(ref_al.action[0])} at {float(ref_al.capacity[0]):.6g}"
+        )
+    return None
+
+
+def checker_main(job: Job, model_dir: str, stop: Event, out: Connection) -> None:
+    """Answers against windows, through evictions, expiry and returns.
+
+    Owns ``chk-*`` peers nobody else writes. A peer is fed a few samples at a
+    time; now and then it naps past ``idle_expiry_s`` (so expiry removes it)
+    and is fed again afterwards (it returns into whatever slot is free). Each
+    check reads GetPeer, then Forecast and Allocate, then GetPeer again: if
+    the window was the same both times, the answers must be the ones computed
+    afresh from it by the same model; if the peer was absent both times, both
+    calls must be NOT_FOUND. Anything in between (a change raced the check)
+    is counted as skipped.
+    """
+    plan, target, t_end = job.plan, job.target, job.t_end
+    rng = random.Random(13)
+    engine = Engine(load_model(Path(model_dir), 1))
+    client = Client(channel_for(target), timeout=plan.call_timeout_s)
+    ids = [f"chk-{i:02d}" for i in range(24)]
+    nap_until = dict.fromkeys(ids, 0.0)
+    level = {p: 10.0 ** rng.uniform(-1, 4) for p in ids}
+    last_ts = dict.fromkeys(ids, 0.0)
+    counts: Counter[str] = Counter()
+    errors: Counter[str] = Counter()
+    problems: list[str] = []
+
+    def get(p: str) -> pb.Peer | None:
+        try:
+            return client.peer(p)
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise
+
+    def answer(p: str) -> tuple[Any, Any] | None:
+        """Forecast and Allocate, or None if both were NOT_FOUND."""
+        got: list[Any] = []
+        for call in (client.forecast, client.allocate):
+            try:
+                got.append(call([p])[0])
+            except grpc.RpcError as err:
+                if err.code() != grpc.StatusCode.NOT_FOUND:
+                    raise
+                got.append(None)
+        if got[0] is None and got[1] is None:
+            return None
+        return got[0], got[1]
+
+    ops = 0
+    while not stop.is_set() and time.time() < t_end and ops < 10_000_000:
+        ops += 1
+        p = rng.choice(ids)
+        now = time.time()
+        try:
+            if now >= nap_until[p] and rng.random() < 0.5:
+                if rng.random() < 0.03:
+                    nap_until[p] = now + plan.idle_expiry_s * rng.uniform(1.5, 2.5)
+                    counts["naps"] += 1
+                    continue
+                batch = []
+                for _ in range(rng.randint(1, 4)):
+                    last_ts[p] = max(last_ts[p] + 0.001, time.time())
+                    bw = level[p] * rng.uniform(0.6, 1.4)
+                    batch.append(
+                        pb.Sample(
+                            peer_id=p,
+                            bandwidth_mbps=bw,
+                            latency_ms=rng.uniform(1, 80),
+                            timestamp=timestamp(last_ts[p]),
+                        )
+                    )
+                client.push(batch)
+                counts["pushes"] += 1
+                continue
+            before = get(p)
+            answers = answer(p)
+            after = get(p)
+            if before is None and after is None:
+                if answers is None:
+                    counts["removed_not_found"] += 1
+                else:
+                    counts["removed_but_answered"] += 1
+                    problems.append(f"{p}: answered while absent: {answers[0]}")
+            elif before is not None and after is not None and _same_window(before, after):
+                if answers is None or answers[0] is None or answers[1] is None:
+                    counts["present_but_not_found"] += 1
+                    problems.append(f"{p}: NOT_FOUND while GetPeer shows it")
+                elif answers[0].model_version != engine.version:
+                    counts["skipped_other_model"] += 1
+                elif (why := _answer_problem(engine, before, *answers)) is not None:
+                    counts["mismatches"] += 1
+                    problems.append(f"{p}: {why}")
+                else:
+                    counts["answers_checked"] += 1
+            else:
+                counts["skipped_changed"] += 1
+        except grpc.RpcError as err:
+            errors[f"checker {err.code().name}"] += 1
+            if err.code() == grpc.StatusCode.UNAVAILABLE:
+                time.sleep(0.2)
+        time.sleep(rng.uniform(0.0, 0.01))
+    client.close()
+    result = {
+        "kind": "checker",
+        "counts": dict(counts),
+        "problems": problems[:20],
         "errors": dict(errors),
     }
     out.send_bytes(json.dumps(result).encode())
@@ -1044,6 +1202,7 @@ def _run(
     spawn(churn_main, job, stop, flood, flood_size)
     spawn(reader_main, job, stop)
     spawn(watcher_main, job, stop)
+    spawn(checker_main, job, str(work / "model"), stop)
 
     faults = Faults(daemon, work, target, flood, flood_size)
     plan_faults = schedule(plan)
@@ -1177,6 +1336,7 @@ def summarise(
     missing = fading_status.get("evicted", 0) + fading_status.get("recreated", 0)
     growth = rss.growth(plan.warmup_s, started)
     workers_reported = sum(1 for r in results if r["kind"] == "steady")
+    checker: dict[str, int] = extra.get("checker", {}).get("counts", {})
     ok = {True: "ok", False: "FAILED"}
     checks_ok = {
         "samples lost = 0": verdict["lost_samples"] == 0
@@ -1193,6 +1353,14 @@ def summarise(
         )
         == 1,
         "all workers reported": workers_reported == plan.workers,
+        "every answer checked matches its window; removed peers NOT_FOUND": (
+            checker.get("answers_checked", 0) > 0
+            and checker.get("removed_not_found", 0) > 0
+            and not any(
+                checker.get(k, 0)
+                for k in ("mismatches", "removed_but_answered", "present_but_not_found")
+            )
+        ),
     }
     checks = {name: ok[bool(passed)] for name, passed in checks_ok.items()}
     checks["RSS growth < 5%/h after warm-up"] = rss_verdict(growth)
@@ -1272,6 +1440,15 @@ def table(report: dict[str, Any]) -> str:
         ("faults survived", ", ".join(f"{k} x{n}" for k, n in f["counts"].items())),
         ("faults failed", ", ".join(f"{k} x{n}" for k, n in f["failed"].items()) or "none"),
         ("streams cancelled mid-flight", str(i["streams_cancelled_mid_flight"])),
+        (
+            "answers checked against their windows (ok / mismatched / skipped)",
+            f"{_chk(i, 'answers_checked'):,} / {_chk(i, 'mismatches'):,} / "
+            f"{_chk(i, 'skipped_changed') + _chk(i, 'skipped_other_model'):,}",
+        ),
+        (
+            "removed peers asked (NOT_FOUND / answered)",
+            f"{_chk(i, 'removed_not_found'):,} / {_chk(i, 'removed_but_answered'):,}",
+        ),
         ("daemon crashes", str(f["daemon_crashes"])),
         (
             "client errors by cause",
@@ -1303,6 +1480,10 @@ def table(report: dict[str, Any]) -> str:
     lines = [f"| {'what':<{width}} | result |", f"|{'-' * (width + 2)}|--------|"]
     lines += [f"| {k:<{width}} | {val} |" for k, val in rows]
     return "\n".join(lines)
+
+
+def _chk(inputs: dict[str, Any], key: str) -> int:
+    return int(inputs.get("checker", {}).get("counts", {}).get(key, 0))
 
 
 def write_reports(report: dict[str, Any], out_dir: Path) -> None:
