@@ -20,6 +20,7 @@ from bwpredd.errors import ManifestError
 
 __all__ = [
     "FEATURES",
+    "FEATURE_RANGES",
     "FEATURE_UNITS",
     "FORMAT_VERSION",
     "MANIFEST_NAME",
@@ -42,6 +43,14 @@ FEATURE_UNITS: dict[str, str] = {
     "bandwidth_mbps": "Mbit/s",
     "packet_loss": "fraction 0..1",
     "reliability": "fraction 0..1",
+}
+# The values a feature may take, inclusive: live samples, restored windows and
+# a manifest's defaults obey the same ranges.
+FEATURE_RANGES: dict[str, tuple[float, float]] = {
+    "latency_ms": (0.0, 600_000.0),  # 10 minutes
+    "bandwidth_mbps": (0.0, 1e7),  # 10 Tbit/s: nothing physical is faster
+    "packet_loss": (0.0, 1.0),
+    "reliability": (0.0, 1.0),
 }
 # Names of the ONNX inputs and outputs the daemon binds by name.
 FORECASTER_INPUT = "window"

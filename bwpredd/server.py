@@ -31,7 +31,8 @@ from bwpredd.engine import DEFAULT_MODEL_DIR, Engine, LoadedModel, load_model
 from bwpredd.errors import ModelError
 from bwpredd.logging import flush_logs, get_logger
 from bwpredd.metrics import Metrics
-from bwpredd.persist import load_snapshot, save_snapshot
+from bwpredd.persist import load_snapshot, save_snapshot, set_aside
+from bwpredd.safefs import open_new, private_dir, temp_name
 from bwpredd.servicer import SERVICE_NAME, BandwidthPredictorServicer
 from bwpredd.systemd import Notifier
 
@@ -96,6 +97,19 @@ def _prepare_socket_dir(path: Path) -> None:
             path.unlink()
         else:
             raise StartupError(f"listen: {path} exists and is not a socket")
+
+
+def _prepare_state_dir(path: Path) -> None:
+    """Check at start-up that snapshots can be written to ``path``: a
+    directory (created 0700 if missing) that only the service may write, in
+    which a file can be created."""
+    try:
+        with private_dir(path) as dir_fd:
+            probe = temp_name("probe")
+            open_new(probe, dir_fd).close()
+            os.unlink(probe, dir_fd=dir_fd)
+    except OSError as exc:
+        raise StartupError(f"state_dir: {path}: {exc.strerror or exc}") from None
 
 
 def create_server(
@@ -219,6 +233,8 @@ class Server:
         """Load the model, build and start the server, announce readiness."""
         config = self.config
         started = time.perf_counter()
+        if self.state_dir is not None:
+            _prepare_state_dir(self.state_dir)
         model: LoadedModel | None
         try:
             model = self._load()
@@ -263,25 +279,27 @@ class Server:
         return Path(self.config.state_dir) if self.config.state_dir else None
 
     def _restore(self) -> None:
-        """Load the snapshot into the store; a bad one is moved aside."""
+        """Load the snapshot into the store. One that cannot be restored in
+        full, for any reason, is moved aside and the daemon starts empty."""
         assert self.core is not None
         if self.state_dir is None:
             return
-        arrays, problem = load_snapshot(self.state_dir)
-        if problem:
-            log.error("snapshot_unreadable", error=problem)
-            return
-        if arrays is None:
-            return
+        store = self.core.store
         try:
-            n = self.core.store.restore(arrays, self.core.clock(), self.config.snapshot_max_age_s)
-        except (ValueError, KeyError, IndexError) as exc:
-            aside = self.state_dir / f"windows.npz.corrupt-{int(time.time())}"
-            with contextlib.suppress(OSError):
-                os.replace(self.state_dir / "windows.npz", aside)
-            log.error("snapshot_unreadable", error=str(exc), moved_to=aside.name)
+            arrays = load_snapshot(self.state_dir, store.snapshot_max_bytes())
+            if arrays is None:
+                return
+            n = store.restore(arrays, self.core.clock(), self.config.snapshot_max_age_s)
+        except Exception as exc:  # whatever is wrong with it must not stop a start
+            try:
+                moved_to = set_aside(self.state_dir)
+            except OSError as err:
+                moved_to = f"not moved: {err.strerror or err}"
+            log.error(
+                "snapshot_unreadable", error=f"{type(exc).__name__}: {exc}", moved_to=moved_to
+            )
             return
-        self.metrics.peers.set(len(self.core.store))
+        self.metrics.peers.set(len(store))
         log.info("snapshot_restored", peers=n, offered=len(arrays["peer_ids"]))
 
     async def snapshot(self) -> bool:
