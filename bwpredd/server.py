@@ -32,7 +32,7 @@ from bwpredd.errors import ModelError
 from bwpredd.logging import flush_logs, get_logger
 from bwpredd.metrics import Metrics
 from bwpredd.persist import load_snapshot, save_snapshot, set_aside
-from bwpredd.safefs import open_new, private_dir, temp_name
+from bwpredd.safefs import dir_stat, open_new, private_dir, temp_name
 from bwpredd.servicer import SERVICE_NAME, BandwidthPredictorServicer
 from bwpredd.systemd import Notifier
 
@@ -75,28 +75,60 @@ def _umask(mask: int) -> Iterator[None]:
 
 def _prepare_socket_dir(path: Path) -> None:
     """Create the socket's directory (mode 0750: only the service and its
-    group may enter) and clear a stale socket file.
+    group may enter) or check the one that exists, and clear a stale socket.
 
-    A directory that already exists must be ours (someone else's could swap
-    the socket under us); if anyone else may write to it, it is tightened.
+    The mode of a directory the daemon did not create is never changed. One
+    that exists must belong to the service's user or root, and either be
+    writable by no one else, or be a shared sticky directory (``/tmp``),
+    where no one else can remove or rename the socket but its own mode
+    (``socket_mode``) is all that guards it: that is allowed, with a warning.
+    Anything else is refused: whoever can write there could swap the socket.
     """
     parent = path.parent
-    if not parent.exists():
-        parent.mkdir(mode=0o750, parents=True)
-    st = parent.stat()
-    if st.st_uid != os.geteuid():
+    try:
+        with contextlib.suppress(FileExistsError):
+            parent.mkdir(mode=0o750, parents=True)
+        st = dir_stat(parent)
+    except OSError as exc:
+        raise StartupError(f"listen: socket directory {parent}: {exc.strerror or exc}") from None
+    mode = stat.S_IMODE(st.st_mode)
+    if not stat.S_ISDIR(st.st_mode):
+        raise StartupError(f"listen: socket directory {parent} is not a directory")
+    if st.st_uid not in (os.geteuid(), 0):
         raise StartupError(
             f"listen: socket directory {parent} belongs to uid {st.st_uid}, not to the "
-            f"service (uid {os.geteuid()})"
+            f"service (uid {os.geteuid()}) or root"
         )
-    if st.st_mode & 0o027:
-        parent.chmod(stat.S_IMODE(st.st_mode) & ~0o027)
-        log.warning("socket_dir_tightened", path=str(parent), mode=oct(st.st_mode & 0o777))
-    with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISSOCK(path.lstat().st_mode):
-            path.unlink()
-        else:
-            raise StartupError(f"listen: {path} exists and is not a socket")
+    if mode & 0o022 and not mode & stat.S_ISVTX:
+        raise StartupError(
+            f"listen: socket directory {parent} is writable by group or others (mode "
+            f"{mode:04o}) and not sticky, so they could replace the socket; use a private "
+            "directory (bwpredd creates a missing one, mode 0750) or chmod go-w it"
+        )
+    if mode & 0o022:
+        log.warning(
+            "socket_dir_shared",
+            path=str(parent),
+            mode=f"{mode:04o}",
+            advice="others may create files beside the socket, guarded only by socket_mode; "
+            "listen in a private directory",
+        )
+    try:
+        old = path.lstat()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise StartupError(f"listen: {path}: {exc.strerror}") from None
+    if not stat.S_ISSOCK(old.st_mode):
+        raise StartupError(f"listen: {path} exists and is not a socket")
+    if old.st_uid != os.geteuid():
+        raise StartupError(f"listen: {path} is a socket of uid {old.st_uid}, not replaced")
+    try:
+        path.unlink()
+    except OSError as exc:
+        raise StartupError(
+            f"listen: cannot remove the stale socket {path}: {exc.strerror}"
+        ) from None
 
 
 def _prepare_state_dir(path: Path) -> None:
