@@ -192,6 +192,12 @@ def create_server(
             if config.tls_cert:
                 bound = server.add_secure_port(target, _server_credentials(config))
             else:
+                log.warning(
+                    "insecure_tcp",
+                    listen=config.listen,
+                    advice="allow_insecure_tcp: no TLS; anyone who can reach this address, "
+                    "every local user included, can use the whole API",
+                )
                 bound = server.add_insecure_port(target)
         except RuntimeError as exc:
             raise StartupError(f"listen: cannot bind {target}: {exc}") from None

@@ -301,6 +301,12 @@ def _log_events(out: str) -> list[dict[str, Any]]:
     return [e for e in events if isinstance(e, dict) and "event" in e]
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 class TestSharedSocketDirectory:
     """A socket in a shared sticky directory (/tmp, /dev/shm) leaves the
     directory alone and is guarded by its own mode (issue 14, item 3)."""
@@ -379,7 +385,10 @@ class TestTcp:
     @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::1]"])
     def test_loopback_only(self, tmp_path: Path, host: str) -> None:
         """A TCP listener on a loopback name binds loopback addresses only."""
-        with running_server(tmp_path, listen=f"{host}:0") as (server, client):
+        with running_server(tmp_path, listen=f"{host}:0", allow_insecure_tcp=True) as (
+            server,
+            client,
+        ):
             port = int(server.address.rsplit(":", 1)[1])
             addrs = _listening(port)
             assert addrs and set(addrs) <= _LOOPBACK_HEX
@@ -398,6 +407,33 @@ class TestTcp:
             Config.load(env={"BWPREDD_LISTEN": listen})
         assert Config(listen=listen, allow_insecure_tcp=True).listen == listen
         assert Config(listen=listen, tls_cert="c.pem", tls_key="k.pem").listen == listen
+
+    @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::1]", "127.0.0.2"])
+    def test_plaintext_loopback_needs_opt_in(self, host: str) -> None:
+        """TCP without TLS, loopback included, needs allow_insecure_tcp: any
+        local user could reach it, bypassing the socket's group (issue 14, item 4)."""
+        with pytest.raises(ConfigError, match=r"^listen: .*allow_insecure_tcp"):
+            Config(listen=f"{host}:50051")
+        with pytest.raises(ConfigError, match=r"^listen: .*allow_insecure_tcp"):
+            Config.load(env={"BWPREDD_LISTEN": f"{host}:50051"})
+        assert Config(listen=f"{host}:50051", allow_insecure_tcp=True).allow_insecure_tcp
+
+    def test_insecure_tcp_warned_at_startup(self, tmp_path: Path) -> None:
+        """With allow_insecure_tcp a plaintext TCP daemon serves and says so in
+        one warning line naming the address."""
+        port = _free_port()
+        env = {
+            "BWPREDD_LISTEN": f"127.0.0.1:{port}",
+            "BWPREDD_ALLOW_INSECURE_TCP": "true",
+            "BWPREDD_LOG_FORMAT": "json",
+        }
+        with daemon_process([], env=env) as proc:
+            wait_for_health(f"127.0.0.1:{port}").close()
+            proc.send_signal(signal.SIGTERM)
+            out = proc.communicate(timeout=30)[0].decode()
+        warnings = [e for e in _log_events(out) if e["event"] == "insecure_tcp"]
+        assert len(warnings) == 1 and warnings[0]["level"] == "warning"
+        assert warnings[0]["listen"] == f"127.0.0.1:{port}"
 
     def test_tls_settings_checked(self) -> None:
         """Half a key pair, or client auth without a client CA, is refused."""
