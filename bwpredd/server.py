@@ -428,7 +428,7 @@ class Server:
         """(mtime, inode) of the manifest: a publish by rename changes both."""
         try:
             st = (self.model_dir / "manifest.json").stat()
-        except OSError:
+        except (OSError, ValueError):  # ValueError: a NUL in model_dir
             return None
         return (st.st_mtime_ns, st.st_ino)
 
