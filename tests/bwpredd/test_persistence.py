@@ -239,11 +239,8 @@ class TestCorruptSnapshot:
             load_snapshot(tmp_path, max_bytes=WindowStore(100, DEFAULTS).snapshot_max_bytes())
 
 
-def _mutate(name: str, fn: Callable[[Arrays], None]) -> Any:
-    def craft(arrays: Arrays) -> None:
-        fn(arrays)
-
-    return pytest.param(craft, id=name)
+def _mutate(name: str, fn: Callable[[Arrays], Any]) -> Any:
+    return pytest.param(fn, id=name)
 
 
 def _ids(*ids: str) -> np.ndarray:
