@@ -87,7 +87,8 @@ class Config:
     # Client CA (PEM): with require_client_auth, mutual TLS.
     tls_client_ca: str = ""
     require_client_auth: bool = False
-    # Allow TCP without TLS on a non-loopback address.
+    # Allow TCP without TLS (loopback included): anyone who can reach the
+    # address can use the whole API.
     allow_insecure_tcp: bool = False
     # Model directory; empty = the embedded default model.
     model_dir: str = ""
@@ -146,22 +147,20 @@ class Config:
         Raises:
             ConfigError: naming the key and the rule.
         """
-        kind, host, _ = parse_listen(self.listen)
+        kind, _, _ = parse_listen(self.listen)
         if not 0 <= self.socket_mode <= 0o777:
             raise ConfigError("socket_mode: must be permission bits 0..0o777")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("tls_cert, tls_key: give both or neither")
         if self.require_client_auth and not (self.tls_client_ca and self.tls_cert):
             raise ConfigError("require_client_auth: needs tls_cert, tls_key and tls_client_ca")
-        if (
-            kind == "tcp"
-            and not self.tls_cert
-            and not self.allow_insecure_tcp
-            and host not in ("127.0.0.1", "localhost", "::1")
-        ):
+        if kind == "tcp" and not self.tls_cert and not self.allow_insecure_tcp:
+            # Loopback included: every local user and every process sharing the
+            # network namespace could reach it, past the unix socket's group.
             raise ConfigError(
-                f"listen: TCP on non-loopback {host!r} needs tls_cert/tls_key "
-                "(or allow_insecure_tcp = true)"
+                f"listen: TCP without TLS ({self.listen!r}) needs tls_cert/tls_key, or "
+                "allow_insecure_tcp = true: anyone who can reach it, every local user "
+                "included, could use the whole API"
             )
         for name in (
             "ort_threads",
@@ -193,7 +192,7 @@ class Config:
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}: must be one of {', '.join(allowed)}")
         if self.metrics_addr:
-            host, sep, port = self.metrics_addr.rpartition(":")
+            _, sep, port = self.metrics_addr.rpartition(":")
             if not sep or not port.isdigit():
                 raise ConfigError(
                     f"metrics_addr: expected 'host:port' or empty, got {self.metrics_addr!r}"

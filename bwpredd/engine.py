@@ -191,8 +191,18 @@ def load_model(model_dir: Path, threads: int = 1) -> LoadedModel:
         threads: onnxruntime intra-op threads per session.
 
     Raises:
-        ModelError: any check failed; the message says which and why.
+        ModelError: any check failed, or anything else went wrong; the
+            message says which and why.
     """
+    try:
+        return _load_model(model_dir, threads)
+    except ModelError:
+        raise
+    except Exception as exc:  # a directory no check foresaw is a refused load, never a crash
+        raise ModelError(f"{model_dir}: cannot load: {type(exc).__name__}: {exc}") from exc
+
+
+def _load_model(model_dir: Path, threads: int) -> LoadedModel:
     start = time.perf_counter()
     try:
         manifest = load_manifest(model_dir)

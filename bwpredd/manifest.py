@@ -11,15 +11,17 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from bwpredd.errors import ManifestError
 
 __all__ = [
     "FEATURES",
+    "FEATURE_RANGES",
     "FEATURE_UNITS",
     "FORMAT_VERSION",
     "MANIFEST_NAME",
@@ -43,12 +45,22 @@ FEATURE_UNITS: dict[str, str] = {
     "packet_loss": "fraction 0..1",
     "reliability": "fraction 0..1",
 }
+# The values a feature may take, inclusive: live samples, restored windows and
+# a manifest's defaults obey the same ranges.
+FEATURE_RANGES: dict[str, tuple[float, float]] = {
+    "latency_ms": (0.0, 600_000.0),  # 10 minutes
+    "bandwidth_mbps": (0.0, 1e7),  # 10 Tbit/s: nothing physical is faster
+    "packet_loss": (0.0, 1.0),
+    "reliability": (0.0, 1.0),
+}
 # Names of the ONNX inputs and outputs the daemon binds by name.
 FORECASTER_INPUT = "window"
 FORECASTER_OUTPUTS: tuple[str, ...] = ("bandwidth_mbps", "low_mbps", "high_mbps")
 ALLOCATOR_INPUT = "state"
 ALLOCATOR_OUTPUT = "q_values"
 N_ACTIONS = 10
+# A model file is named by a plain name inside the directory.
+_FILE_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 
 
 @dataclass(frozen=True)
@@ -64,7 +76,7 @@ class TensorSpec:
         obj = _obj(raw, where)
         shape = obj.get("shape")
         if not isinstance(shape, list) or not all(
-            s is None or (isinstance(s, int) and s > 0) for s in shape
+            s is None or (_is_int(s) and s > 0) for s in shape
         ):
             raise ManifestError(f"{where}.shape: must be a list of positive ints or null")
         return cls(
@@ -87,8 +99,11 @@ class ModelFile:
     def from_json(cls, raw: Any, where: str) -> ModelFile:
         obj = _obj(raw, where)
         name = _str(obj, "file", where)
-        if "/" in name or name.startswith("."):
-            raise ManifestError(f"{where}.file: must be a plain file name, got {name!r}")
+        if not _FILE_RE.fullmatch(name):
+            raise ManifestError(
+                f"{where}.file: must be a plain file name of [A-Za-z0-9._-], not starting "
+                f"with '.', got {_show(name)}"
+            )
         digest = _str(obj, "sha256", where)
         if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
             raise ManifestError(f"{where}.sha256: must be 64 lowercase hex digits")
@@ -145,47 +160,64 @@ class Manifest:
         """
         obj = _obj(raw, "manifest")
         fmt = obj.get("format")
-        if fmt != FORMAT_VERSION:
-            raise ManifestError(f"format: expected {FORMAT_VERSION}, got {fmt!r}")
+        if not _is_int(fmt) or fmt != FORMAT_VERSION:
+            raise ManifestError(f"format: expected {FORMAT_VERSION}, got {_show(fmt)}")
         window = obj.get("window")
-        if window != WINDOW:
-            raise ManifestError(f"window: expected {WINDOW}, got {window!r}")
+        if not _is_int(window) or window != WINDOW:
+            raise ManifestError(f"window: expected {WINDOW}, got {_show(window)}")
         features = tuple(_list(obj, "features", "manifest"))
         if features != FEATURES:
-            raise ManifestError(f"features: expected {list(FEATURES)}, got {list(features)}")
+            raise ManifestError(f"features: expected {list(FEATURES)}")
         defaults_raw = _obj(obj.get("feature_defaults"), "feature_defaults")
         defaults: dict[str, float] = {}
         for name in ("latency_ms", "packet_loss", "reliability"):
+            lo, hi = FEATURE_RANGES[name]
             value = defaults_raw.get(name)
-            if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-                raise ManifestError(f"feature_defaults.{name}: must be a finite number >= 0")
+            if not _is_number(value) or not lo <= value <= hi:
+                raise ManifestError(
+                    f"feature_defaults.{name}: must be a number within [{lo:g}, {hi:g}], "
+                    f"got {_show(value)}"
+                )
             defaults[name] = float(value)
         forecaster = ModelFile.from_json(obj.get("forecaster"), "forecaster")
         allocator = ModelFile.from_json(obj.get("allocator"), "allocator")
         layout = tuple(_list(obj, "state_layout", "manifest"))
-        if not layout or not all(isinstance(s, str) for s in layout):
+        if not layout or not all(isinstance(s, str) and s for s in layout):
             raise ManifestError("state_layout: must be a non-empty list of names")
         _check_io(forecaster, allocator, len(layout))
         interval = _obj(obj.get("interval"), "interval")
+        for key, q in interval.items():
+            if not _is_number(q):
+                raise ManifestError(f"interval.{key}: must be a finite number, got {_show(q)}")
         for key in ("low_quantile", "high_quantile"):
             q = interval.get(key)
-            if not isinstance(q, int | float) or not 0 < q < 1:
+            if not _is_number(q) or not 0 < q < 1:
                 raise ManifestError(f"interval.{key}: must be a number in (0, 1)")
+        if not interval["low_quantile"] < interval["high_quantile"]:
+            raise ManifestError("interval.low_quantile: must be below interval.high_quantile")
+        opset = obj.get("opset", 0)
+        if not _is_int(opset) or opset < 0:
+            raise ManifestError(f"opset: must be an integer >= 0, got {_show(opset)}")
+        version = _str(obj, "version", "manifest")
+        if len(version) > 128 or not version.isprintable():
+            raise ManifestError(
+                f"manifest.version: must be at most 128 printable characters, got {_show(version)}"
+            )
         known = {f.name for f in cls.__dataclass_fields__.values()}
         return cls(
             format=FORMAT_VERSION,
-            version=_str(obj, "version", "manifest"),
+            version=version,
             created=_str(obj, "created", "manifest"),
             window=WINDOW,
             features=features,
-            units=dict(_obj(obj.get("units", FEATURE_UNITS), "units")),
+            units=_str_map(obj.get("units", FEATURE_UNITS), "units"),
             feature_defaults=defaults,
             forecaster=forecaster,
             allocator=allocator,
             state_layout=layout,
             interval={k: float(v) for k, v in interval.items()},
-            opset=int(obj.get("opset", 0)),
-            versions=dict(_obj(obj.get("versions", {}), "versions")),
+            opset=opset,
+            versions=_str_map(obj.get("versions", {}), "versions"),
             evaluation=dict(_obj(obj.get("evaluation", {}), "evaluation")),
             training_data=dict(_obj(obj.get("training_data", {}), "training_data")),
             extra={k: v for k, v in obj.items() if k not in known},
@@ -226,6 +258,31 @@ def _check_io(forecaster: ModelFile, allocator: ModelFile, state_size: int) -> N
     a_out = [t.name for t in allocator.outputs]
     if a_out != [ALLOCATOR_OUTPUT] or allocator.outputs[0].shape[1:] != (N_ACTIONS,):
         raise ManifestError(f"allocator.outputs: expected ['q_values'] of shape [N, {N_ACTIONS}]")
+
+
+def _is_int(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> TypeGuard[float]:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _show(value: Any) -> str:
+    """A short, safe rendering of a bad value (containers by type only: a
+    deeply nested one must not be walked)."""
+    if value is None or isinstance(value, bool | int | float | str):
+        text = repr(value)
+        return text if len(text) <= 60 else text[:57] + "..."
+    return f"a {type(value).__name__}"
+
+
+def _str_map(raw: Any, where: str) -> dict[str, str]:
+    obj = _obj(raw, where)
+    for key, value in obj.items():
+        if not isinstance(value, str):
+            raise ManifestError(f"{where}.{key}: must be a string, got {_show(value)}")
+    return dict(obj)
 
 
 def _obj(raw: Any, where: str) -> Mapping[str, Any]:
@@ -275,7 +332,9 @@ def load_manifest(model_dir: Path) -> Manifest:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ManifestError(f"{path}: missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except RecursionError:
+        raise ManifestError(f"{path}: unreadable: JSON nested too deeply") from None
+    except (OSError, ValueError) as exc:  # ValueError: bad UTF-8, bad JSON, a NUL in the path
         raise ManifestError(f"{path}: unreadable: {exc}") from None
     return Manifest.from_json(raw)
 

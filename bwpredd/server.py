@@ -31,7 +31,8 @@ from bwpredd.engine import DEFAULT_MODEL_DIR, Engine, LoadedModel, load_model
 from bwpredd.errors import ModelError
 from bwpredd.logging import flush_logs, get_logger
 from bwpredd.metrics import Metrics
-from bwpredd.persist import load_snapshot, save_snapshot
+from bwpredd.persist import load_snapshot, save_snapshot, set_aside
+from bwpredd.safefs import dir_stat, open_new, private_dir, temp_name
 from bwpredd.servicer import SERVICE_NAME, BandwidthPredictorServicer
 from bwpredd.systemd import Notifier
 
@@ -74,28 +75,73 @@ def _umask(mask: int) -> Iterator[None]:
 
 def _prepare_socket_dir(path: Path) -> None:
     """Create the socket's directory (mode 0750: only the service and its
-    group may enter) and clear a stale socket file.
+    group may enter) or check the one that exists, and clear a stale socket.
 
-    A directory that already exists must be ours (someone else's could swap
-    the socket under us); if anyone else may write to it, it is tightened.
+    The mode of a directory the daemon did not create is never changed. One
+    that exists must belong to the service's user or root, and either be
+    writable by no one else, or be a shared sticky directory (``/tmp``),
+    where no one else can remove or rename the socket but its own mode
+    (``socket_mode``) is all that guards it: that is allowed, with a warning.
+    Anything else is refused: whoever can write there could swap the socket.
     """
     parent = path.parent
-    if not parent.exists():
-        parent.mkdir(mode=0o750, parents=True)
-    st = parent.stat()
-    if st.st_uid != os.geteuid():
+    try:
+        with contextlib.suppress(FileExistsError):
+            parent.mkdir(mode=0o750, parents=True)
+        st = dir_stat(parent)
+    except OSError as exc:
+        raise StartupError(f"listen: socket directory {parent}: {exc.strerror or exc}") from None
+    mode = stat.S_IMODE(st.st_mode)
+    if not stat.S_ISDIR(st.st_mode):
+        raise StartupError(f"listen: socket directory {parent} is not a directory")
+    if st.st_uid not in (os.geteuid(), 0):
         raise StartupError(
             f"listen: socket directory {parent} belongs to uid {st.st_uid}, not to the "
-            f"service (uid {os.geteuid()})"
+            f"service (uid {os.geteuid()}) or root"
         )
-    if st.st_mode & 0o027:
-        parent.chmod(stat.S_IMODE(st.st_mode) & ~0o027)
-        log.warning("socket_dir_tightened", path=str(parent), mode=oct(st.st_mode & 0o777))
-    with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISSOCK(path.lstat().st_mode):
-            path.unlink()
-        else:
-            raise StartupError(f"listen: {path} exists and is not a socket")
+    if mode & 0o022 and not mode & stat.S_ISVTX:
+        raise StartupError(
+            f"listen: socket directory {parent} is writable by group or others (mode "
+            f"{mode:04o}) and not sticky, so they could replace the socket; use a private "
+            "directory (bwpredd creates a missing one, mode 0750) or chmod go-w it"
+        )
+    if mode & 0o022:
+        log.warning(
+            "socket_dir_shared",
+            path=str(parent),
+            mode=f"{mode:04o}",
+            advice="others may create files beside the socket, guarded only by socket_mode; "
+            "listen in a private directory",
+        )
+    try:
+        old = path.lstat()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise StartupError(f"listen: {path}: {exc.strerror}") from None
+    if not stat.S_ISSOCK(old.st_mode):
+        raise StartupError(f"listen: {path} exists and is not a socket")
+    if old.st_uid != os.geteuid():
+        raise StartupError(f"listen: {path} is a socket of uid {old.st_uid}, not replaced")
+    try:
+        path.unlink()
+    except OSError as exc:
+        raise StartupError(
+            f"listen: cannot remove the stale socket {path}: {exc.strerror}"
+        ) from None
+
+
+def _prepare_state_dir(path: Path) -> None:
+    """Check at start-up that snapshots can be written to ``path``: a
+    directory (created 0700 if missing) that only the service may write, in
+    which a file can be created."""
+    try:
+        with private_dir(path) as dir_fd:
+            probe = temp_name("probe")
+            open_new(probe, dir_fd).close()
+            os.unlink(probe, dir_fd=dir_fd)
+    except OSError as exc:
+        raise StartupError(f"state_dir: {path}: {exc.strerror or exc}") from None
 
 
 def create_server(
@@ -146,6 +192,12 @@ def create_server(
             if config.tls_cert:
                 bound = server.add_secure_port(target, _server_credentials(config))
             else:
+                log.warning(
+                    "insecure_tcp",
+                    listen=config.listen,
+                    advice="allow_insecure_tcp: no TLS; anyone who can reach this address, "
+                    "every local user included, can use the whole API",
+                )
                 bound = server.add_insecure_port(target)
         except RuntimeError as exc:
             raise StartupError(f"listen: cannot bind {target}: {exc}") from None
@@ -219,6 +271,8 @@ class Server:
         """Load the model, build and start the server, announce readiness."""
         config = self.config
         started = time.perf_counter()
+        if self.state_dir is not None:
+            _prepare_state_dir(self.state_dir)
         model: LoadedModel | None
         try:
             model = self._load()
@@ -263,25 +317,27 @@ class Server:
         return Path(self.config.state_dir) if self.config.state_dir else None
 
     def _restore(self) -> None:
-        """Load the snapshot into the store; a bad one is moved aside."""
+        """Load the snapshot into the store. One that cannot be restored in
+        full, for any reason, is moved aside and the daemon starts empty."""
         assert self.core is not None
         if self.state_dir is None:
             return
-        arrays, problem = load_snapshot(self.state_dir)
-        if problem:
-            log.error("snapshot_unreadable", error=problem)
-            return
-        if arrays is None:
-            return
+        store = self.core.store
         try:
-            n = self.core.store.restore(arrays, self.core.clock(), self.config.snapshot_max_age_s)
-        except (ValueError, KeyError, IndexError) as exc:
-            aside = self.state_dir / f"windows.npz.corrupt-{int(time.time())}"
-            with contextlib.suppress(OSError):
-                os.replace(self.state_dir / "windows.npz", aside)
-            log.error("snapshot_unreadable", error=str(exc), moved_to=aside.name)
+            arrays = load_snapshot(self.state_dir, store.snapshot_max_bytes())
+            if arrays is None:
+                return
+            n = store.restore(arrays, self.core.clock(), self.config.snapshot_max_age_s)
+        except Exception as exc:  # whatever is wrong with it must not stop a start
+            try:
+                moved_to = set_aside(self.state_dir)
+            except OSError as err:
+                moved_to = f"not moved: {err.strerror or err}"
+            log.error(
+                "snapshot_unreadable", error=f"{type(exc).__name__}: {exc}", moved_to=moved_to
+            )
             return
-        self.metrics.peers.set(len(self.core.store))
+        self.metrics.peers.set(len(store))
         log.info("snapshot_restored", peers=n, offered=len(arrays["peer_ids"]))
 
     async def snapshot(self) -> bool:
@@ -372,7 +428,7 @@ class Server:
         """(mtime, inode) of the manifest: a publish by rename changes both."""
         try:
             st = (self.model_dir / "manifest.json").stat()
-        except OSError:
+        except (OSError, ValueError):  # ValueError: a NUL in model_dir
             return None
         return (st.st_mtime_ns, st.st_ino)
 

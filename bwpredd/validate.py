@@ -16,10 +16,12 @@ import numpy as np
 import numpy.typing as npt
 
 from bwpredd.errors import InvalidArgument
+from bwpredd.manifest import FEATURE_RANGES
 
 __all__ = [
     "MAX_BANDWIDTH_MBPS",
     "MAX_LATENCY_MS",
+    "MAX_PEER_ID_LEN",
     "PEER_ID_RULE",
     "SampleBatch",
     "ValidBatch",
@@ -28,10 +30,11 @@ __all__ = [
     "validate_batch",
 ]
 
-MAX_BANDWIDTH_MBPS = 1e7  # 10 Tbit/s: nothing physical is faster
-MAX_LATENCY_MS = 600_000.0  # 10 minutes
-PEER_ID_RULE = "must be 1-128 characters of [A-Za-z0-9._:@/-]"
-_PEER_RE = re.compile(r"[A-Za-z0-9._:@/-]{1,128}")
+MAX_BANDWIDTH_MBPS = FEATURE_RANGES["bandwidth_mbps"][1]
+MAX_LATENCY_MS = FEATURE_RANGES["latency_ms"][1]
+MAX_PEER_ID_LEN = 128
+PEER_ID_RULE = f"must be 1-{MAX_PEER_ID_LEN} characters of [A-Za-z0-9._:@/-]"
+_PEER_RE = re.compile(rf"[A-Za-z0-9._:@/-]{{1,{MAX_PEER_ID_LEN}}}")
 
 
 def check_peer_id(peer_id: str, field: str = "peer_id") -> None:

@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import math
 from array import array
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from bwpredd.errors import InvalidArgument
+from bwpredd.manifest import FEATURE_RANGES, FEATURES
 from bwpredd.state import step_seconds
+from bwpredd.validate import MAX_PEER_ID_LEN, check_peer_id
 
 __all__ = ["IngestResult", "PeerView", "WindowStore"]
 
@@ -31,6 +35,10 @@ BOOL = npt.NDArray[np.bool_]
 
 # Snapshot keys; bumping the format invalidates old snapshots cleanly.
 SNAPSHOT_FORMAT = 1
+# Arrays of a snapshot that are not per peer.
+_SNAPSHOT_HEADER = ("format", "window")
+# Room for the archive's and the .npy headers (about 200 bytes per array).
+_SNAPSHOT_SLACK = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -352,6 +360,34 @@ class WindowStore:
 
     # -- snapshots --------------------------------------------------------------
 
+    def _snapshot_layout(self) -> dict[str, tuple[np.dtype[Any], tuple[int, ...]]]:
+        """Every array of a snapshot: its dtype and shape. Per-peer arrays
+        have one row per peer; the shape given is that of a row."""
+        w = self.window
+        return {
+            "format": (np.dtype(np.int64), (1,)),
+            "window": (np.dtype(np.int64), (1,)),
+            "peer_ids": (np.dtype(f"<U{MAX_PEER_ID_LEN}"), ()),
+            "data": (self._data.dtype, (w, 4)),
+            "ts": (self._ts.dtype, (w,)),
+            "head": (self._head.dtype, ()),
+            "count": (self._count.dtype, ()),
+            "total": (self._total.dtype, ()),
+            "last_ts": (self._last_ts.dtype, ()),
+            "last_seen": (self._last_seen.dtype, ()),
+        }
+
+    def snapshot_max_bytes(self) -> int:
+        """The most bytes a snapshot of this store takes on disk (when full),
+        with room for the archive's headers: the bound a reader checks before
+        it allocates anything."""
+        row = sum(
+            dtype.itemsize * math.prod(shape)
+            for name, (dtype, shape) in self._snapshot_layout().items()
+            if name not in _SNAPSHOT_HEADER
+        )
+        return self.capacity * row + _SNAPSHOT_SLACK
+
     def snapshot(self) -> dict[str, npt.NDArray[np.generic]]:
         """The tracked peers as plain arrays (no objects: loadable with
         ``allow_pickle=False``)."""
@@ -360,7 +396,7 @@ class WindowStore:
         return {
             "format": np.array([SNAPSHOT_FORMAT], dtype=np.int64),
             "window": np.array([self.window], dtype=np.int64),
-            "peer_ids": np.array(ids, dtype="<U128"),
+            "peer_ids": np.array(ids, dtype=f"<U{MAX_PEER_ID_LEN}"),
             "data": self._data[slots].copy(),
             "ts": self._ts[slots].copy(),
             "head": self._head[slots].copy(),
@@ -370,11 +406,102 @@ class WindowStore:
             "last_seen": self._last_seen[slots].copy(),
         }
 
+    def _check_snapshot(self, snap: Mapping[str, npt.NDArray[np.generic]]) -> list[str]:
+        """Check a snapshot against this store and the rules live input obeys.
+
+        Rules: exactly the arrays :meth:`snapshot` writes, each of its dtype
+        and shape, one row per peer, at most ``capacity`` peers, this format
+        and window length; peer ids unique and valid (the live peer-id rule);
+        every feature value finite and within its live range; ring positions
+        consistent with the sample totals (``count = min(total, W)``,
+        ``head = total mod W``); every timestamp finite, a window's filled
+        rows in time order, its newest equal to ``last_ts``; ``last_seen``
+        finite.
+
+        Args:
+            snap: arrays as written by :meth:`snapshot`, from anywhere.
+
+        Returns:
+            The peer ids, in row order.
+
+        Raises:
+            ValueError: naming the array and the rule it breaks.
+        """
+        layout = self._snapshot_layout()
+        missing, extra = sorted(set(layout) - set(snap)), sorted(set(snap) - set(layout))
+        if missing or extra:
+            raise ValueError(f"snapshot: arrays missing {missing}, unexpected {extra}")
+        ids_arr = snap["peer_ids"]
+        n = ids_arr.shape[0] if ids_arr.ndim == 1 else -1
+        for name, (dtype, shape) in layout.items():
+            a = snap[name]
+            want = shape if name in _SNAPSHOT_HEADER else (n, *shape)
+            if a.dtype != dtype or a.shape != want:
+                raise ValueError(
+                    f"snapshot: {name}: expected {dtype} of shape {want}, got {a.dtype} {a.shape}"
+                )
+        if int(snap["format"][0]) != SNAPSHOT_FORMAT:
+            raise ValueError(f"snapshot: format: expected {SNAPSHOT_FORMAT}")
+        if int(snap["window"][0]) != self.window:
+            raise ValueError(f"snapshot: window: expected {self.window} (the window length)")
+        if n > self.capacity:
+            raise ValueError(f"snapshot: {n} peers, more than max_peers ({self.capacity})")
+        ids: list[str] = ids_arr.tolist()
+        seen: dict[str, int] = {}
+        for i, pid in enumerate(ids):
+            try:
+                check_peer_id(pid, f"peer_ids[{i}]")
+            except InvalidArgument as exc:
+                raise ValueError(f"snapshot: {exc}") from None
+            if pid in seen:
+                raise ValueError(f"snapshot: peer_ids[{i}]: duplicate of peer_ids[{seen[pid]}]")
+            seen[pid] = i
+        # The dtypes are checked: these are views, typed for the arithmetic.
+        w = self.window
+        data = np.asarray(snap["data"], dtype=np.float32)
+        with np.errstate(invalid="ignore"):
+            for f, name in enumerate(FEATURES):
+                lo, hi = FEATURE_RANGES[name]
+                bad = np.flatnonzero(~((data[:, :, f] >= lo) & (data[:, :, f] <= hi)).all(axis=1))
+                if bad.size:
+                    raise ValueError(
+                        f"snapshot: data[{bad[0]}]: {name} must be finite, within [{lo:g}, {hi:g}]"
+                    )
+        total, count, head = (
+            np.asarray(snap[k], dtype=np.int64) for k in ("total", "count", "head")
+        )
+        bad = np.flatnonzero((total < 0) | (count != np.minimum(total, w)) | (head != total % w))
+        if bad.size:
+            raise ValueError(
+                f"snapshot: peer {bad[0]}: needs total >= 0, count = min(total, {w}), "
+                f"head = total mod {w}"
+            )
+        ts = np.asarray(snap["ts"], dtype=np.float64)
+        order = (head[:, None] + np.arange(w)[None, :]) % w
+        ordered = ts[np.arange(n)[:, None], order]
+        filled = np.arange(w)[None, :] >= (w - count)[:, None]
+        last_ts = snap["last_ts"]
+        with np.errstate(invalid="ignore"):
+            bad_ts = ~np.isfinite(ts).all(axis=1)
+            bad_ts |= (filled[:, 1:] & (np.diff(ordered, axis=1) < 0)).any(axis=1)
+            bad_ts |= np.where(count > 0, last_ts != ordered[:, -1], last_ts != -math.inf)
+        bad = np.flatnonzero(bad_ts)
+        if bad.size:
+            raise ValueError(
+                f"snapshot: ts[{bad[0]}]: a window's timestamps must be finite, in time "
+                "order, the newest equal to last_ts"
+            )
+        bad = np.flatnonzero(~np.isfinite(snap["last_seen"]))
+        if bad.size:
+            raise ValueError(f"snapshot: last_seen[{bad[0]}]: must be finite")
+        return ids
+
     def restore(
-        self, snap: dict[str, npt.NDArray[np.generic]], now: float, max_age_s: float
+        self, snap: Mapping[str, npt.NDArray[np.generic]], now: float, max_age_s: float
     ) -> int:
-        """Load a snapshot into an empty store, dropping peers last seen more
-        than ``max_age_s`` ago and, beyond capacity, the least recent.
+        """Replace the store's peers with a snapshot's, dropping peers last
+        seen more than ``max_age_s`` ago. All or nothing: a snapshot that
+        breaks a rule of :meth:`_check_snapshot` changes nothing.
 
         Args:
             snap: arrays as written by :meth:`snapshot`.
@@ -385,43 +512,25 @@ class WindowStore:
             Peers restored.
 
         Raises:
-            ValueError: the snapshot is not of this format or is inconsistent.
+            ValueError: the snapshot breaks a rule; the message names it.
         """
-        if int(np.asarray(snap["format"])[0]) != SNAPSHOT_FORMAT:
-            raise ValueError("snapshot: unknown format")
-        if int(np.asarray(snap["window"])[0]) != self.window:
-            raise ValueError("snapshot: window length differs")
-        ids = np.asarray(snap["peer_ids"])
-        n = ids.shape[0]
-        data = np.asarray(snap["data"], dtype=np.float32)
-        if data.shape != (n, self.window, 4):
-            raise ValueError("snapshot: data has the wrong shape")
-        head = np.asarray(snap["head"], dtype=np.int64)
-        count = np.asarray(snap["count"], dtype=np.int64)
+        ids = self._check_snapshot(snap)
         last_seen = np.asarray(snap["last_seen"], dtype=np.float64)
-        if not (
-            np.isfinite(data).all()
-            and ((head >= 0) & (head < self.window)).all()
-            and ((count >= 0) & (count <= self.window)).all()
-        ):
-            raise ValueError("snapshot: values out of range")
         fresh = np.flatnonzero(last_seen >= now - max_age_s)
-        fresh = fresh[np.argsort(-last_seen[fresh], kind="stable")][: self.capacity]
         self._release(list(self._slots.values()))
         for j in fresh:
             slot = self._free.pop()
-            pid = str(ids[j])
-            self._slots[pid] = slot
-            self._peers[slot] = pid
+            self._slots[ids[j]] = slot
+            self._peers[slot] = ids[j]
             self._used[slot] = True
-        slots = np.array([self._slots[str(ids[j])] for j in fresh], dtype=np.int64)
+        slots = np.array([self._slots[ids[j]] for j in fresh], dtype=np.int64)
         if slots.size:
             self._clear(slots, now)
-            self._data[slots] = data[fresh]
-            self._ts[slots] = np.asarray(snap["ts"], dtype=np.float64)[fresh]
-            self._head[slots] = head[fresh]
-            self._count[slots] = count[fresh]
-            self._total[slots] = np.asarray(snap["total"], dtype=np.int64)[fresh]
-            self._last_ts[slots] = np.asarray(snap["last_ts"], dtype=np.float64)[fresh]
+            self._data[slots] = snap["data"][fresh]
+            self._ts[slots] = snap["ts"][fresh]
+            self._head[slots] = snap["head"][fresh]
+            self._count[slots] = snap["count"][fresh]
+            self._total[slots] = snap["total"][fresh]
+            self._last_ts[slots] = snap["last_ts"][fresh]
             self._last_seen[slots] = last_seen[fresh]
         return int(slots.size)

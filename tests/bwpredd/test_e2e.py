@@ -123,7 +123,10 @@ class TestTcp:
 
     def test_tcp_port_zero(self, tmp_path: Path) -> None:
         """Binding port 0 on loopback serves the same API on the chosen port."""
-        with running_server(tmp_path, listen="127.0.0.1:0") as (server, client):
+        with running_server(tmp_path, listen="127.0.0.1:0", allow_insecure_tcp=True) as (
+            server,
+            client,
+        ):
             assert not server.address.endswith(":0")
             client.push([sample("t", 5.0 + i) for i in range(10)])
             (fc,) = client.forecast(["t"])

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from bwpredd import Predictor
 from bwpredd.engine import DEFAULT_MODEL_DIR, Engine, Source, load_model, smoke_windows
@@ -135,3 +139,91 @@ class TestManifest:
 
         raw = json.loads((DEFAULT_MODEL_DIR / "manifest.json").read_text())
         assert Manifest.from_json(raw).to_json() == raw
+
+
+# -- malformed manifests (issue 14, item 7) ---------------------------------------------
+
+_FREE_FORM = ("evaluation", "training_data", "export", "parity")
+
+
+def _paths(node: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Every key or index path of a decoded manifest, free-form sections as one."""
+    out = [prefix] if prefix else []
+    if prefix and prefix[0] in _FREE_FORM:
+        return out
+    if isinstance(node, dict):
+        for k, v in node.items():
+            out += _paths(v, (*prefix, k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            out += _paths(v, (*prefix, i))
+    return out
+
+
+_DEFAULT_MANIFEST = json.loads((DEFAULT_MODEL_DIR / "manifest.json").read_text())
+_JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(alphabet=st.characters(codec="utf-8"), max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+def _mutated(path: tuple[Any, ...], value: Any, delete: bool) -> Any:
+    doc = copy.deepcopy(_DEFAULT_MANIFEST)
+    node = doc
+    for key in path[:-1]:
+        node = node[key]
+    if delete:
+        del node[path[-1]]
+    else:
+        node[path[-1]] = value
+    return doc
+
+
+@pytest.fixture(scope="module")
+def fuzz_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("fuzz") / "model"
+    shutil.copytree(DEFAULT_MODEL_DIR, d)
+    return d
+
+
+class TestMalformedManifest:
+    """Whatever a manifest holds, loading it gives a model or a ModelError."""
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(
+        path=st.sampled_from(_paths(_DEFAULT_MANIFEST)),
+        value=_JSON_VALUES,
+        delete=st.booleans(),
+    )
+    def test_mutations_load_or_model_error(
+        self, fuzz_dir: Path, path: tuple[Any, ...], value: Any, delete: bool
+    ) -> None:
+        """One field of the real manifest replaced (or deleted): load_model
+        returns a model or raises ModelError, never anything else."""
+        (fuzz_dir / "manifest.json").write_text(json.dumps(_mutated(path, value, delete)))
+        try:
+            model = load_model(fuzz_dir)
+        except ModelError as exc:
+            assert str(exc).startswith(str(fuzz_dir))
+        else:
+            assert model.version
+
+    @settings(max_examples=100, deadline=None)
+    @given(blob=st.binary(max_size=200) | st.text(max_size=200).map(str.encode))
+    def test_garbage_bytes_model_error(self, fuzz_dir: Path, blob: bytes) -> None:
+        """A manifest.json of arbitrary bytes is a ModelError."""
+        (fuzz_dir / "manifest.json").write_bytes(blob)
+        with pytest.raises(ModelError):
+            load_model(fuzz_dir)
+
+    def test_unusable_directory_name_model_error(self) -> None:
+        """A model directory whose name the OS cannot take (a NUL) is a ModelError."""
+        with pytest.raises(ModelError, match="null"):
+            load_model(Path("/tmp/model\0dir"))

@@ -11,11 +11,13 @@ test_flipped_byte_refused``; here we check that no session is built first).
 from __future__ import annotations
 
 import ast
+import contextlib
 import datetime as dt
 import ipaddress
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -42,7 +44,7 @@ from bwpredd.errors import ModelError
 from bwpredd.persist import SNAPSHOT_NAME
 from bwpredd.server import StartupError
 from bwpredd.servicer import SERVICE_NAME
-from tests.helpers import running_server, sample
+from tests.helpers import daemon_process, running_server, sample, wait_for_health
 
 REPO = Path(__file__).resolve().parents[2]
 NOBODY = 65534
@@ -253,25 +255,28 @@ class TestUnixSocket:
             assert connect_as(NOBODY, path) == 0
             assert client.health() == "SERVING"
 
-    @pytest.mark.parametrize("owner", ["self-0777", "other-user"])
-    def test_preexisting_directory_is_guarded(self, open_tmp: Path, owner: str) -> None:
-        """A socket directory that already exists is either refused at start-up or
-        left owned by the service with no write access for anyone else."""
+    @pytest.mark.parametrize("owner", ["self-0777", "self-0770", "other-user"])
+    def test_preexisting_directory_refused_untouched(self, open_tmp: Path, owner: str) -> None:
+        """An existing socket directory that others could write (and that is not
+        sticky), or that another user owns, stops start-up naming it; its mode
+        and owner are left exactly as they were."""
         run = open_tmp / "run"
         run.mkdir()
-        run.chmod(0o777)
+        run.chmod(0o770 if owner == "self-0770" else 0o777)
         if owner == "other-user":
             if not IS_ROOT:
                 pytest.skip("needs root to chown")
             os.chown(run, NOBODY, NOBODY)
             run.chmod(0o755)
-        try:
-            with running_server(open_tmp):
-                st = run.stat()
-                assert st.st_uid == os.geteuid()
-                assert st.st_mode & 0o027 == 0
-        except StartupError as exc:
-            assert str(run) in str(exc)
+        before = run.stat()
+        with pytest.raises(StartupError, match=f"^listen: .*{run}"), running_server(open_tmp):
+            pass
+        after = run.stat()
+        assert (after.st_mode, after.st_uid, after.st_gid) == (
+            before.st_mode,
+            before.st_uid,
+            before.st_gid,
+        )
 
     def test_stale_socket_replaced_and_file_refused(self, tmp_path: Path) -> None:
         """A stale socket file is replaced; a regular file at the socket path stops start-up."""
@@ -285,6 +290,65 @@ class TestUnixSocket:
         (run / "bwpredd.sock").write_text("not a socket")
         with pytest.raises(StartupError, match="not a socket"), running_server(tmp_path):
             pass
+
+
+def _log_events(out: str) -> list[dict[str, Any]]:
+    """The JSON log lines of a daemon's output."""
+    events = []
+    for line in out.splitlines():
+        with contextlib.suppress(ValueError):
+            events.append(json.loads(line))
+    return [e for e in events if isinstance(e, dict) and "event" in e]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class TestSharedSocketDirectory:
+    """A socket in a shared sticky directory (/tmp, /dev/shm) leaves the
+    directory alone and is guarded by its own mode (issue 14, item 3)."""
+
+    def test_sticky_directory_left_alone(self, open_tmp: Path) -> None:
+        """In a 1777 directory the daemon serves with its socket at 0660, the
+        directory keeps mode 1777, and one warning line says why that is weak."""
+        shared = open_tmp / "shared"
+        shared.mkdir()
+        shared.chmod(0o1777)
+        sock = shared / "bwpredd.sock"
+        env = {"BWPREDD_LISTEN": f"unix:{sock}", "BWPREDD_LOG_FORMAT": "json"}
+        with daemon_process([], env=env) as proc:
+            wait_for_health(f"unix:{sock}").close()
+            assert shared.stat().st_mode & 0o7777 == 0o1777
+            assert sock.stat().st_mode & 0o777 == 0o660
+            proc.send_signal(signal.SIGTERM)
+            out = proc.communicate(timeout=30)[0].decode()
+        assert proc.returncode == 0
+        warnings = [e for e in _log_events(out) if e["event"] == "socket_dir_shared"]
+        assert len(warnings) == 1 and warnings[0]["level"] == "warning"
+        assert warnings[0]["path"] == str(shared)
+
+    @pytest.mark.skipif(not IS_ROOT, reason="needs root to make another user's socket")
+    def test_other_users_socket_kept(self, open_tmp: Path) -> None:
+        """In a shared directory a socket of another user at the listen path is
+        neither removed nor replaced: start-up stops naming it."""
+        shared = open_tmp / "shared"
+        shared.mkdir()
+        shared.chmod(0o1777)
+        sock = shared / "bwpredd.sock"
+        theirs = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        theirs.bind(str(sock))
+        theirs.close()
+        os.chown(sock, NOBODY, NOBODY)
+        with (
+            pytest.raises(StartupError, match=f"^listen: {sock}.*uid {NOBODY}"),
+            running_server(open_tmp, listen=f"unix:{sock}"),
+        ):
+            pass
+        assert sock.is_socket() and sock.stat().st_uid == NOBODY
+        assert shared.stat().st_mode & 0o7777 == 0o1777
 
 
 # -- TCP ------------------------------------------------------------------------------
@@ -321,7 +385,10 @@ class TestTcp:
     @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::1]"])
     def test_loopback_only(self, tmp_path: Path, host: str) -> None:
         """A TCP listener on a loopback name binds loopback addresses only."""
-        with running_server(tmp_path, listen=f"{host}:0") as (server, client):
+        with running_server(tmp_path, listen=f"{host}:0", allow_insecure_tcp=True) as (
+            server,
+            client,
+        ):
             port = int(server.address.rsplit(":", 1)[1])
             addrs = _listening(port)
             assert addrs and set(addrs) <= _LOOPBACK_HEX
@@ -340,6 +407,33 @@ class TestTcp:
             Config.load(env={"BWPREDD_LISTEN": listen})
         assert Config(listen=listen, allow_insecure_tcp=True).listen == listen
         assert Config(listen=listen, tls_cert="c.pem", tls_key="k.pem").listen == listen
+
+    @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::1]", "127.0.0.2"])
+    def test_plaintext_loopback_needs_opt_in(self, host: str) -> None:
+        """TCP without TLS, loopback included, needs allow_insecure_tcp: any
+        local user could reach it, bypassing the socket's group (issue 14, item 4)."""
+        with pytest.raises(ConfigError, match=r"^listen: .*allow_insecure_tcp"):
+            Config(listen=f"{host}:50051")
+        with pytest.raises(ConfigError, match=r"^listen: .*allow_insecure_tcp"):
+            Config.load(env={"BWPREDD_LISTEN": f"{host}:50051"})
+        assert Config(listen=f"{host}:50051", allow_insecure_tcp=True).allow_insecure_tcp
+
+    def test_insecure_tcp_warned_at_startup(self, tmp_path: Path) -> None:
+        """With allow_insecure_tcp a plaintext TCP daemon serves and says so in
+        one warning line naming the address."""
+        port = _free_port()
+        env = {
+            "BWPREDD_LISTEN": f"127.0.0.1:{port}",
+            "BWPREDD_ALLOW_INSECURE_TCP": "true",
+            "BWPREDD_LOG_FORMAT": "json",
+        }
+        with daemon_process([], env=env) as proc:
+            wait_for_health(f"127.0.0.1:{port}").close()
+            proc.send_signal(signal.SIGTERM)
+            out = proc.communicate(timeout=30)[0].decode()
+        warnings = [e for e in _log_events(out) if e["event"] == "insecure_tcp"]
+        assert len(warnings) == 1 and warnings[0]["level"] == "warning"
+        assert warnings[0]["listen"] == f"127.0.0.1:{port}"
 
     def test_tls_settings_checked(self) -> None:
         """Half a key pair, or client auth without a client CA, is refused."""

@@ -199,5 +199,69 @@ class TestSnapshot:
         push(store, "a", [1.0])
         snap = store.snapshot()
         snap["head"] = np.array([42])
-        with pytest.raises(ValueError, match="out of range"):
+        with pytest.raises(ValueError, match="head = total mod 10"):
             WindowStore(2, DEFAULTS).restore(snap, now=1.0, max_age_s=10.0)
+
+
+class TestRestoreChecks:
+    """restore checks a snapshot with the live rules and is all or nothing."""
+
+    def test_failed_restore_changes_nothing(self) -> None:
+        """A snapshot that breaks a rule half-way (last_seen longer than
+        peer_ids) raises ValueError and leaves the store as it was."""
+        src = WindowStore(4, DEFAULTS)
+        push(src, "a", [1.0, 2.0], t0=100.0)
+        push(src, "b", [3.0], t0=100.0)
+        snap = src.snapshot()
+        snap["last_seen"] = np.tile(snap["last_seen"], 2)
+        store = WindowStore(4, DEFAULTS)
+        push(store, "keep", [7.0, 8.0], t0=100.0)
+        with pytest.raises(ValueError, match="last_seen"):
+            store.restore(snap, now=110.0, max_age_s=100.0)
+        assert store.peer_ids() == ["keep"]
+        view = store.view("keep")
+        assert view is not None and view.window[:, 1].tolist() == [7.0, 8.0]
+        push(store, "x", [1.0], t0=200.0)
+        push(store, "y", [1.0], t0=200.0)
+        push(store, "z", [1.0], t0=200.0)
+        assert len(store) == 4
+
+    @pytest.mark.parametrize(
+        ("peer_id", "rule"),
+        [
+            ("a\nb", "1-128 characters"),
+            ("", "1-128 characters"),
+            ("caf\u00e9", "1-128 characters"),
+            ("a", "duplicate"),
+        ],
+    )
+    def test_peer_ids_follow_the_live_rule(self, peer_id: str, rule: str) -> None:
+        """A restored peer id obeys the live peer-id rule and is unique."""
+        src = WindowStore(4, DEFAULTS)
+        push(src, "a", [1.0], t0=100.0)
+        push(src, "b", [1.0], t0=100.0)
+        snap = src.snapshot()
+        snap["peer_ids"] = np.array(["a", peer_id], dtype="<U128")
+        with pytest.raises(ValueError, match=rule):
+            WindowStore(4, DEFAULTS).restore(snap, now=110.0, max_age_s=100.0)
+
+    def test_more_peers_than_capacity_refused(self) -> None:
+        """A snapshot holding more peers than the store's capacity is refused
+        by name before anything is restored."""
+        src = WindowStore(4, DEFAULTS)
+        for p in ("a", "b", "c"):
+            push(src, p, [1.0], t0=100.0)
+        with pytest.raises(ValueError, match="max_peers"):
+            WindowStore(2, DEFAULTS).restore(src.snapshot(), now=110.0, max_age_s=100.0)
+
+    def test_snapshot_max_bytes_bounds_a_full_store(self) -> None:
+        """snapshot_max_bytes is at least what a full store's snapshot takes on disk."""
+        import io
+
+        store = WindowStore(50, DEFAULTS)
+        for i in range(50):
+            push(store, "p" * 128 if i == 0 else f"peer-{i}", [1.0] * 12, t0=100.0)
+        buf = io.BytesIO()
+        np.savez(buf, **store.snapshot())  # type: ignore[arg-type]
+        assert len(buf.getvalue()) <= store.snapshot_max_bytes()
+        assert store.snapshot_max_bytes() < 2 * len(buf.getvalue()) + 65536

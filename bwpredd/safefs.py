@@ -1,0 +1,133 @@
+"""The daemon's own files: a private directory, and new files in it that no
+planted path can redirect.
+
+A daemon that may run as root must never write through a path someone else
+could have placed: a symlink at a predictable name would make it overwrite
+the link's target. So a directory is opened once and checked through that
+open descriptor (owned by the daemon's user, writable by no one else), every
+name in it is resolved relative to the descriptor, a new file is created with
+``O_CREAT | O_EXCL | O_NOFOLLOW`` (an existing name, link or not, is an error,
+never followed or reused), and a file is moved aside with ``link`` +
+``unlink``, which never replaces a name that exists. The daemon creates a
+missing directory with mode 0700 and never changes the mode of one it did
+not create.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+__all__ = ["UnsafePath", "dir_stat", "move_aside", "open_new", "private_dir", "temp_name"]
+
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class UnsafePath(OSError):
+    """A path the daemon will not use; ``strerror`` says why."""
+
+    def __init__(self, path: Path, why: str) -> None:
+        super().__init__(errno.EPERM, why, str(path))
+
+
+def dir_stat(path: Path) -> os.stat_result:
+    """``stat`` of a directory path, refusing a symlink that someone other
+    than the daemon's user or root owns (they could point it anywhere).
+
+    Raises:
+        OSError: the path cannot be read; UnsafePath for a foreign symlink.
+    """
+    link = path.lstat()
+    if stat.S_ISLNK(link.st_mode) and link.st_uid not in (os.geteuid(), 0):
+        raise UnsafePath(path, f"a symlink owned by uid {link.st_uid}")
+    return path.stat()
+
+
+def _unsafe_dir(st: os.stat_result) -> str | None:
+    """Why a directory is no place for the daemon's files, or None."""
+    if not stat.S_ISDIR(st.st_mode):
+        return "not a directory"
+    if st.st_uid != os.geteuid():
+        return f"owned by uid {st.st_uid}, not by the daemon's user (uid {os.geteuid()})"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return (
+            f"writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
+            "make it 0700 (chmod go-w), bwpredd never changes the mode of a directory "
+            "it did not create"
+        )
+    return None
+
+
+@contextlib.contextmanager
+def private_dir(path: Path) -> Iterator[int]:
+    """Open a directory only the daemon's user may write; yield its descriptor.
+
+    A missing directory is created with mode 0700 (parents as needed).
+
+    Args:
+        path: the directory.
+
+    Raises:
+        OSError: it cannot be created or opened (``NotADirectoryError`` for
+            a file); UnsafePath when another user owns it, others may write
+            it, or it is a symlink another user owns.
+    """
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700, parents=True)
+    dir_stat(path)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        problem = _unsafe_dir(os.fstat(fd))
+        if problem:
+            raise UnsafePath(path, problem)
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def temp_name(name: str) -> str:
+    """A hidden name next to ``name`` that nobody can predict."""
+    return f".{name}.tmp-{secrets.token_hex(8)}"
+
+
+def open_new(name: str, dir_fd: int, mode: int = 0o600) -> BinaryIO:
+    """Create ``name`` in the directory ``dir_fd`` and open it for writing.
+
+    Args:
+        name: a plain name (no ``/``).
+        dir_fd: from :func:`private_dir`.
+        mode: permission bits (the umask may narrow them).
+
+    Raises:
+        FileExistsError: the name exists (as a file, a link, anything).
+    """
+    if "/" in name:
+        raise ValueError(f"open_new: {name!r} is not a plain name")
+    return os.fdopen(os.open(name, _NEW_FILE, mode, dir_fd=dir_fd), "wb")
+
+
+def move_aside(name: str, dir_fd: int, new: str) -> str:
+    """Rename ``name`` to ``new`` (``new-1``, ``new-2``... when taken) without
+    replacing or following anything that exists.
+
+    Returns:
+        The name it now has.
+
+    Raises:
+        OSError: it could not be moved.
+    """
+    for i in range(100):
+        candidate = new if i == 0 else f"{new}-{i}"
+        try:
+            os.link(name, candidate, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+        except FileExistsError:
+            continue
+        os.unlink(name, dir_fd=dir_fd)
+        return candidate
+    raise FileExistsError(errno.EEXIST, f"every name like {new!r} is taken", new)
