@@ -39,6 +39,10 @@ SNAPSHOT_FORMAT = 1
 _SNAPSHOT_HEADER = ("format", "window")
 # Room for the archive's and the .npy headers (about 200 bytes per array).
 _SNAPSHOT_SLACK = 64 * 1024
+# A snapshot may hold this many times max_peers: lowering max_peers and
+# restarting keeps the most recently seen peers; a file declaring more is
+# refused before anything is allocated.
+SNAPSHOT_OVERSIZE = 4
 
 
 @dataclass(frozen=True)
@@ -378,15 +382,16 @@ class WindowStore:
         }
 
     def snapshot_max_bytes(self) -> int:
-        """The most bytes a snapshot of this store takes on disk (when full),
-        with room for the archive's headers: the bound a reader checks before
-        it allocates anything."""
+        """The most bytes a snapshot this store restores may take on disk: one
+        of ``SNAPSHOT_OVERSIZE`` times its capacity, with room for the
+        archive's headers. The bound a reader checks before it allocates
+        anything."""
         row = sum(
             dtype.itemsize * math.prod(shape)
             for name, (dtype, shape) in self._snapshot_layout().items()
             if name not in _SNAPSHOT_HEADER
         )
-        return self.capacity * row + _SNAPSHOT_SLACK
+        return SNAPSHOT_OVERSIZE * self.capacity * row + _SNAPSHOT_SLACK
 
     def snapshot(self) -> dict[str, npt.NDArray[np.generic]]:
         """The tracked peers as plain arrays (no objects: loadable with
@@ -410,7 +415,8 @@ class WindowStore:
         """Check a snapshot against this store and the rules live input obeys.
 
         Rules: exactly the arrays :meth:`snapshot` writes, each of its dtype
-        and shape, one row per peer, at most ``capacity`` peers, this format
+        and shape, one row per peer, at most ``SNAPSHOT_OVERSIZE x capacity``
+        peers, this format
         and window length; peer ids unique and valid (the live peer-id rule);
         every feature value finite and within its live range; ring positions
         consistent with the sample totals (``count = min(total, W)``,
@@ -444,8 +450,11 @@ class WindowStore:
             raise ValueError(f"snapshot: format: expected {SNAPSHOT_FORMAT}")
         if int(snap["window"][0]) != self.window:
             raise ValueError(f"snapshot: window: expected {self.window} (the window length)")
-        if n > self.capacity:
-            raise ValueError(f"snapshot: {n} peers, more than max_peers ({self.capacity})")
+        if n > SNAPSHOT_OVERSIZE * self.capacity:
+            raise ValueError(
+                f"snapshot: {n} peers, more than {SNAPSHOT_OVERSIZE} x max_peers "
+                f"({SNAPSHOT_OVERSIZE * self.capacity})"
+            )
         ids: list[str] = ids_arr.tolist()
         seen: dict[str, int] = {}
         for i, pid in enumerate(ids):
@@ -500,8 +509,9 @@ class WindowStore:
         self, snap: Mapping[str, npt.NDArray[np.generic]], now: float, max_age_s: float
     ) -> int:
         """Replace the store's peers with a snapshot's, dropping peers last
-        seen more than ``max_age_s`` ago. All or nothing: a snapshot that
-        breaks a rule of :meth:`_check_snapshot` changes nothing.
+        seen more than ``max_age_s`` ago and, beyond capacity, the least
+        recently seen. All or nothing: a snapshot that breaks a rule of
+        :meth:`_check_snapshot` changes nothing.
 
         Args:
             snap: arrays as written by :meth:`snapshot`.
@@ -517,6 +527,7 @@ class WindowStore:
         ids = self._check_snapshot(snap)
         last_seen = np.asarray(snap["last_seen"], dtype=np.float64)
         fresh = np.flatnonzero(last_seen >= now - max_age_s)
+        fresh = fresh[np.argsort(-last_seen[fresh], kind="stable")][: self.capacity]
         self._release(list(self._slots.values()))
         for j in fresh:
             slot = self._free.pop()

@@ -233,8 +233,9 @@ class TestCorruptSnapshot:
             load_snapshot(tmp_path, max_bytes=1 << 20)
 
     def test_larger_than_capacity_refused_before_reading(self, tmp_path: Path) -> None:
-        """A file larger than a snapshot of max_peers peers can be is refused by its size."""
-        _write(tmp_path, _snapshot(tuple(f"p{i}" for i in range(400))))
+        """A file larger than a snapshot of SNAPSHOT_OVERSIZE x max_peers peers
+        can be is refused by its size."""
+        _write(tmp_path, _snapshot(tuple(f"p{i}" for i in range(600))))
         with pytest.raises(SnapshotError, match="more than a snapshot of max_peers"):
             load_snapshot(tmp_path, max_bytes=WindowStore(100, DEFAULTS).snapshot_max_bytes())
 

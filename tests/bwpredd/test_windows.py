@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from bwpredd.windows import WindowStore
+from bwpredd.windows import SNAPSHOT_OVERSIZE, WindowStore
 
 NAN = math.nan
 DEFAULTS = [50.0, 0.0, 0.0, 1.0]
@@ -245,17 +245,31 @@ class TestRestoreChecks:
         with pytest.raises(ValueError, match=rule):
             WindowStore(4, DEFAULTS).restore(snap, now=110.0, max_age_s=100.0)
 
-    def test_more_peers_than_capacity_refused(self) -> None:
-        """A snapshot holding more peers than the store's capacity is refused
-        by name before anything is restored."""
+    def test_more_peers_than_capacity_keeps_most_recent(self) -> None:
+        """A snapshot of more peers than the store holds (max_peers lowered
+        since) restores the most recently seen, up to capacity."""
         src = WindowStore(4, DEFAULTS)
-        for p in ("a", "b", "c"):
-            push(src, p, [1.0], t0=100.0)
+        for k, p in enumerate(("a", "b", "c")):
+            src.ingest([p], np.array([[5.0, 1.0, 0.0, 1.0]]), np.array([100.0 + k]), now=100.0 + k)
+        dst = WindowStore(2, DEFAULTS)
+        assert dst.restore(src.snapshot(), now=110.0, max_age_s=100.0) == 2
+        assert dst.peer_ids() == ["b", "c"]
+
+    def test_far_more_peers_than_capacity_refused(self) -> None:
+        """A snapshot of more than SNAPSHOT_OVERSIZE x capacity peers is
+        refused by name before anything is restored."""
+        src = WindowStore(16, DEFAULTS)
+        for k in range(SNAPSHOT_OVERSIZE * 2 + 1):
+            push(src, f"p{k}", [1.0], t0=100.0)
+        dst = WindowStore(2, DEFAULTS)
+        push(dst, "kept", [1.0], t0=100.0)
         with pytest.raises(ValueError, match="max_peers"):
-            WindowStore(2, DEFAULTS).restore(src.snapshot(), now=110.0, max_age_s=100.0)
+            dst.restore(src.snapshot(), now=110.0, max_age_s=100.0)
+        assert dst.peer_ids() == ["kept"]
 
     def test_snapshot_max_bytes_bounds_a_full_store(self) -> None:
-        """snapshot_max_bytes is at least what a full store's snapshot takes on disk."""
+        """snapshot_max_bytes is at least what a snapshot of SNAPSHOT_OVERSIZE
+        times a full store takes on disk, and not much more."""
         import io
 
         store = WindowStore(50, DEFAULTS)
@@ -263,5 +277,6 @@ class TestRestoreChecks:
             push(store, "p" * 128 if i == 0 else f"peer-{i}", [1.0] * 12, t0=100.0)
         buf = io.BytesIO()
         np.savez(buf, **store.snapshot())  # type: ignore[arg-type]
-        assert len(buf.getvalue()) <= store.snapshot_max_bytes()
-        assert store.snapshot_max_bytes() < 2 * len(buf.getvalue()) + 65536
+        full = len(buf.getvalue())
+        assert SNAPSHOT_OVERSIZE * full <= store.snapshot_max_bytes()
+        assert store.snapshot_max_bytes() < SNAPSHOT_OVERSIZE * 2 * full + 65536
