@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
@@ -29,6 +29,8 @@ from bwpredd.config import Config, parse_listen
 from bwpredd.core import Core
 from bwpredd.engine import DEFAULT_MODEL_DIR, Engine, LoadedModel, load_model
 from bwpredd.errors import ModelError
+from bwpredd.health import NOT_SERVING, SERVING, Health
+from bwpredd.health import SERVICE_NAME as HEALTH_SERVICE_NAME
 from bwpredd.logging import flush_logs, get_logger
 from bwpredd.metrics import Metrics
 from bwpredd.persist import load_snapshot, save_snapshot, set_aside
@@ -146,7 +148,7 @@ def _prepare_state_dir(path: Path) -> None:
 
 def create_server(
     config: Config, core: Core
-) -> tuple[grpc.aio.Server, str, health.aio.HealthServicer]:
+) -> tuple[grpc.aio.Server, str, Health]:
     """Build (but do not start) the gRPC server for ``core``.
 
     Args:
@@ -169,11 +171,11 @@ def create_server(
     server = grpc.aio.server(options=options)
     servicer = BandwidthPredictorServicer(core, log_rpcs=config.log_rpcs)
     pb_grpc.add_BandwidthPredictorServiceServicer_to_server(servicer, server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = Health()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if config.reflection:
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
         )
     kind, host, port = parse_listen(config.listen)
     if kind == "unix":
@@ -233,7 +235,7 @@ class Server:
         self.address = ""
         self.core: Core | None = None
         self._server: grpc.aio.Server | None = None
-        self._health: health.aio.HealthServicer | None = None
+        self._health: Health | None = None
         self._wake: asyncio.Event | None = None
         self._metrics_server: Any = None
         self.metrics_address = ""
@@ -300,7 +302,7 @@ class Server:
         self.metrics.snapshot_age.set_function(
             lambda: time.monotonic() - self._last_snapshot if self._last_snapshot else -1.0
         )
-        await self._set_health(True)
+        await self._set_health()
         self.started.set()
         log.info(
             "started",
@@ -370,22 +372,13 @@ class Server:
                 f"metrics_addr: cannot bind {self.config.metrics_addr}: {exc}"
             ) from None
 
-    async def _set_health(self, serving: bool) -> None:
+    async def _set_health(self) -> None:
+        """Serving; the model's own service says whether a model is loaded."""
         assert self._health is not None and self.core is not None
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if serving
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        await self._health.set("", status)
-        await self._health.set(SERVICE_NAME, status)
-        model_ok = serving and self.core.engine.model is not None
-        await self._health.set(
-            MODEL_HEALTH_SERVICE,
-            health_pb2.HealthCheckResponse.SERVING
-            if model_ok
-            else health_pb2.HealthCheckResponse.NOT_SERVING,
-        )
+        await self._health.set("", SERVING)
+        await self._health.set(SERVICE_NAME, SERVING)
+        model_ok = self.core.engine.model is not None
+        await self._health.set(MODEL_HEALTH_SERVICE, SERVING if model_ok else NOT_SERVING)
 
     async def main_loop(self) -> None:
         """Wait for signals; run periodic upkeep (expiry, watchdog)."""
@@ -450,7 +443,7 @@ class Server:
             self.notifier.notify("READY=1", f"STATUS=reload failed, serving {old or 'baselines'}")
             return False
         self.core.swap_model(model)
-        await self._set_health(True)
+        await self._set_health()
         self.metrics.reloads.labels(outcome="ok").inc()
         log.info(
             "model_reloaded",
@@ -466,8 +459,8 @@ class Server:
         """Stop taking calls, let in-flight ones finish, then clean up."""
         self.notifier.notify("STOPPING=1", "STATUS=stopping")
         log.info("stopping", grace_s=self.config.grace_period_s)
-        if self._health is not None and self.core is not None:
-            await self._set_health(False)
+        if self._health is not None:
+            await self._health.close()  # Watch streams say NOT_SERVING and end
         if self.core is not None:
             self.core.watch.close()  # ends WatchForecasts streams so the drain can finish
         if self._server is not None:

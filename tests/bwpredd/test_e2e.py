@@ -147,6 +147,26 @@ class TestProcess:
             assert proc.wait(timeout=30) == 0
         assert not sock.exists()
 
+    def test_open_health_watch_does_not_hold_shutdown(self, tmp_path: Path) -> None:
+        """A client watching health hears NOT_SERVING, its stream ends OK and
+        the daemon exits without waiting out a 120 s grace period."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        sock = tmp_path / "d" / "bwpredd.sock"
+        env = {"BWPREDD_LISTEN": f"unix:{sock}", "BWPREDD_GRACE_PERIOD_S": "120"}
+        with daemon_process([], env=env) as proc:
+            wait_for_health(f"unix:{sock}").close()
+            with grpc.insecure_channel(f"unix:{sock}") as channel:
+                watch = health_pb2_grpc.HealthStub(channel).Watch(
+                    health_pb2.HealthCheckRequest(service=""), timeout=60
+                )
+                first = next(watch)
+                proc.send_signal(signal.SIGTERM)
+                rest = list(watch)  # raises if the stream ends with an error
+                assert proc.wait(timeout=60) == 0
+        assert first.status == health_pb2.HealthCheckResponse.SERVING
+        assert [r.status for r in rest] == [health_pb2.HealthCheckResponse.NOT_SERVING]
+
     def test_bad_config_exit_code(self, tmp_path: Path) -> None:
         """An unknown BWPREDD_ variable stops start-up with exit code 2 naming it."""
         with daemon_process([], env={"BWPREDD_NO_SUCH_THING": "1"}) as proc:
