@@ -735,8 +735,8 @@ def _time_fn(fn: Callable[[], object], reps: int, warmup: int) -> npt.NDArray[np
 
 
 def _onnx_vs_torch(threads: int, reps_1: int, reps_1000: int) -> dict[str, Any]:
-    from bwpredd.engine import DEFAULT_MODEL_DIR, load_model
     from bwpredd.manifest import FORECASTER_INPUT, FORECASTER_OUTPUTS
+    from bwpredd.modeldir import DEFAULT_MODEL_DIR, load_model
 
     pid = os.getpid()
     base_kb = _rss_kb(pid)
@@ -1053,7 +1053,7 @@ def _fresh_latency(
 
 def raw_model(threads: int) -> Any:
     """The embedded default model, loaded exactly as the daemon loads it."""
-    from bwpredd.engine import DEFAULT_MODEL_DIR, load_model
+    from bwpredd.modeldir import DEFAULT_MODEL_DIR, load_model
 
     return load_model(DEFAULT_MODEL_DIR, threads)
 

@@ -16,11 +16,12 @@ import numpy.typing as npt
 
 from bwpredd.advise import Advice, CodecTable, advise_many, rank
 from bwpredd.config import Config
-from bwpredd.engine import Allocations, Engine, Forecasts, LoadedModel
+from bwpredd.engine import Allocations, Engine, Forecasts
 from bwpredd.errors import InvalidArgument, PeerNotFound
 from bwpredd.livescore import Accuracy, LiveScores
 from bwpredd.logging import get_logger
 from bwpredd.metrics import Metrics
+from bwpredd.modeldir import LoadedModel
 from bwpredd.validate import SampleBatch, check_peer_id, check_peer_ids, validate_batch
 from bwpredd.watch import WatchHub
 from bwpredd.windows import PeerView, WindowStore

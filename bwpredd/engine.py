@@ -11,44 +11,17 @@ usable model, are answered by the baselines.
 
 from __future__ import annotations
 
-import os
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import IntEnum
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-# onnxruntime phones home (a device-id database and an events endpoint)
-# unless told not to before it loads; a sidecar must not.
-os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
-import onnxruntime as ort
-
 from bwpredd import baselines
-from bwpredd.errors import ManifestError, ModelError
-from bwpredd.manifest import (
-    ALLOCATOR_INPUT,
-    ALLOCATOR_OUTPUT,
-    FEATURES,
-    FORECASTER_INPUT,
-    FORECASTER_OUTPUTS,
-    WINDOW,
-    Manifest,
-    load_manifest,
-    verify_files,
-)
-from bwpredd.state import (
-    DEFAULT_STEP_S,
-    LEVELS,
-    STATE_LAYOUT,
-    build_state,
-    reference_capacity,
-)
+from bwpredd.modeldir import LoadedModel
+from bwpredd.state import LEVELS, build_state, reference_capacity
 
 __all__ = [
-    "DEFAULT_MODEL_DIR",
     "FALLBACK_DEFAULTS",
     "Allocations",
     "Engine",
@@ -56,12 +29,10 @@ __all__ = [
     "LoadedModel",
     "Source",
     "edge_pad",
-    "load_model",
 ]
 
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
-DEFAULT_MODEL_DIR = Path(__file__).parent / "models" / "default"
 # Feature defaults when no model (and so no manifest) is loaded.
 FALLBACK_DEFAULTS: tuple[float, float, float, float] = (50.0, 0.0, 0.0, 1.0)
 # Baseline point forecast: EWMA with alpha 0.5 was within a hair of the best
@@ -109,152 +80,6 @@ class Allocations:
         return (np.asarray(LEVELS, dtype=np.float32)[self.action] * self.capacity).astype(
             np.float32
         )
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    """A verified, warmed-up model directory."""
-
-    manifest: Manifest
-    path: Path
-    forecaster: ort.InferenceSession
-    allocator: ort.InferenceSession
-    load_seconds: float
-    sha256: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def version(self) -> str:
-        return self.manifest.version
-
-    def run_forecaster(self, windows: F32) -> tuple[F32, F32, F32]:
-        """Point, low, high ``[k]`` for full windows ``[k, W, 4]``."""
-        out = self.forecaster.run(list(FORECASTER_OUTPUTS), {FORECASTER_INPUT: windows})
-        return out[0][:, 0], out[1][:, 0], out[2][:, 0]
-
-    def run_allocator(self, states: F32) -> I64:
-        """Greedy actions ``[k]`` for states ``[k, S]``: argmax, never random."""
-        (q,) = self.allocator.run([ALLOCATOR_OUTPUT], {ALLOCATOR_INPUT: states})
-        actions: I64 = np.argmax(q, axis=1).astype(np.int64)
-        return actions
-
-
-def _session(data: bytes, threads: int) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # A sidecar must not burn a core spinning between calls.
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.log_severity_level = 3
-    return ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
-
-
-def _check_bound(sess: ort.InferenceSession, spec: Any, what: str) -> None:
-    """The session's I/O names and static dims must match the manifest."""
-    for kind, actual, expected in (
-        ("inputs", sess.get_inputs(), spec.inputs),
-        ("outputs", sess.get_outputs(), spec.outputs),
-    ):
-        got = {t.name: t.shape for t in actual}
-        for t in expected:
-            if t.name not in got:
-                raise ModelError(f"{what}: {kind} lack {t.name!r} (has {sorted(got)})")
-            shape = got[t.name]
-            if len(shape) != len(t.shape) or any(
-                isinstance(a, int) and e is not None and a != e
-                for a, e in zip(shape, t.shape, strict=True)
-            ):
-                raise ModelError(
-                    f"{what}: {t.name} has shape {shape}, manifest says {list(t.shape)}"
-                )
-
-
-def smoke_windows(n: int = 8) -> F32:
-    """A fixed batch of plausible windows spanning four orders of magnitude."""
-    rng = np.random.default_rng(0)
-    scale = np.logspace(-1, 4, n)[:, None]
-    bw = scale * np.exp(rng.normal(0, 0.3, size=(n, WINDOW)))
-    w = np.empty((n, WINDOW, len(FEATURES)), dtype=np.float32)
-    w[:, :, 0] = rng.uniform(0.2, 150, size=(n, 1))
-    w[:, :, 1] = bw
-    w[:, :, 2] = rng.uniform(0, 0.02, size=(n, WINDOW))
-    w[:, :, 3] = rng.uniform(0.95, 1, size=(n, WINDOW))
-    return w
-
-
-def load_model(model_dir: Path, threads: int = 1) -> LoadedModel:
-    """Verify, load, warm up and smoke-test a model directory.
-
-    Args:
-        model_dir: a directory with ``manifest.json`` and the ONNX files.
-        threads: onnxruntime intra-op threads per session.
-
-    Raises:
-        ModelError: any check failed, or anything else went wrong; the
-            message says which and why.
-    """
-    try:
-        return _load_model(model_dir, threads)
-    except ModelError:
-        raise
-    except Exception as exc:  # a directory no check foresaw is a refused load, never a crash
-        raise ModelError(f"{model_dir}: cannot load: {type(exc).__name__}: {exc}") from exc
-
-
-def _load_model(model_dir: Path, threads: int) -> LoadedModel:
-    start = time.perf_counter()
-    try:
-        manifest = load_manifest(model_dir)
-        blobs = verify_files(model_dir, manifest)
-    except ManifestError as exc:
-        raise ModelError(f"{model_dir}: {exc}") from None
-    if manifest.state_layout != STATE_LAYOUT:
-        # Same width in another order would run, and allocate from misread states.
-        raise ModelError(
-            f"{model_dir}: state_layout: the allocator was trained on "
-            f"{list(manifest.state_layout)}, this bwpredd builds {list(STATE_LAYOUT)}; "
-            "export the model again with this version"
-        )
-    try:
-        fsess = _session(blobs[manifest.forecaster.file], threads)
-        asess = _session(blobs[manifest.allocator.file], threads)
-    except Exception as exc:  # onnxruntime raises its own types for bad graphs
-        raise ModelError(f"{model_dir}: onnxruntime cannot load the model: {exc}") from None
-    _check_bound(fsess, manifest.forecaster, "forecaster")
-    _check_bound(asess, manifest.allocator, "allocator")
-    model = LoadedModel(
-        manifest=manifest,
-        path=model_dir,
-        forecaster=fsess,
-        allocator=asess,
-        load_seconds=0.0,
-        sha256={m.file: m.sha256 for m in (manifest.forecaster, manifest.allocator)},
-    )
-    # Smoke test (also the warm-up: first runs allocate and plan).
-    windows = smoke_windows()
-    try:
-        for batch in (windows[:1], windows):
-            point, low, high = model.run_forecaster(batch)
-            states = build_state(batch, point, low, high, DEFAULT_STEP_S)
-            actions = model.run_allocator(states)
-    except Exception as exc:
-        raise ModelError(f"{model_dir}: smoke inference failed: {exc}") from None
-    if not (np.isfinite(point).all() and np.isfinite(low).all() and np.isfinite(high).all()):
-        raise ModelError(f"{model_dir}: smoke inference gave non-finite forecasts")
-    tol = 1e-3 * np.maximum(np.abs(point), 1e-3)
-    if not ((low <= point + tol).all() and (point <= high + tol).all()):
-        raise ModelError(f"{model_dir}: smoke inference gave low > point or point > high")
-    if actions.shape != (len(windows),) or not ((actions >= 0) & (actions < 10)).all():
-        raise ModelError(f"{model_dir}: smoke inference gave actions outside 0-9")
-    return LoadedModel(
-        manifest=manifest,
-        path=model_dir,
-        forecaster=fsess,
-        allocator=asess,
-        load_seconds=time.perf_counter() - start,
-        sha256=model.sha256,
-    )
 
 
 def edge_pad(windows: F32, counts: I64) -> F32:

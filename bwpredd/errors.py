@@ -32,4 +32,11 @@ class ManifestError(BwpreddError):
 
 
 class ModelError(BwpreddError):
-    """A model directory could not be loaded or failed its smoke test."""
+    """A model directory could not be loaded or failed its checks.
+
+    ``reason`` is the message without the directory (what check-model prints
+    after it)."""
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason or message

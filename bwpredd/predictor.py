@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from bwpredd.engine import DEFAULT_MODEL_DIR, Engine, load_model
+from bwpredd.engine import Engine
 from bwpredd.manifest import FEATURES, WINDOW
+from bwpredd.modeldir import DEFAULT_MODEL_DIR, load_model
 from bwpredd.state import DEFAULT_STEP_S
 from bwpredd.state import allocation_percent as _allocation_percent
 

@@ -27,12 +27,13 @@ from prometheus_client import CollectorRegistry
 from bwpredd._proto.bwpred.v1 import bwpred_pb2_grpc as pb_grpc
 from bwpredd.config import Config, parse_listen
 from bwpredd.core import Core
-from bwpredd.engine import DEFAULT_MODEL_DIR, Engine, LoadedModel, load_model
+from bwpredd.engine import Engine
 from bwpredd.errors import ModelError
 from bwpredd.health import NOT_SERVING, SERVING, Health
 from bwpredd.health import SERVICE_NAME as HEALTH_SERVICE_NAME
 from bwpredd.logging import flush_logs, get_logger
 from bwpredd.metrics import Metrics
+from bwpredd.modeldir import DEFAULT_MODEL_DIR, LoadedModel, load_model
 from bwpredd.persist import load_snapshot, save_snapshot, set_aside
 from bwpredd.safefs import dir_stat, open_new, private_dir, temp_name
 from bwpredd.servicer import SERVICE_NAME, BandwidthPredictorServicer
@@ -146,9 +147,7 @@ def _prepare_state_dir(path: Path) -> None:
         raise StartupError(f"state_dir: {path}: {exc.strerror or exc}") from None
 
 
-def create_server(
-    config: Config, core: Core
-) -> tuple[grpc.aio.Server, str, Health]:
+def create_server(config: Config, core: Core) -> tuple[grpc.aio.Server, str, Health]:
     """Build (but do not start) the gRPC server for ``core``.
 
     Args:

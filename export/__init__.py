@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from bwpredd.manifest import MANIFEST_NAME, Manifest, dump_manifest
+from bwpredd.modeldir import DEFAULT_MODEL_DIR, session
 from bwpredd.state import STATE_LAYOUT
 from export.manifest import build_manifest, default_version, weights_digest
 from export.to_onnx import (
@@ -44,7 +45,6 @@ from export.verify import (
     ParityReport,
     allocator_parity,
     forecaster_parity,
-    make_session,
     time_session,
     torch_forecast,
 )
@@ -57,7 +57,6 @@ __all__ = [
     "publish_dir",
 ]
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "bwpredd" / "models" / "default"
 FORECASTER_FILE = "forecaster.onnx"
 ALLOCATOR_FILE = "allocator.onnx"
 _RENAME_EXCHANGE = 2
@@ -206,10 +205,10 @@ def export_model_dir(
             version=version,
             forecaster_file=FORECASTER_FILE,
             forecaster_sha256=hashlib.sha256(f_bytes).hexdigest(),
-            forecaster_session=make_session(f_bytes),
+            forecaster_session=session(f_bytes),
             allocator_file=ALLOCATOR_FILE,
             allocator_sha256=hashlib.sha256(a_bytes).hexdigest(),
-            allocator_session=make_session(a_bytes),
+            allocator_session=session(a_bytes),
             state_layout=tuple(state_layout),
             feature_defaults=feature_defaults,
             interval=interval,
@@ -297,7 +296,7 @@ def _self_check(model_dir: Path) -> None:
 
 
 def _timings(f_bytes: bytes, a_bytes: bytes, windows: F32, states: F32) -> dict[str, float]:
-    f_sess, a_sess = make_session(f_bytes), make_session(a_bytes)
+    f_sess, a_sess = session(f_bytes), session(a_bytes)
     out: dict[str, float] = {}
     for n in (1, 1000):
         reps = 100 if n == 1 else 10

@@ -24,7 +24,8 @@ import onnxruntime as ort
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from bwpredd.manifest import ALLOCATOR_INPUT, FORECASTER_INPUT
-from export.verify import F32, make_session
+from bwpredd.modeldir import session
+from export.verify import F32
 
 __all__ = ["MAX_LOSS", "MIN_SPEEDUP", "quantize_bytes", "try_int8"]
 
@@ -87,7 +88,7 @@ def try_int8(
     ):
         log(f"int8: quantising {name}")
         q_bytes = quantize_bytes(data)
-        f_sess, q_sess = make_session(data), make_session(q_bytes)
+        f_sess, q_sess = session(data), session(q_bytes)
         ref = _run(f_sess, feed_name, inputs)
         got = _run(q_sess, feed_name, inputs)
         if name == "forecaster":

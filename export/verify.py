@@ -35,6 +35,7 @@ from bwpredd.manifest import (
     FORECASTER_OUTPUTS,
     WINDOW,
 )
+from bwpredd.modeldir import session
 from bwpredd.state import DEFAULT_STEP_S, build_state
 
 __all__ = [
@@ -43,7 +44,6 @@ __all__ = [
     "ParityReport",
     "allocator_parity",
     "forecaster_parity",
-    "make_session",
     "parity_windows",
     "synthetic_windows",
     "time_session",
@@ -53,9 +53,9 @@ __all__ = [
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
 MAX_REL_ERR = 1e-4
-_OPT_LEVELS: dict[str, ort.GraphOptimizationLevel] = {
-    "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    "enabled_all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+_OPT_LEVELS: dict[str, bool] = {  # name: optimise
+    "disabled": False,
+    "enabled_all": True,
 }
 
 
@@ -84,23 +84,6 @@ class ParityReport:
         if self.action_agreement is not None:
             out["greedy_action_agreement"] = self.action_agreement
         return out
-
-
-def make_session(
-    model_bytes: bytes, *, optimise: bool = True, threads: int = 1
-) -> ort.InferenceSession:
-    """An onnxruntime CPU session on a serialised model.
-
-    Args:
-        model_bytes: the serialised ONNX model.
-        optimise: ``ORT_ENABLE_ALL`` when true, else no graph optimisation.
-        threads: intra-op threads (inter-op is 1).
-    """
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = _OPT_LEVELS["enabled_all" if optimise else "disabled"]
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
 
 
 def synthetic_windows(n: int, seed: int = 0) -> F32:
@@ -195,8 +178,8 @@ def forecaster_parity(
     floor = 1e-3 * m.astype(np.float64)
     per_level: dict[str, float] = {}
     max_abs = 0.0
-    for level in _OPT_LEVELS:
-        sess = make_session(model_bytes, optimise=level == "enabled_all")
+    for level, optimise in _OPT_LEVELS.items():
+        sess = session(model_bytes, optimise=optimise)
         got = sess.run(list(FORECASTER_OUTPUTS), {FORECASTER_INPUT: windows})
         rel = 0.0
         for name, g, r in zip(FORECASTER_OUTPUTS, got, ref, strict=True):
@@ -242,8 +225,8 @@ def allocator_parity(
     per_level: dict[str, float] = {}
     max_abs = 0.0
     agree = 1.0
-    for level in _OPT_LEVELS:
-        sess = make_session(model_bytes, optimise=level == "enabled_all")
+    for level, optimise in _OPT_LEVELS.items():
+        sess = session(model_bytes, optimise=optimise)
         (got,) = sess.run([ALLOCATOR_OUTPUT], {ALLOCATOR_INPUT: states})
         if got.shape != ref.shape or got.dtype != np.float32:
             raise ParityError(f"q_values: got {got.dtype}{list(got.shape)}, want {list(ref.shape)}")

@@ -66,7 +66,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client.parser import text_string_to_metric_families
 
 from bwpredd.client import Client, channel_for, pb
-from bwpredd.engine import DEFAULT_MODEL_DIR, Engine, load_model
+from bwpredd.engine import Engine
+from bwpredd.modeldir import DEFAULT_MODEL_DIR, load_model
 from bwpredd.state import step_seconds
 
 REPO = Path(__file__).resolve().parents[1]

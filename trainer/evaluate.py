@@ -223,25 +223,14 @@ def load_predictor(path: Path) -> tuple[Predictor, dict[str, Any]]:
 
 
 def _onnx_predictor(model_dir: Path) -> tuple[Predictor, dict[str, Any]]:
-    import onnxruntime as ort
+    from bwpredd.modeldir import load_model
 
-    from bwpredd.manifest import FORECASTER_INPUT, FORECASTER_OUTPUTS, load_manifest
-
-    manifest = load_manifest(model_dir)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 2
-    opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(
-        str(model_dir / manifest.forecaster.file), opts, providers=["CPUExecutionProvider"]
-    )
+    model = load_model(model_dir, threads=2)
 
     def predict(x: F32) -> tuple[F32, F32, F32]:
-        point, low, high = sess.run(
-            list(FORECASTER_OUTPUTS), {FORECASTER_INPUT: np.ascontiguousarray(x, np.float32)}
-        )
-        return point[:, 0], low[:, 0], high[:, 0]
+        return model.run_forecaster(np.ascontiguousarray(x, np.float32))
 
-    return predict, {"kind": "onnx", "path": str(model_dir), "version": manifest.version}
+    return predict, {"kind": "onnx", "path": str(model_dir), "version": model.version}
 
 
 def format_table(result: dict[str, Any]) -> str:

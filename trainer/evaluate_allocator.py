@@ -252,50 +252,31 @@ def report(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- models
 
 
-def _onnx_session(data: bytes) -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 2
-    return ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
-
-
 def load_model(path: Path) -> tuple[ForecastFn | None, Callable[[F32], F32], str]:
     """The forecaster and the allocator's Q-function from a model directory
-    (ONNX, as served) or a torch ``allocator.pt``.
+    (ONNX, loaded and checked as the daemon does) or a torch ``allocator.pt``.
 
     Returns:
         ``(forecast or None for EWMA, q_values, description)``.
     """
-    from bwpredd.manifest import load_manifest, verify_files
+    from bwpredd import modeldir
     from bwpredd.state import STATE_LAYOUT
 
     if path.is_dir():
-        manifest = load_manifest(path)
-        if tuple(manifest.state_layout) != STATE_LAYOUT:
-            raise ValueError(f"{path}: state_layout differs from bwpredd.state.STATE_LAYOUT")
-        blobs = verify_files(path, manifest)
-        fsess = _onnx_session(blobs[manifest.forecaster.file])
-        asess = _onnx_session(blobs[manifest.allocator.file])
-        f_in = fsess.get_inputs()[0].name
-        a_in = asess.get_inputs()[0].name
+        loaded = modeldir.load_model(path, threads=2)
 
         def forecast(windows: F32) -> tuple[F32, F32, F32]:
-            outs: list[list[F32]] = [[], [], []]
-            for i in range(0, len(windows), 8192):
-                res = fsess.run(
-                    ["bandwidth_mbps", "low_mbps", "high_mbps"],
-                    {f_in: np.ascontiguousarray(windows[i : i + 8192], np.float32)},
-                )
-                for k in range(3):
-                    outs[k].append(np.asarray(res[k], np.float32).reshape(-1))
-            cat = [np.concatenate(o) for o in outs]
-            return cat[0], cat[1], cat[2]
+            parts = [
+                loaded.run_forecaster(np.ascontiguousarray(windows[i : i + 8192], np.float32))
+                for i in range(0, len(windows), 8192)
+            ]
+            point, low, high = (
+                np.concatenate(p).astype(np.float32) for p in zip(*parts, strict=True)
+            )
+            return point, low, high
 
         def q(states: F32) -> F32:
-            return np.asarray(
-                asess.run(["q_values"], {a_in: np.ascontiguousarray(states, np.float32)})[0]
-            )
+            return np.asarray(loaded.q_values(np.ascontiguousarray(states, np.float32)))
 
         return forecast, q, f"model directory {path} (onnxruntime)"
     from trainer.env import torch_forecast

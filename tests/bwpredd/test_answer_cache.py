@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 from bwpredd.client import Client, pb
-from bwpredd.engine import DEFAULT_MODEL_DIR, Engine, load_model
+from bwpredd.engine import Engine
+from bwpredd.modeldir import DEFAULT_MODEL_DIR, load_model
 from bwpredd.server import Server
 from bwpredd.state import step_seconds
 from tests.conftest_models import make_model_dir

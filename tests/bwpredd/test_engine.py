@@ -14,8 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bwpredd import Predictor
-from bwpredd.engine import DEFAULT_MODEL_DIR, Engine, Source, load_model, smoke_windows
+from bwpredd.engine import Engine, Source
 from bwpredd.errors import ModelError
+from bwpredd.modeldir import DEFAULT_MODEL_DIR, load_model, smoke_windows
 from bwpredd.state import build_state, reference_capacity
 
 
@@ -60,6 +61,23 @@ class TestLoad:
         (d / "manifest.json").write_text(json.dumps(doc))
         with pytest.raises(ModelError, match="state_layout"):
             load_model(d)
+
+
+    def test_daemon_and_check_model_share_the_rules(self, tmp_path: Path) -> None:
+        """What check-model refuses the daemon refuses, with the same reason:
+        here a manifest whose output dtype is not the graph's (which the
+        daemon's own, looser checks once let through)."""
+        from bwpredd.checkmodel import check_model_dir
+
+        d = tmp_path / "m"
+        shutil.copytree(DEFAULT_MODEL_DIR, d)
+        doc = json.loads((d / "manifest.json").read_text())
+        doc["forecaster"]["outputs"][0]["dtype"] = "float64"
+        (d / "manifest.json").write_text(json.dumps(doc))
+        with pytest.raises(ModelError, match="is float32, the manifest says float64") as err:
+            load_model(d)
+        result = check_model_dir(d)
+        assert not result.ok and result.reason == err.value.reason
 
 
 class TestEngine:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from bwpredd.client import Client, channel_for, pb
-from bwpredd.engine import DEFAULT_MODEL_DIR
+from bwpredd.modeldir import DEFAULT_MODEL_DIR
 from bwpredd.server import Server, StartupError
 from tests.bwpredd.test_notify import NotifySocket
 from tests.conftest_models import make_model_dir

@@ -14,8 +14,9 @@ from bwpredd import servicer as servicer_mod
 from bwpredd._proto.bwpred.v1 import bwpred_pb2 as pb
 from bwpredd.config import Config
 from bwpredd.core import Core
-from bwpredd.engine import DEFAULT_MODEL_DIR, Engine, load_model
+from bwpredd.engine import Engine
 from bwpredd.metrics import Metrics
+from bwpredd.modeldir import DEFAULT_MODEL_DIR, load_model
 from bwpredd.servicer import REPLY_CACHE_PEERS, _Replies, extract_batch
 from tests.helpers import running_server, sample
 

@@ -36,11 +36,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-import bwpredd.engine
+import bwpredd.modeldir
 from bwpredd.client import Client, channel_for, pb
 from bwpredd.config import Config, ConfigError, parse_listen
-from bwpredd.engine import DEFAULT_MODEL_DIR, load_model
 from bwpredd.errors import ModelError
+from bwpredd.modeldir import DEFAULT_MODEL_DIR, load_model
 from bwpredd.persist import SNAPSHOT_NAME
 from bwpredd.server import StartupError
 from bwpredd.servicer import SERVICE_NAME
@@ -679,13 +679,13 @@ class TestModelIntegrity:
         import hashlib
 
         built: list[bytes] = []
-        real = bwpredd.engine._session
+        real = bwpredd.modeldir.session
 
-        def spy(data: bytes, threads: int) -> Any:
+        def spy(data: bytes, **options: Any) -> Any:
             built.append(data)
-            return real(data, threads)
+            return real(data, **options)
 
-        monkeypatch.setattr(bwpredd.engine, "_session", spy)
+        monkeypatch.setattr(bwpredd.modeldir, "session", spy)
         d = tmp_path / "m"
         shutil.copytree(DEFAULT_MODEL_DIR, d)
         manifest = json.loads((d / "manifest.json").read_text())

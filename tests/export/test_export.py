@@ -7,12 +7,12 @@ import json
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 
 from bwpredd.errors import ManifestError
 from bwpredd.manifest import Manifest, load_manifest, verify_files
+from bwpredd.modeldir import load_model
 from bwpredd.state import STATE_LAYOUT
 from export import ExportError, copy_model_dir, export_model_dir, publish_dir
 from export.__main__ import main as export_main
@@ -107,13 +107,10 @@ class TestExportRoundTrip:
         _, run, out = cli_export
         model, _ = fmod.load_checkpoint(str(run / "forecaster.pt"))
         windows = synthetic_windows(32, seed=5)
-        sess = ort.InferenceSession(
-            str(out / "forecaster.onnx"), providers=["CPUExecutionProvider"]
-        )
-        got = sess.run(["bandwidth_mbps", "low_mbps", "high_mbps"], {"window": windows})
+        got = load_model(out).run_forecaster(windows)
         for g, r in zip(got, torch_forecast(model, windows), strict=True):
             torch.testing.assert_close(
-                torch.from_numpy(g).double(), torch.from_numpy(r), rtol=1e-4, atol=1e-6
+                torch.from_numpy(g[:, None]).double(), torch.from_numpy(r), rtol=1e-4, atol=1e-6
             )
 
     def test_existing_destination_refused(self, cli_export: tuple[int, Path, Path]) -> None:
@@ -229,10 +226,7 @@ class TestHelper:
         windows = synthetic_windows(16, seed=3)
         outs = []
         for d in (helper_dir, scaled):
-            sess = ort.InferenceSession(
-                str(d / "forecaster.onnx"), providers=["CPUExecutionProvider"]
-            )
-            outs.append(sess.run(None, {"window": windows}))
+            outs.append(load_model(d).run_forecaster(windows))
         for base, big in zip(*outs, strict=True):
             np.testing.assert_allclose(big, 7.0 * base, rtol=1e-5, atol=1e-6)
 

@@ -1,0 +1,273 @@
+"""A model directory, opened: the one way to load and run the shipped models.
+
+The daemon, ``bwpredd check-model``, the trainer's evaluators and the
+export's final check all go through :func:`load_model`, so they agree on
+what a valid directory is. In order, each stopping at the first failure:
+
+1. ``manifest.json`` parses under the schema (:mod:`bwpredd.manifest`);
+2. each file's sha256 matches, and the sessions are built from exactly the
+   bytes that were checked;
+3. the allocator's ``state_layout`` is the one this bwpredd builds;
+4. both graphs load in onnxruntime, and their inputs and outputs have the
+   manifest's names (in order), dtypes and shapes;
+5. a smoke run (also the warm-up) on :func:`smoke_windows`, batches of one
+   and of all, gives finite float32 ``[N, 1]`` forecasts with ``low <= point
+   <= high`` and finite float32 ``[N, 10]`` ``q_values`` on states built as
+   the daemon builds them.
+
+:func:`session` is the only place an ``onnxruntime.InferenceSession`` is made.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+# onnxruntime phones home (a device-id database and an events endpoint)
+# unless told not to before it loads; a sidecar must not.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+import onnxruntime as ort
+
+from bwpredd.errors import ManifestError, ModelError
+from bwpredd.manifest import (
+    ALLOCATOR_INPUT,
+    ALLOCATOR_OUTPUT,
+    FORECASTER_INPUT,
+    FORECASTER_OUTPUTS,
+    N_ACTIONS,
+    WINDOW,
+    Manifest,
+    ModelFile,
+    TensorSpec,
+    load_manifest,
+    verify_files,
+)
+from bwpredd.state import DEFAULT_STEP_S, STATE_LAYOUT, build_state
+
+__all__ = ["DEFAULT_MODEL_DIR", "LoadedModel", "load_model", "session", "smoke_windows"]
+
+# The model shipped inside the package (what `make export` writes).
+DEFAULT_MODEL_DIR = Path(__file__).parent / "models" / "default"
+F32 = npt.NDArray[np.float32]
+I64 = npt.NDArray[np.int64]
+_ORT_DTYPES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(int64)": "int64"}
+# A point forecast may stray outside its interval by float rounding only.
+_ORDER_SLACK = 1e-5
+
+
+def session(data: bytes, *, threads: int = 1, optimise: bool = True) -> ort.InferenceSession:
+    """An onnxruntime CPU session on a serialised model, set up as the daemon runs it.
+
+    Args:
+        data: the serialised ONNX model.
+        threads: intra-op threads (inter-op is 1, execution sequential).
+        optimise: ``ORT_ENABLE_ALL`` when true, else no graph optimisation
+            (the export checks its graphs both ways).
+    """
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if optimise
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    # A sidecar must not burn a core spinning between calls.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.log_severity_level = 3
+    return ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A verified, warmed-up model directory."""
+
+    manifest: Manifest
+    path: Path
+    forecaster: ort.InferenceSession
+    allocator: ort.InferenceSession
+    load_seconds: float
+    sha256: dict[str, str] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    def run_forecaster(self, windows: F32) -> tuple[F32, F32, F32]:
+        """Point, low, high ``[k]`` for full windows ``[k, W, F]``."""
+        out = self.forecaster.run(list(FORECASTER_OUTPUTS), {FORECASTER_INPUT: windows})
+        return out[0][:, 0], out[1][:, 0], out[2][:, 0]
+
+    def q_values(self, states: F32) -> F32:
+        """The allocator's ``[k, 10]`` Q-values for states ``[k, S]``."""
+        (q,) = self.allocator.run([ALLOCATOR_OUTPUT], {ALLOCATOR_INPUT: states})
+        out: F32 = q
+        return out
+
+    def run_allocator(self, states: F32) -> I64:
+        """Greedy actions ``[k]`` for states ``[k, S]``: argmax, never random."""
+        actions: I64 = np.argmax(self.q_values(states), axis=1).astype(np.int64)
+        return actions
+
+
+def smoke_windows(n: int = 64, seed: int = 0) -> F32:
+    """Seeded raw windows ``[n, 10, 4]``: bandwidth from 0.05 Mbit/s to 10 Gbit/s;
+    the first is all zero (an outage), the second constant.
+
+    Args:
+        n: how many windows.
+        seed: the generator's seed.
+    """
+    rng = np.random.default_rng(seed)
+    level = np.exp(np.linspace(np.log(0.05), np.log(10_000.0), n))[:, None]
+    bw = level * np.exp(np.cumsum(rng.normal(0.0, 0.2, size=(n, WINDOW)), axis=1))
+    lat = np.exp(rng.uniform(0.0, 5.0, size=(n, 1))) * (1 + rng.random((n, WINDOW)) * 0.3)
+    loss = rng.uniform(0.0, 0.05, size=(n, WINDOW))
+    rel = rng.uniform(0.9, 1.0, size=(n, WINDOW))
+    bw[:1] = 0.0
+    bw[1:2] = 25.0
+    return np.stack([lat, bw, loss, rel], axis=2).astype(np.float32)
+
+
+class _Refused(Exception):
+    """A check failed; the message says which and why (without the path)."""
+
+
+def load_model(model_dir: Path, threads: int = 1) -> LoadedModel:
+    """Verify, load, warm up and smoke-test a model directory.
+
+    Args:
+        model_dir: a directory with ``manifest.json`` and the ONNX files.
+        threads: onnxruntime intra-op threads per session.
+
+    Raises:
+        ModelError: a check failed, or anything else went wrong; ``reason``
+            says which and why, the message adds the directory.
+    """
+    model_dir = Path(model_dir)
+    try:
+        return _load(model_dir, threads)
+    except (ManifestError, _Refused) as exc:
+        raise ModelError(f"{model_dir}: {exc}", reason=str(exc)) from None
+    except Exception as exc:  # a directory no check foresaw is a refused load, never a crash
+        reason = f"cannot load: {type(exc).__name__}: {exc}"
+        raise ModelError(f"{model_dir}: {reason}", reason=reason) from exc
+
+
+def _load(model_dir: Path, threads: int) -> LoadedModel:
+    start = time.perf_counter()
+    manifest = load_manifest(model_dir)
+    blobs = verify_files(model_dir, manifest)
+    if manifest.state_layout != STATE_LAYOUT:
+        # Same width in another order would run, and allocate from misread states.
+        raise _Refused(
+            f"state_layout: the allocator was trained on {list(manifest.state_layout)}, "
+            f"this bwpredd builds {list(STATE_LAYOUT)}; export the model again with this version"
+        )
+    t0 = time.perf_counter()
+    fsess = _session(blobs[manifest.forecaster.file], manifest.forecaster.file, threads)
+    asess = _session(blobs[manifest.allocator.file], manifest.allocator.file, threads)
+    timings = {"load": (time.perf_counter() - t0) * 1e3}
+    _check_io(fsess, manifest.forecaster)
+    _check_io(asess, manifest.allocator)
+    model = LoadedModel(manifest, model_dir, fsess, asess, 0.0)
+    _smoke(model, timings)
+    return LoadedModel(
+        manifest=manifest,
+        path=model_dir,
+        forecaster=fsess,
+        allocator=asess,
+        load_seconds=time.perf_counter() - start,
+        sha256={m.file: m.sha256 for m in (manifest.forecaster, manifest.allocator)},
+        sizes={name: len(data) for name, data in blobs.items()},
+        timings_ms={k: round(v, 3) for k, v in timings.items()},
+    )
+
+
+def _session(data: bytes, name: str, threads: int) -> ort.InferenceSession:
+    try:
+        return session(data, threads=threads)
+    except Exception as exc:  # onnxruntime raises its own exception types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise _Refused(f"{name}: onnxruntime cannot load it: {first}") from None
+
+
+def _check_io(sess: ort.InferenceSession, spec: ModelFile) -> None:
+    for kind, got, want in (
+        ("inputs", sess.get_inputs(), spec.inputs),
+        ("outputs", sess.get_outputs(), spec.outputs),
+    ):
+        got_names = [a.name for a in got]
+        want_names = [t.name for t in want]
+        if got_names != want_names:
+            raise _Refused(f"{spec.file}: {kind} are {got_names}, the manifest says {want_names}")
+        for arg, t in zip(got, want, strict=True):
+            _check_tensor(spec.file, arg, t)
+
+
+def _check_tensor(file: str, arg: Any, spec: TensorSpec) -> None:
+    dtype = _ORT_DTYPES.get(str(arg.type), str(arg.type))
+    if dtype != spec.dtype:
+        raise _Refused(f"{file}: {spec.name} is {dtype}, the manifest says {spec.dtype}")
+    shape = tuple(d if isinstance(d, int) else None for d in arg.shape)
+    if shape != spec.shape:
+        raise _Refused(
+            f"{file}: {spec.name} has shape {_fmt(shape)}, the manifest says {_fmt(spec.shape)}"
+        )
+
+
+def _fmt(shape: Sequence[int | None]) -> str:
+    return "[" + ", ".join("N" if d is None else str(d) for d in shape) + "]"
+
+
+def _smoke(model: LoadedModel, timings: dict[str, float]) -> None:
+    """Both graphs on a batch of one, then on all of :func:`smoke_windows`
+    (the first runs also allocate and plan: the warm-up)."""
+    windows = smoke_windows()
+    for batch in (windows[:1], windows):
+        n = len(batch)
+        t0 = time.perf_counter()
+        outs = model.forecaster.run(list(FORECASTER_OUTPUTS), {FORECASTER_INPUT: batch})
+        timings[f"forecast_batch{n}"] = (time.perf_counter() - t0) * 1e3
+        point, low, high = (
+            _forecast_output(name, out, n)
+            for name, out in zip(FORECASTER_OUTPUTS, outs, strict=True)
+        )
+        slack = _ORDER_SLACK * np.maximum(np.abs(point), 1.0)
+        bad = (low > point + slack) | (point > high + slack)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise _Refused(
+                f"smoke: interval out of order on {int(bad.sum())} of {n} windows "
+                f"(e.g. low {low[i]:.4g}, point {point[i]:.4g}, high {high[i]:.4g})"
+            )
+        states = build_state(batch, point, low, high, DEFAULT_STEP_S)
+        t0 = time.perf_counter()
+        q = np.asarray(model.q_values(states))
+        timings[f"allocate_batch{n}"] = (time.perf_counter() - t0) * 1e3
+        if q.shape != (n, N_ACTIONS) or q.dtype != np.float32:
+            raise _Refused(
+                f"smoke: q_values came out {q.dtype}{list(q.shape)}, want float32[{n}, {N_ACTIONS}]"
+            )
+        if not np.isfinite(q).all():
+            raise _Refused("smoke: q_values are not finite")
+
+
+def _forecast_output(name: str, out: Any, n: int) -> F32:
+    arr = np.asarray(out)
+    if arr.shape != (n, 1) or arr.dtype != np.float32:
+        raise _Refused(f"smoke: {name} came out {arr.dtype}{list(arr.shape)}, want float32[{n}, 1]")
+    if not np.isfinite(arr).all():
+        raise _Refused(f"smoke: {name} is not finite for {int((~np.isfinite(arr)).sum())}")
+    column: F32 = arr[:, 0]
+    return column
