@@ -56,7 +56,8 @@ def read_samples(stream: TextIO) -> Iterator[pb.Sample]:
             if row.get("timestamp"):
                 t = float(row["timestamp"])
                 sample.timestamp.seconds = math.floor(t)
-                sample.timestamp.nanos = int((t - math.floor(t)) * 1e9)
+                # Rounding can reach 1e9 just below a whole second.
+                sample.timestamp.nanos = min(int((t - math.floor(t)) * 1e9), 999_999_999)
         except ValueError as exc:
             raise ValueError(f"line {line}: {exc}") from None
         yield sample

@@ -66,6 +66,7 @@ def extract_batch(samples: Iterable[pb.Sample]) -> SampleBatch:
     rel: list[float] = []
     has_rel: list[bool] = []
     ts: list[float] = []
+    bad_nanos: list[tuple[int, int]] = []
     nan = math.nan
     for s in samples:
         ids.append(s.peer_id)
@@ -80,10 +81,13 @@ def extract_batch(samples: Iterable[pb.Sample]) -> SampleBatch:
         has_rel.append(has("reliability"))
         if has("timestamp"):
             t = s.timestamp
-            ts.append(t.seconds + t.nanos * 1e-9)
+            nanos = t.nanos
+            if not 0 <= nanos < 1_000_000_000:
+                bad_nanos.append((len(ts), nanos))
+            ts.append(t.seconds + nanos * 1e-9)
         else:
             ts.append(nan)
-    return SampleBatch(ids, bw, has_bw, lat, has_lat, loss, has_loss, rel, has_rel, ts)
+    return SampleBatch(ids, bw, has_bw, lat, has_lat, loss, has_loss, rel, has_rel, ts, bad_nanos)
 
 
 _SOURCE_NAMES = [

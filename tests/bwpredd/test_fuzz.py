@@ -188,6 +188,8 @@ def first_broken_rule(s: pb.Sample, known: bool) -> str | None:
             v = getattr(s, name)
             if not math.isfinite(v) or v < 0 or v > 1:
                 return name
+    if s.HasField("timestamp") and not 0 <= s.timestamp.nanos < 1_000_000_000:
+        return "timestamp"
     t = when(s)
     if not math.isfinite(t) or t > NOW + SKEW_S or t < NOW - AGE_S:
         return "timestamp"
