@@ -24,7 +24,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from bwpredd._proto.bwpred.v1 import bwpred_pb2_grpc as pb_grpc
 from bwpredd.config import Config, parse_listen
 from bwpredd.core import Core
 from bwpredd.engine import DEFAULT_MODEL_DIR, Engine, LoadedModel, load_model
@@ -33,7 +32,7 @@ from bwpredd.logging import flush_logs, get_logger
 from bwpredd.metrics import Metrics
 from bwpredd.persist import load_snapshot, save_snapshot, set_aside
 from bwpredd.safefs import dir_stat, open_new, private_dir, temp_name
-from bwpredd.servicer import SERVICE_NAME, BandwidthPredictorServicer
+from bwpredd.servicer import SERVICE_NAME, BandwidthPredictorServicer, add_to_server
 from bwpredd.systemd import Notifier
 
 __all__ = ["MODEL_HEALTH_SERVICE", "STARTUP_FAILURE", "Server", "StartupError", "create_server"]
@@ -168,7 +167,7 @@ def create_server(
     ]
     server = grpc.aio.server(options=options)
     servicer = BandwidthPredictorServicer(core, log_rpcs=config.log_rpcs)
-    pb_grpc.add_BandwidthPredictorServiceServicer_to_server(servicer, server)
+    add_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if config.reflection:

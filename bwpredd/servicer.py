@@ -24,17 +24,79 @@ from bwpredd.advise import Advice
 from bwpredd.core import Core, IngestOutcome, Stamp
 from bwpredd.engine import Forecasts
 from bwpredd.errors import BwpreddError, InvalidArgument, PeerNotFound
-from bwpredd.logging import DeferredLines, get_logger
+from bwpredd.logging import DeferredLines, RateLimitedLine, get_logger
 from bwpredd.validate import SampleBatch, check_peer_id, check_peer_ids
 
-__all__ = ["SERVICE_NAME", "BandwidthPredictorServicer", "extract_batch"]
+__all__ = [
+    "SERVICE_NAME",
+    "BandwidthPredictorServicer",
+    "Undecodable",
+    "add_to_server",
+    "extract_batch",
+]
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["BandwidthPredictorService"].full_name
+_SERVICE = pb.DESCRIPTOR.services_by_name["BandwidthPredictorService"]
+SERVICE_NAME = _SERVICE.full_name
 log = get_logger(__name__)
 WATCH_CHUNK = 512  # peers forecast per step of a WatchForecasts stream
 REPLY_CACHE_PEERS = 8  # Forecast/Allocate requests this small keep their reply
 REPLY_CACHE_ENTRIES = 4096
+# A client can send undecodable bytes at will: one log line per this many
+# seconds at most, counting the ones held back.
+UNDECODABLE_LOG_INTERVAL_S = 10.0
 T = TypeVar("T")
+
+
+class Undecodable:
+    """What the deserializer hands a handler for bytes that are not a valid
+    request message, so the handler answers INVALID_ARGUMENT (grpcio would
+    answer UNKNOWN, and on a stream raise out of the request iterator)."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _lenient(message: Any) -> Callable[[bytes], Any]:
+    parse = message.FromString
+    name = message.DESCRIPTOR.full_name
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception as exc:  # any failure to parse is the client's bytes
+            return Undecodable(f"request: not a valid {name} message ({type(exc).__name__})")
+
+    return deserialize
+
+
+def add_to_server(servicer: BandwidthPredictorServicer, server: Any) -> None:
+    """Register ``servicer`` as the generated ``add_..._to_server`` does, with
+    deserializers that hand undecodable requests to the handler as
+    :class:`Undecodable` instead of failing the call inside grpcio.
+
+    Args:
+        servicer: the servicer.
+        server: a ``grpc.aio.Server``.
+    """
+    shapes = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    handlers = {
+        m.name: shapes[m.client_streaming, m.server_streaming](
+            getattr(servicer, m.name),
+            request_deserializer=_lenient(getattr(pb, m.input_type.name)),
+            response_serializer=getattr(pb, m.output_type.name).SerializeToString,
+        )
+        for m in _SERVICE.methods
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
 
 _CODES: dict[type[BwpreddError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -202,6 +264,9 @@ def _rpc(kind: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         @functools.wraps(method)
         async def handler(self: BandwidthPredictorServicer, request: Any, context: Any) -> Any:
             start = time.perf_counter()
+            if isinstance(request, Undecodable):
+                await self._refuse_undecodable(name, kind, request, context, start=start, detail={})
+                return None  # not reached: abort() raises
             detail: dict[str, Any] = {}
             # Count before abort(): it sends the status at once, so a client
             # could otherwise see the error before the metric moves.
@@ -244,6 +309,7 @@ class BandwidthPredictorServicer(pb_grpc.BandwidthPredictorServiceServicer):
         # the long-lived streams across all connections.
         self.open_streams = 0
         self._lines = DeferredLines(log, "rpc")
+        self._undecodable = RateLimitedLine(log, "undecodable_request", UNDECODABLE_LOG_INTERVAL_S)
         self._forecasts: _Replies[pb.ForecastResponse] = _Replies(core)
         self._allocations: _Replies[pb.AllocateResponse] = _Replies(core)
 
@@ -257,8 +323,33 @@ class BandwidthPredictorServicer(pb_grpc.BandwidthPredictorServiceServicer):
             )
         self.open_streams += 1
 
+    async def _refuse_undecodable(
+        self,
+        name: str,
+        kind: str,
+        request: Undecodable,
+        context: Any,
+        *,
+        start: float,
+        detail: dict[str, Any],
+    ) -> None:
+        """End the call INVALID_ARGUMENT: counted like any call, logged at
+        most once per UNDECODABLE_LOG_INTERVAL_S (its rpc line only with
+        log_rpcs, like a successful call's)."""
+        detail["error"] = request.reason
+        self._done(name, kind, grpc.StatusCode.INVALID_ARGUMENT, start, detail, quiet=True)
+        self._undecodable.warning(rpc=name, error=request.reason)
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+
     def _done(
-        self, name: str, kind: str, code: grpc.StatusCode, start: float, detail: dict[str, Any]
+        self,
+        name: str,
+        kind: str,
+        code: grpc.StatusCode,
+        start: float,
+        detail: dict[str, Any],
+        *,
+        quiet: bool = False,
     ) -> None:
         elapsed = time.perf_counter() - start
         key = (name, kind, code)
@@ -273,7 +364,7 @@ class BandwidthPredictorServicer(pb_grpc.BandwidthPredictorServiceServicer):
         children[0].inc()
         children[1].observe(elapsed)
         ok = code == grpc.StatusCode.OK
-        if self.log_rpcs or not ok:
+        if self.log_rpcs or not (ok or quiet):
             detail.update(
                 rpc=name,
                 code=code.name,
@@ -281,7 +372,7 @@ class BandwidthPredictorServicer(pb_grpc.BandwidthPredictorServiceServicer):
                 model_version=self.core.engine.version,
             )
             # A failure is written at once, after the lines waiting before it.
-            self._lines.add(detail, now=not ok)
+            self._lines.add(detail, now=not (ok or quiet))
 
     # -- ingest -------------------------------------------------------------------
 
@@ -294,7 +385,9 @@ class BandwidthPredictorServicer(pb_grpc.BandwidthPredictorServiceServicer):
         return _ack(outcome, pb.PushSamplesResponse)
 
     async def StreamSamples(
-        self, request_iterator: AsyncIterator[pb.StreamSamplesRequest], context: Any
+        self,
+        request_iterator: AsyncIterator[pb.StreamSamplesRequest | Undecodable],
+        context: Any,
     ) -> AsyncIterator[pb.StreamSamplesResponse]:
         start = time.perf_counter()
         code = grpc.StatusCode.OK
@@ -303,9 +396,13 @@ class BandwidthPredictorServicer(pb_grpc.BandwidthPredictorServiceServicer):
             SERVICE_NAME, "StreamSamples", "bidi_stream"
         )
         await self._admit_stream("StreamSamples", context)
+        undecodable: Undecodable | None = None
         try:
             async for request in request_iterator:
                 received.inc()
+                if isinstance(request, Undecodable):
+                    undecodable = request
+                    break
                 try:
                     outcome = self.core.ingest(extract_batch(request.samples))
                 except InvalidArgument as exc:
@@ -326,7 +423,13 @@ class BandwidthPredictorServicer(pb_grpc.BandwidthPredictorServiceServicer):
             raise
         finally:
             self.open_streams -= 1
-            self._done("StreamSamples", "bidi_stream", code, start, detail)
+            if undecodable is None:
+                self._done("StreamSamples", "bidi_stream", code, start, detail)
+        if undecodable is not None:
+            # The batches before it were acked; the stream ends here.
+            await self._refuse_undecodable(
+                "StreamSamples", "bidi_stream", undecodable, context, start=start, detail=detail
+            )
 
     # -- answers ------------------------------------------------------------------
 
@@ -442,9 +545,14 @@ class BandwidthPredictorServicer(pb_grpc.BandwidthPredictorServiceServicer):
         )
 
     async def WatchForecasts(
-        self, request: pb.WatchForecastsRequest, context: Any
+        self, request: pb.WatchForecastsRequest | Undecodable, context: Any
     ) -> AsyncIterator[pb.WatchForecastsResponse]:
         start = time.perf_counter()
+        if isinstance(request, Undecodable):
+            await self._refuse_undecodable(
+                "WatchForecasts", "server_stream", request, context, start=start, detail={}
+            )
+            return  # not reached: abort() raises
         code = grpc.StatusCode.OK
         detail: dict[str, Any] = {"pushed": 0}
         core = self.core
