@@ -17,7 +17,6 @@ import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -29,7 +28,7 @@ from bwpredd.core import Core
 from bwpredd.engine import DEFAULT_MODEL_DIR, Engine, LoadedModel, load_model
 from bwpredd.errors import ModelError
 from bwpredd.logging import flush_logs, get_logger
-from bwpredd.metrics import Metrics
+from bwpredd.metrics import Metrics, MetricsServer
 from bwpredd.persist import load_snapshot, save_snapshot, set_aside
 from bwpredd.safefs import dir_stat, open_new, private_dir, temp_name
 from bwpredd.servicer import SERVICE_NAME, BandwidthPredictorServicer, add_to_server
@@ -234,7 +233,7 @@ class Server:
         self._server: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
         self._wake: asyncio.Event | None = None
-        self._metrics_server: Any = None
+        self._metrics_server: MetricsServer | None = None
         self.metrics_address = ""
         self._last_snapshot = 0.0  # monotonic time of the last good snapshot
 
@@ -356,18 +355,15 @@ class Server:
         return True
 
     def _start_metrics(self) -> None:
-        from prometheus_client import start_http_server
-
         host, _, port = self.config.metrics_addr.rpartition(":")
+        self._metrics_server = MetricsServer(self.registry, host.strip("[]"), int(port))
         try:
-            self._metrics_server, _ = start_http_server(
-                int(port), addr=host.strip("[]"), registry=self.registry
-            )
-            self.metrics_address = f"{host}:{self._metrics_server.server_port}"
+            self._metrics_server.start()
         except OSError as exc:
             raise StartupError(
                 f"metrics_addr: cannot bind {self.config.metrics_addr}: {exc}"
             ) from None
+        self.metrics_address = f"{host}:{self._metrics_server.port}"
 
     async def _set_health(self, serving: bool) -> None:
         assert self._health is not None and self.core is not None
@@ -476,7 +472,6 @@ class Server:
             log.info("snapshot_written", peers=len(self.core.store))
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
-            self._metrics_server.server_close()
         kind, path, _ = parse_listen(self.config.listen)
         if kind == "unix":
             with contextlib.suppress(OSError):
