@@ -23,7 +23,7 @@ from bwpredd._proto.bwpred.v1 import bwpred_pb2_grpc as pb_grpc
 from bwpredd.advise import Advice
 from bwpredd.core import Core, IngestOutcome, Stamp
 from bwpredd.engine import Forecasts
-from bwpredd.errors import BwpreddError, InvalidArgument, PeerNotFound
+from bwpredd.errors import BwpreddError, InvalidArgument, PeerNotFound, ResourceExhausted
 from bwpredd.logging import DeferredLines, RateLimitedLine, get_logger
 from bwpredd.validate import SampleBatch, check_peer_id, check_peer_ids
 
@@ -101,6 +101,7 @@ def add_to_server(servicer: BandwidthPredictorServicer, server: Any) -> None:
 _CODES: dict[type[BwpreddError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     PeerNotFound: grpc.StatusCode.NOT_FOUND,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 
@@ -199,6 +200,19 @@ def forecast_messages(peer_ids: list[str], fc: Forecasts) -> list[pb.PeerForecas
             strict=True,
         )
     ]
+
+
+def _forecast_message(peer_id: str, fc: Forecasts, i: int) -> pb.PeerForecast:
+    """The ``PeerForecast`` of row ``i`` of ``fc``."""
+    return pb.PeerForecast(
+        peer_id=peer_id,
+        bandwidth_mbps=float(fc.point[i]),
+        low_mbps=float(fc.low[i]),
+        high_mbps=float(fc.high[i]),
+        source=pb.ForecastSource.Name(int(fc.source[i])),
+        samples_in_window=int(fc.counts[i]),
+        model_version=fc.model_version,
+    )
 
 
 def _ack(outcome: IngestOutcome, kind: type[T]) -> T:
@@ -306,7 +320,9 @@ class BandwidthPredictorServicer(pb_grpc.BandwidthPredictorServiceServicer):
         # look-up per call costs more than the increment.
         self._children: dict[tuple[str, str, grpc.StatusCode], tuple[Any, Any]] = {}
         # grpc's max_concurrent_streams is per HTTP/2 connection; this caps
-        # the long-lived streams across all connections.
+        # StreamSamples streams across all connections (WatchForecasts
+        # streams are bounded by the WatchHub, so neither kind can take the
+        # other's slots).
         self.open_streams = 0
         self._lines = DeferredLines(log, "rpc")
         self._undecodable = RateLimitedLine(log, "undecodable_request", UNDECODABLE_LOG_INTERVAL_S)
@@ -558,15 +574,15 @@ class BandwidthPredictorServicer(pb_grpc.BandwidthPredictorServiceServicer):
         core = self.core
         wanted = list(request.peer_ids)
         try:
-            check_peer_ids(wanted, core.config.max_batch_peers) if wanted else None
-        except InvalidArgument as exc:
-            self._done(
-                "WatchForecasts", "server_stream", grpc.StatusCode.INVALID_ARGUMENT, start, {}
-            )
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        await self._admit_stream("WatchForecasts", context)
+            if wanted:
+                check_peer_ids(wanted, core.config.max_batch_peers)
+            watcher = core.watch.subscribe(wanted or None)
+        except BwpreddError as exc:
+            refused = status_for(exc)
+            self._done("WatchForecasts", "server_stream", refused, start, {"error": str(exc)})
+            await context.abort(refused, str(exc))
+            return  # not reached: abort() raises
         core.metrics.watchers.inc()
-        watcher = core.watch.subscribe(wanted or None)
         try:
             # Start with the current forecast of every watched peer we hold.
             watcher.push(wanted or core.store.peer_ids())
@@ -577,8 +593,10 @@ class BandwidthPredictorServicer(pb_grpc.BandwidthPredictorServiceServicer):
                     kept, fc = core.forecast_tracked(ids[i : i + WATCH_CHUNK])
                     if fc is None:
                         continue
-                    for msg in forecast_messages(kept, fc):
-                        yield pb.WatchForecastsResponse(forecast=msg)
+                    # One message at a time: a stream blocked on a client
+                    # that does not read holds one, not a chunk of them.
+                    for j, pid in enumerate(kept):
+                        yield pb.WatchForecastsResponse(forecast=_forecast_message(pid, fc, j))
                     detail["pushed"] += len(kept)
         except BaseException as exc:
             code = grpc.StatusCode.CANCELLED if _is_cancel(exc) else grpc.StatusCode.INTERNAL
@@ -587,7 +605,6 @@ class BandwidthPredictorServicer(pb_grpc.BandwidthPredictorServiceServicer):
             raise
         finally:
             watcher.close()
-            self.open_streams -= 1
             core.metrics.watchers.dec()
             self._done("WatchForecasts", "server_stream", code, start, detail)
 
@@ -638,15 +655,7 @@ _CODECS = {"none": pb.CODEC_NONE, "lz4": pb.CODEC_LZ4, "zstd": pb.CODEC_ZSTD}
 def _advice_message(a: Advice, fc: Forecasts, i: int) -> pb.Advice:
     """One Advice message; ``i`` is the peer's row in ``fc``."""
     return pb.Advice(
-        forecast=pb.PeerForecast(
-            peer_id=a.peer_id,
-            bandwidth_mbps=float(fc.point[i]),
-            low_mbps=float(fc.low[i]),
-            high_mbps=float(fc.high[i]),
-            source=pb.ForecastSource.Name(int(fc.source[i])),
-            samples_in_window=int(fc.counts[i]),
-            model_version=fc.model_version,
-        ),
+        forecast=_forecast_message(a.peer_id, fc, i),
         payload_bytes=a.payload_bytes,
         transfer_seconds=a.transfer_seconds,
         transfer_seconds_low=a.transfer_seconds_low,
