@@ -335,7 +335,7 @@ class BandwidthPredictorServicer(pb_grpc.BandwidthPredictorServiceServicer):
             self._done(name, "stream", grpc.StatusCode.RESOURCE_EXHAUSTED, time.perf_counter(), {})
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"max_concurrent_streams: {limit} streams already open",
+                f"max_concurrent_streams: {limit} StreamSamples streams already open",
             )
         self.open_streams += 1
 
