@@ -56,9 +56,20 @@ __all__ = ["SECTIONS", "Plan", "main", "run", "summarize_profile"]
 SERVICE = "bwpred.v1.BandwidthPredictorService"
 FORECAST = f"/{SERVICE}/Forecast"
 ALLOCATE = f"/{SERVICE}/Allocate"
+WATCH = f"/{SERVICE}/WatchForecasts"
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 MEMORY_TARGET = "RSS with full windows - empty"
-SECTIONS = ("onnx", "startup", "latency", "batch", "ingest", "concurrency", "memory", "threads")
+SECTIONS = (
+    "onnx",
+    "startup",
+    "latency",
+    "batch",
+    "ingest",
+    "watchers",
+    "concurrency",
+    "memory",
+    "threads",
+)
 MODEL = pb.FORECAST_SOURCE_MODEL
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
@@ -93,6 +104,7 @@ class Plan:
     ingest_batch: int = 1_000
     ingest_depth: int = 4
     clients: int = 16
+    watchers: int = 1_000  # idle watch-all WatchForecasts streams in the watchers row
     # Full runs also load the log-off daemon and the sync floor with clients.
     every_variant: bool = True
 
@@ -1158,6 +1170,88 @@ def ingest_section(
     return out
 
 
+def _gauge(d: Daemon, name: str) -> float:
+    """One unlabelled sample of the daemon's /metrics."""
+    import urllib.request
+
+    url = f"http://{d.env['BWPREDD_METRICS_ADDR']}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    return float("nan")
+
+
+def _settle(pid: int, timeout_s: float = 300.0) -> float:
+    """Wait until the daemon's CPU use falls under 5% of a core over 1 s;
+    return the seconds it took."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout_s:
+        c0 = _cpu_ns(pid)
+        time.sleep(1.0)
+        if _cpu_ns(pid) - c0 < 0.05e9:
+            break
+    return time.perf_counter() - t0
+
+
+def watchers_section(workdir: Path, fx: Fixture, plan: Plan) -> dict[str, Any]:
+    """The ingest load on a daemon with ``plan.watchers`` watch-all
+    WatchForecasts streams open that never read, against the same load on
+    the same daemon before they opened (the daemon allows that many
+    watchers; its defaults refuse them)."""
+    n = plan.watchers
+    env = {"BWPREDD_MAX_WATCHERS": str(n), "BWPREDD_MAX_WATCHERS_PER_PEER": str(n)}
+    out: dict[str, Any] = {"watchers": n, "peers": plan.ingest_peers}
+    with Daemon(workdir, "watchers", env) as d:
+        fill(d.address, fx.ingest_load)
+        progress(f"watchers: plain ingest, {plan.ingest_s:g} s")
+        plain = stream_ingest(
+            d.address, fx.ingest_load, plan.ingest_depth, duration=plan.ingest_s, pid=d.pid
+        )
+        rss_before = d.rss_kb()
+        progress(f"watchers: opening {n} watch-all streams that never read")
+        # Without BDP probing the client's windows stay at 64 KiB, so each
+        # stream stops the daemon after ~1,000 forecasts instead of ~60,000.
+        options = [*_CHANNEL_OPTIONS, ("grpc.http2.bdp_probe", 0)]
+        with grpc.insecure_channel(d.address, options=options) as ch:
+            call = ch.unary_stream(WATCH, **_REGISTERED)
+            request = pb.WatchForecastsRequest().SerializeToString()
+            # In waves: each new watcher first sends its ~1,000 forecasts,
+            # and a call the daemon has not taken up within 30 s is cancelled
+            # (grpc.server_max_unrequested_time_in_server).
+            calls: list[Any] = []
+            t0 = time.perf_counter()
+            while len(calls) < n:
+                calls += [call(request, timeout=3600) for _ in range(min(50, n - len(calls)))]
+                deadline = time.monotonic() + 60
+                while _gauge(d, "bwpredd_watchers") < len(calls) and time.monotonic() < deadline:
+                    if any(c.done() for c in calls):  # refused or failed
+                        break
+                    time.sleep(0.2)
+            out["settle_s"] = round(time.perf_counter() - t0 + _settle(d.pid), 1)
+            out["watchers_open"] = int(_gauge(d, "bwpredd_watchers"))
+            out["watchers_failed"] = sorted({c.code().name for c in calls if c.done()})
+            rss_open = d.rss_kb()
+            progress(f"watchers: ingest with {out['watchers_open']} open, {plan.ingest_s:g} s")
+            watched = stream_ingest(
+                d.address, fx.ingest_load, plan.ingest_depth, duration=plan.ingest_s, pid=d.pid
+            )
+            rss_after = d.rss_kb()
+            for c in calls:
+                c.cancel()
+    out["plain"] = plain.as_dict()
+    out["watched"] = watched.as_dict()
+    out["all_accepted"] = not plain.rejected and not watched.rejected
+    out["ratio"] = _ratio(watched.rate, plain.rate)
+    out["cpu_per_sample_ratio"] = _ratio(
+        out["watched"]["server_cpu_us_per_sample"], out["plain"]["server_cpu_us_per_sample"]
+    )
+    out["rss_before_mb"] = round(rss_before / 1024, 1)
+    out["rss_watchers_open_mb"] = round((rss_open - rss_before) / 1024, 1)
+    out["rss_after_ingest_mb"] = round((rss_after - rss_before) / 1024, 1)
+    return out
+
+
 def memory_section(workdir: Path, plan: Plan) -> dict[str, Any]:
     """RSS of a daemon with ``memory_peers`` full windows over the same
     daemon empty (VmRSS from /proc)."""
@@ -1256,6 +1350,8 @@ def run(plan: Plan, sections: Sequence[str], profile: Path | None = None) -> dic
         if "memory" in sections:
             progress(f"memory: {plan.memory_peers} peers x 10 samples")
             res["memory"] = memory_section(work, plan)
+        if "watchers" in sections:
+            res["watchers"] = watchers_section(work, fx, plan)
         floors: dict[str, Floor] = {}
         try:
             progress("floors: sync and asyncio bare servers")
@@ -1539,6 +1635,19 @@ def table_rows(res: dict[str, Any]) -> list[list[str]]:
                     "",
                 )
             )
+    if "watchers" in res:
+        w = res["watchers"]
+        rows.append(
+            _row(
+                f"ingest with {w['watchers']:,} idle watch-all watchers",
+                f"{w['watched']['samples_per_s']:,} samples/s"
+                + ("" if w["all_accepted"] else " (REJECTS)"),
+                f"{w['plain']['samples_per_s']:,} samples/s, none open (same daemon)",
+                f"{w['ratio']:.2f}x",
+                "",
+                f"{w['watchers_open']:,} open, RSS +{w['rss_after_ingest_mb']:.0f} MB",
+            )
+        )
     if "memory" in res:
         m = res["memory"]
         rows.append(

@@ -113,8 +113,13 @@ class Config:
     max_batch_peers: int = 10_000
     # Largest request message, bytes.
     max_message_bytes: int = 8 * 1024 * 1024
-    # Concurrent streams (StreamSamples, WatchForecasts) at most.
+    # Concurrent StreamSamples streams at most (WatchForecasts: max_watchers).
     max_concurrent_streams: int = 1024
+    # WatchForecasts streams open at once, at most.
+    max_watchers: int = 256
+    # WatchForecasts streams following any one peer, at most; a watcher of
+    # every peer (empty peer_ids) counts for each peer.
+    max_watchers_per_peer: int = 32
     # Timestamps further ahead of the server's clock are rejected.
     max_future_skew_s: float = 300.0
     # Timestamps further in the past are rejected.
@@ -169,6 +174,8 @@ class Config:
             "max_batch_peers",
             "max_message_bytes",
             "max_concurrent_streams",
+            "max_watchers",
+            "max_watchers_per_peer",
             "guardrail_steps",
         ):
             if getattr(self, name) < 1:

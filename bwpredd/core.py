@@ -155,7 +155,7 @@ class Core:
         )
         self.store.on_reset(self.scores.reset)
         self.answers = _Answers(self.store)
-        self.watch = WatchHub(config.max_peers)
+        self.watch = WatchHub(config.max_peers, config.max_watchers, config.max_watchers_per_peer)
         self.codecs = CodecTable.load()
         # Bound once: a labels() look-up per call costs more than the count.
         self._source_counters = {

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import sys
@@ -29,21 +30,44 @@ OPTIONAL = ("latency_ms", "packet_loss", "reliability")
 def read_samples(stream: TextIO) -> Iterator[pb.Sample]:
     """Samples from CSV with a header naming ``peer_id``, ``bandwidth_mbps``
     and optionally ``latency_ms``, ``packet_loss``, ``reliability``,
-    ``timestamp`` (unix seconds); empty cells are "not given".
+    ``timestamp`` (unix seconds); empty cells are "not given". A UTF-8 byte
+    order mark before the header is ignored.
 
     Args:
         stream: the CSV text.
 
     Raises:
-        ValueError: a missing column or a cell that is not a number, naming
+        ValueError: a missing column, a malformed CSV record (unterminated
+            quote, a field over the csv module's limit, a row longer or
+            shorter than the header) or a cell that is not a number, naming
             the line.
     """
-    reader = csv.DictReader(stream)
+    reader = csv.DictReader(stream, strict=True)
+    try:
+        header = reader.fieldnames
+    except (csv.Error, UnicodeDecodeError) as exc:
+        raise ValueError(f"line {reader.reader.line_num or 1}: {_csv_reason(exc)}") from None
+    if header:
+        # A byte order mark read as text (stdin, or a file opened as utf-8).
+        reader.fieldnames = [header[0].removeprefix("\ufeff"), *header[1:]]
     columns = set(reader.fieldnames or ())
     missing = {"peer_id", "bandwidth_mbps"} - columns
     if missing:
-        raise ValueError(f"CSV header lacks {', '.join(sorted(missing))}")
-    for line, row in enumerate(reader, start=2):
+        raise ValueError(f"line 1: CSV header lacks {', '.join(sorted(missing))}")
+    rows = iter(reader)
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except (csv.Error, UnicodeDecodeError) as exc:
+            # The DictReader's own line_num only moves after a good record.
+            raise ValueError(f"line {reader.reader.line_num}: {_csv_reason(exc)}") from None
+        line = reader.line_num
+        if None in row:
+            raise ValueError(f"line {line}: more cells than the header's {len(columns)} columns")
+        if None in row.values():
+            raise ValueError(f"line {line}: fewer cells than the header's {len(columns)} columns")
         try:
             fields: dict[str, Any] = {
                 "peer_id": row["peer_id"],
@@ -56,10 +80,30 @@ def read_samples(stream: TextIO) -> Iterator[pb.Sample]:
             if row.get("timestamp"):
                 t = float(row["timestamp"])
                 sample.timestamp.seconds = math.floor(t)
-                sample.timestamp.nanos = int((t - math.floor(t)) * 1e9)
-        except ValueError as exc:
+                # Rounding can reach 1e9 just below a whole second.
+                sample.timestamp.nanos = min(int((t - math.floor(t)) * 1e9), 999_999_999)
+        except (ValueError, OverflowError) as exc:
             raise ValueError(f"line {line}: {exc}") from None
         yield sample
+
+
+def _csv_reason(exc: Exception) -> str:
+    if isinstance(exc, UnicodeDecodeError):  # decoded by chunks: the line is approximate
+        return f"not UTF-8 text near here ({exc.reason})"
+    return f"malformed CSV: {exc}"
+
+
+def _csv_text(data: bytes) -> str:
+    """CSV bytes as text, without a UTF-8 byte order mark.
+
+    Raises:
+        ValueError: the bytes are not UTF-8, naming the line.
+    """
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ValueError(f"line {line}: not UTF-8 text ({exc.reason})") from None
 
 
 def _show(message: Any, as_json: bool) -> None:
@@ -71,10 +115,18 @@ def _show(message: Any, as_json: bool) -> None:
 
 
 def _push(client: Client, args: argparse.Namespace) -> int:
-    stream: TextIO = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")  # noqa: SIM115
+    stdin = args.file == "-"
+    if stdin:
+        raw = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read()
+    else:
+        with open(args.file, "rb") as fh:
+            raw = fh.read()
     accepted = rejected = 0
-    with stream:
-        samples = list(read_samples(stream))
+    try:
+        text = _csv_text(raw) if isinstance(raw, bytes) else raw
+        samples = list(read_samples(io.StringIO(text, newline="")))
+    except ValueError as exc:
+        raise ValueError(f"{'<stdin>' if stdin else args.file}: {exc}") from None
     offset = 0
     for start in range(0, len(samples), PUSH_BATCH):
         resp = client.push(samples[start : start + PUSH_BATCH])

@@ -3,7 +3,14 @@ import loops. The servicer maps them to gRPC status codes in one place."""
 
 from __future__ import annotations
 
-__all__ = ["BwpreddError", "InvalidArgument", "ManifestError", "ModelError", "PeerNotFound"]
+__all__ = [
+    "BwpreddError",
+    "InvalidArgument",
+    "ManifestError",
+    "ModelError",
+    "PeerNotFound",
+    "ResourceExhausted",
+]
 
 
 class BwpreddError(Exception):
@@ -25,6 +32,14 @@ class PeerNotFound(BwpreddError):
     def __init__(self, peer_id: str) -> None:
         super().__init__(f"peer_id: unknown peer {peer_id!r}")
         self.peer_id = peer_id
+
+
+class ResourceExhausted(BwpreddError):
+    """A request would go past a configured limit; the message names it."""
+
+    def __init__(self, limit: str, rule: str) -> None:
+        super().__init__(f"{limit}: {rule}")
+        self.limit = limit
 
 
 class ManifestError(BwpreddError):

@@ -15,11 +15,12 @@ import sys
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import structlog
 
-__all__ = ["DeferredLines", "configure_logging", "flush_logs", "get_logger"]
+__all__ = ["DeferredLines", "RateLimitedLine", "configure_logging", "flush_logs", "get_logger"]
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -124,6 +125,46 @@ class DeferredLines:
         info, event = self.log.info, self.event
         for at, fields in lines:
             info(event, _at=at, **fields)
+
+
+class RateLimitedLine:
+    """A warning that clients can trigger at will, written at most once per
+    ``interval_s``: one token per interval. The lines held back are counted
+    and the next line written says how many (``suppressed``), so a flood
+    costs the journal one line per interval and is still visible.
+
+    Args:
+        log: the logger the lines go to (``warning`` level).
+        event: the event name of every line.
+        interval_s: seconds between two lines at least.
+        clock: monotonic seconds (tests pass their own).
+    """
+
+    def __init__(
+        self,
+        log: Any,
+        event: str,
+        interval_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.log = log
+        self.event = event
+        self.interval_s = interval_s
+        self.suppressed = 0
+        self._clock = clock
+        self._next = -float("inf")  # when the next line may be written
+
+    def warning(self, **fields: Any) -> bool:
+        """Write the line, or count it if one was written less than
+        ``interval_s`` ago; True if it was written."""
+        now = self._clock()
+        if now < self._next:
+            self.suppressed += 1
+            return False
+        self._next = now + self.interval_s
+        self.log.warning(self.event, suppressed=self.suppressed, **fields)
+        self.suppressed = 0
+        return True
 
 
 def _timestamp(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:

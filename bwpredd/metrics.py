@@ -1,4 +1,5 @@
-"""Prometheus metrics of the daemon, created against an injected registry.
+"""Prometheus metrics of the daemon, created against an injected registry,
+and the HTTP endpoint that serves them.
 
 gRPC call metrics follow the ``grpc_server_handled_total`` /
 ``grpc_server_handling_seconds`` conventions of go-grpc-prometheus; the
@@ -7,9 +8,22 @@ daemon's own metrics live in the ``bwpredd`` namespace.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import asyncio
+import contextlib
+import gzip
+import socket
+import threading
 
-__all__ = ["Metrics"]
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder
+
+__all__ = ["Metrics", "MetricsServer"]
+
+# The endpoint's bounds: connections open at once, and seconds a connection
+# has, in all, to send its request and take the reply.
+METRICS_MAX_CONNECTIONS = 32
+METRICS_TIMEOUT_S = 10.0
+_MAX_REQUEST_HEAD = 16 * 1024
 
 _LATENCY_BUCKETS = (
     0.0001,
@@ -126,3 +140,151 @@ class Metrics:
         """Point ``model_info`` at ``version`` (empty: no model)."""
         self.model_info.clear()
         self.model_info.labels(version=version or "none").set(1)
+
+
+class MetricsServer:
+    """``GET /metrics`` over HTTP/1.1 on one thread running its own event
+    loop, so an open connection costs a socket, never a thread.
+
+    prometheus_client's ``start_http_server`` starts a thread per connection
+    and waits on a silent one forever: 217 idle connections held 222
+    threads. Here at most ``max_connections`` are open at once; at the cap,
+    the oldest connection still sending its request is dropped for the new
+    one (a scraper sends its request at once, so slow clients cannot lock it
+    out); each connection has ``timeout_s`` in all to send a request head of
+    at most 16 KiB and take the reply, which ends it (``Connection: close``).
+
+    Args:
+        registry: what to serve.
+        host: address to listen on (a name, IPv4 or IPv6, without brackets).
+        port: TCP port; 0 picks a free one (see :attr:`port`).
+        max_connections: connections open at once, at most.
+        timeout_s: seconds per connection, in all.
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        host: str,
+        port: int,
+        max_connections: int = METRICS_MAX_CONNECTIONS,
+        timeout_s: float = METRICS_TIMEOUT_S,
+    ) -> None:
+        self.registry = registry
+        self.host = host
+        self.port = port
+        self.max_connections = max_connections
+        self.timeout_s = timeout_s
+        # Open connections, oldest first: True while still reading the request.
+        self._open: dict[asyncio.StreamWriter, bool] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Bind and serve on a background thread.
+
+        Raises:
+            OSError: the address cannot be bound.
+        """
+        family, kind, proto, _, address = socket.getaddrinfo(
+            self.host or None, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+            sock.listen(128)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self.port = sock.getsockname()[1]
+        loop = self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._run, args=(loop, sock), name="bwpredd-metrics", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+        asyncio.set_event_loop(loop)
+        server = loop.run_until_complete(
+            asyncio.start_server(self._serve, sock=sock, limit=_MAX_REQUEST_HEAD)
+        )
+        try:
+            loop.run_forever()
+        finally:
+            server.close()
+            for writer in list(self._open):
+                writer.transport.abort()
+            tasks = asyncio.all_tasks(loop)
+            for task in tasks:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+            loop.close()
+
+    def shutdown(self) -> None:
+        """Stop serving, close every connection and the listening socket."""
+        if self._loop is not None and self._thread is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has already stopped
+                self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._open) >= self.max_connections:
+            oldest = next((w for w, reading in self._open.items() if reading), None)
+            if oldest is None:  # every one is being answered: refuse the new one
+                writer.transport.abort()
+                return
+            del self._open[oldest]
+            oldest.transport.abort()
+        self._open[writer] = True
+        # drain() then waits until the kernel holds the whole reply, so a
+        # client that does not read cannot keep the connection past the timeout.
+        writer.transport.set_write_buffer_limits(high=0)
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                head = await reader.readuntil(b"\r\n\r\n")
+                if writer in self._open:
+                    self._open[writer] = False
+                writer.write(self._reply(head))
+                await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
+            pass
+        finally:
+            self._open.pop(writer, None)
+            writer.transport.abort()
+
+    def _reply(self, head: bytes) -> bytes:
+        """The whole HTTP response to a request head."""
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split()
+        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+            return _response("400 Bad Request", "text/plain", b"bad request\n")
+        method, target = parts[0], parts[1]
+        if method not in ("GET", "HEAD"):
+            return _response("405 Method Not Allowed", "text/plain", b"GET or HEAD\n")
+        if target.split("?", 1)[0] == "/favicon.ico":
+            return _response("404 Not Found", "text/plain", b"")
+        headers = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if sep:
+                headers[name.strip().lower()] = value.strip()
+        encoder, content_type = choose_encoder(headers.get("accept", ""))
+        body = encoder(self.registry)
+        extra = ""
+        if "gzip" in headers.get("accept-encoding", ""):
+            body = gzip.compress(body)
+            extra = "Content-Encoding: gzip\r\n"
+        return _response("200 OK", content_type, body, extra, head_only=method == "HEAD")
+
+
+def _response(
+    status: str, content_type: str, body: bytes, extra: str = "", head_only: bool = False
+) -> bytes:
+    head = (
+        f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\n{extra}Connection: close\r\n\r\n"
+    )
+    return head.encode("latin-1") + (b"" if head_only else body)

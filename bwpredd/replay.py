@@ -47,6 +47,10 @@ _SOURCE_NAMES = {
 _BAD_CHARS = re.compile(r"[^A-Za-z0-9._:@/-]")
 MAX_PEER_ID = 128
 PLOT_MAX_FILES = 12
+_UNKNOWN = (
+    "no loader recognises this file (a generic CSV trace starts with the header "
+    "time_s,bandwidth_mbps[,latency_ms,packet_loss,reliability])"
+)
 
 
 class ReplayError(ValueError):
@@ -202,9 +206,13 @@ def _load(paths: Sequence[Path]) -> tuple[list[Any], dict[str, str]]:
         result = load_traces(path, min_steps=2)
         traces.extend(result.traces)
         skipped.update(result.skipped)
-        skipped.update({str(p): "no loader recognises this file" for p in result.unknown})
+        skipped.update({str(p): _UNKNOWN for p in result.unknown})
     if not traces:
-        raise ReplayError(f"no traces found in {', '.join(map(str, paths))}")
+        # One line that says why each file gave nothing (the first few).
+        why = [f"{name}: {reason}" for name, reason in skipped.items()]
+        more = f"; {len(why) - 3} more" if len(why) > 3 else ""
+        because = f" ({'; '.join(why[:3])}{more})" if why else ""
+        raise ReplayError(f"no traces found in {', '.join(map(str, paths))}{because}")
     return traces, skipped
 
 

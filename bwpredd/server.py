@@ -17,14 +17,12 @@ import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from bwpredd._proto.bwpred.v1 import bwpred_pb2_grpc as pb_grpc
 from bwpredd.config import Config, parse_listen
 from bwpredd.core import Core
 from bwpredd.engine import Engine
@@ -32,11 +30,11 @@ from bwpredd.errors import ModelError
 from bwpredd.health import NOT_SERVING, SERVING, Health
 from bwpredd.health import SERVICE_NAME as HEALTH_SERVICE_NAME
 from bwpredd.logging import flush_logs, get_logger
-from bwpredd.metrics import Metrics
+from bwpredd.metrics import Metrics, MetricsServer
 from bwpredd.modeldir import DEFAULT_MODEL_DIR, LoadedModel, load_model
 from bwpredd.persist import load_snapshot, save_snapshot, set_aside
 from bwpredd.safefs import dir_stat, open_new, private_dir, temp_name
-from bwpredd.servicer import SERVICE_NAME, BandwidthPredictorServicer
+from bwpredd.servicer import SERVICE_NAME, BandwidthPredictorServicer, add_to_server
 from bwpredd.systemd import Notifier
 
 __all__ = ["MODEL_HEALTH_SERVICE", "STARTUP_FAILURE", "Server", "StartupError", "create_server"]
@@ -169,7 +167,7 @@ def create_server(config: Config, core: Core) -> tuple[grpc.aio.Server, str, Hea
     ]
     server = grpc.aio.server(options=options)
     servicer = BandwidthPredictorServicer(core, log_rpcs=config.log_rpcs)
-    pb_grpc.add_BandwidthPredictorServiceServicer_to_server(servicer, server)
+    add_to_server(servicer, server)
     health_servicer = Health()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if config.reflection:
@@ -236,7 +234,7 @@ class Server:
         self._server: grpc.aio.Server | None = None
         self._health: Health | None = None
         self._wake: asyncio.Event | None = None
-        self._metrics_server: Any = None
+        self._metrics_server: MetricsServer | None = None
         self.metrics_address = ""
         self._last_snapshot = 0.0  # monotonic time of the last good snapshot
 
@@ -358,18 +356,15 @@ class Server:
         return True
 
     def _start_metrics(self) -> None:
-        from prometheus_client import start_http_server
-
         host, _, port = self.config.metrics_addr.rpartition(":")
+        self._metrics_server = MetricsServer(self.registry, host.strip("[]"), int(port))
         try:
-            self._metrics_server, _ = start_http_server(
-                int(port), addr=host.strip("[]"), registry=self.registry
-            )
-            self.metrics_address = f"{host}:{self._metrics_server.server_port}"
+            self._metrics_server.start()
         except OSError as exc:
             raise StartupError(
                 f"metrics_addr: cannot bind {self.config.metrics_addr}: {exc}"
             ) from None
+        self.metrics_address = f"{host}:{self._metrics_server.port}"
 
     async def _set_health(self) -> None:
         """Serving; the model's own service says whether a model is loaded."""
@@ -469,7 +464,6 @@ class Server:
             log.info("snapshot_written", peers=len(self.core.store))
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
-            self._metrics_server.server_close()
         kind, path, _ = parse_listen(self.config.listen)
         if kind == "unix":
             with contextlib.suppress(OSError):

@@ -23,22 +23,85 @@ from bwpredd._proto.bwpred.v1 import bwpred_pb2_grpc as pb_grpc
 from bwpredd.advise import Advice
 from bwpredd.core import Core, IngestOutcome, Stamp
 from bwpredd.engine import Forecasts
-from bwpredd.errors import BwpreddError, InvalidArgument, PeerNotFound
-from bwpredd.logging import DeferredLines, get_logger
+from bwpredd.errors import BwpreddError, InvalidArgument, PeerNotFound, ResourceExhausted
+from bwpredd.logging import DeferredLines, RateLimitedLine, get_logger
 from bwpredd.validate import SampleBatch, check_peer_id, check_peer_ids
 
-__all__ = ["SERVICE_NAME", "BandwidthPredictorServicer", "extract_batch"]
+__all__ = [
+    "SERVICE_NAME",
+    "BandwidthPredictorServicer",
+    "Undecodable",
+    "add_to_server",
+    "extract_batch",
+]
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["BandwidthPredictorService"].full_name
+_SERVICE = pb.DESCRIPTOR.services_by_name["BandwidthPredictorService"]
+SERVICE_NAME = _SERVICE.full_name
 log = get_logger(__name__)
 WATCH_CHUNK = 512  # peers forecast per step of a WatchForecasts stream
 REPLY_CACHE_PEERS = 8  # Forecast/Allocate requests this small keep their reply
 REPLY_CACHE_ENTRIES = 4096
+# A client can send undecodable bytes at will: one log line per this many
+# seconds at most, counting the ones held back.
+UNDECODABLE_LOG_INTERVAL_S = 10.0
 T = TypeVar("T")
+
+
+class Undecodable:
+    """What the deserializer hands a handler for bytes that are not a valid
+    request message, so the handler answers INVALID_ARGUMENT (grpcio would
+    answer UNKNOWN, and on a stream raise out of the request iterator)."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _lenient(message: Any) -> Callable[[bytes], Any]:
+    parse = message.FromString
+    name = message.DESCRIPTOR.full_name
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception as exc:  # any failure to parse is the client's bytes
+            return Undecodable(f"request: not a valid {name} message ({type(exc).__name__})")
+
+    return deserialize
+
+
+def add_to_server(servicer: BandwidthPredictorServicer, server: Any) -> None:
+    """Register ``servicer`` as the generated ``add_..._to_server`` does, with
+    deserializers that hand undecodable requests to the handler as
+    :class:`Undecodable` instead of failing the call inside grpcio.
+
+    Args:
+        servicer: the servicer.
+        server: a ``grpc.aio.Server``.
+    """
+    shapes = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    handlers = {
+        m.name: shapes[m.client_streaming, m.server_streaming](
+            getattr(servicer, m.name),
+            request_deserializer=_lenient(getattr(pb, m.input_type.name)),
+            response_serializer=getattr(pb, m.output_type.name).SerializeToString,
+        )
+        for m in _SERVICE.methods
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
 
 _CODES: dict[type[BwpreddError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     PeerNotFound: grpc.StatusCode.NOT_FOUND,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 
@@ -66,6 +129,7 @@ def extract_batch(samples: Iterable[pb.Sample]) -> SampleBatch:
     rel: list[float] = []
     has_rel: list[bool] = []
     ts: list[float] = []
+    bad_nanos: list[tuple[int, int]] = []
     nan = math.nan
     for s in samples:
         ids.append(s.peer_id)
@@ -80,10 +144,13 @@ def extract_batch(samples: Iterable[pb.Sample]) -> SampleBatch:
         has_rel.append(has("reliability"))
         if has("timestamp"):
             t = s.timestamp
-            ts.append(t.seconds + t.nanos * 1e-9)
+            nanos = t.nanos
+            if not 0 <= nanos < 1_000_000_000:
+                bad_nanos.append((len(ts), nanos))
+            ts.append(t.seconds + nanos * 1e-9)
         else:
             ts.append(nan)
-    return SampleBatch(ids, bw, has_bw, lat, has_lat, loss, has_loss, rel, has_rel, ts)
+    return SampleBatch(ids, bw, has_bw, lat, has_lat, loss, has_loss, rel, has_rel, ts, bad_nanos)
 
 
 _SOURCE_NAMES = [
@@ -133,6 +200,19 @@ def forecast_messages(peer_ids: list[str], fc: Forecasts) -> list[pb.PeerForecas
             strict=True,
         )
     ]
+
+
+def _forecast_message(peer_id: str, fc: Forecasts, i: int) -> pb.PeerForecast:
+    """The ``PeerForecast`` of row ``i`` of ``fc``."""
+    return pb.PeerForecast(
+        peer_id=peer_id,
+        bandwidth_mbps=float(fc.point[i]),
+        low_mbps=float(fc.low[i]),
+        high_mbps=float(fc.high[i]),
+        source=pb.ForecastSource.Name(int(fc.source[i])),
+        samples_in_window=int(fc.counts[i]),
+        model_version=fc.model_version,
+    )
 
 
 def _ack(outcome: IngestOutcome, kind: type[T]) -> T:
@@ -198,6 +278,9 @@ def _rpc(kind: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         @functools.wraps(method)
         async def handler(self: BandwidthPredictorServicer, request: Any, context: Any) -> Any:
             start = time.perf_counter()
+            if isinstance(request, Undecodable):
+                await self._refuse_undecodable(name, kind, request, context, start=start, detail={})
+                return None  # not reached: abort() raises
             detail: dict[str, Any] = {}
             # Count before abort(): it sends the status at once, so a client
             # could otherwise see the error before the metric moves.
@@ -237,9 +320,12 @@ class BandwidthPredictorServicer(pb_grpc.BandwidthPredictorServiceServicer):
         # look-up per call costs more than the increment.
         self._children: dict[tuple[str, str, grpc.StatusCode], tuple[Any, Any]] = {}
         # grpc's max_concurrent_streams is per HTTP/2 connection; this caps
-        # the long-lived streams across all connections.
+        # StreamSamples streams across all connections (WatchForecasts
+        # streams are bounded by the WatchHub, so neither kind can take the
+        # other's slots).
         self.open_streams = 0
         self._lines = DeferredLines(log, "rpc")
+        self._undecodable = RateLimitedLine(log, "undecodable_request", UNDECODABLE_LOG_INTERVAL_S)
         self._forecasts: _Replies[pb.ForecastResponse] = _Replies(core)
         self._allocations: _Replies[pb.AllocateResponse] = _Replies(core)
 
@@ -249,12 +335,37 @@ class BandwidthPredictorServicer(pb_grpc.BandwidthPredictorServiceServicer):
             self._done(name, "stream", grpc.StatusCode.RESOURCE_EXHAUSTED, time.perf_counter(), {})
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"max_concurrent_streams: {limit} streams already open",
+                f"max_concurrent_streams: {limit} StreamSamples streams already open",
             )
         self.open_streams += 1
 
+    async def _refuse_undecodable(
+        self,
+        name: str,
+        kind: str,
+        request: Undecodable,
+        context: Any,
+        *,
+        start: float,
+        detail: dict[str, Any],
+    ) -> None:
+        """End the call INVALID_ARGUMENT: counted like any call, logged at
+        most once per UNDECODABLE_LOG_INTERVAL_S (its rpc line only with
+        log_rpcs, like a successful call's)."""
+        detail["error"] = request.reason
+        self._done(name, kind, grpc.StatusCode.INVALID_ARGUMENT, start, detail, quiet=True)
+        self._undecodable.warning(rpc=name, error=request.reason)
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+
     def _done(
-        self, name: str, kind: str, code: grpc.StatusCode, start: float, detail: dict[str, Any]
+        self,
+        name: str,
+        kind: str,
+        code: grpc.StatusCode,
+        start: float,
+        detail: dict[str, Any],
+        *,
+        quiet: bool = False,
     ) -> None:
         elapsed = time.perf_counter() - start
         key = (name, kind, code)
@@ -269,7 +380,7 @@ class BandwidthPredictorServicer(pb_grpc.BandwidthPredictorServiceServicer):
         children[0].inc()
         children[1].observe(elapsed)
         ok = code == grpc.StatusCode.OK
-        if self.log_rpcs or not ok:
+        if self.log_rpcs or not (ok or quiet):
             detail.update(
                 rpc=name,
                 code=code.name,
@@ -277,7 +388,7 @@ class BandwidthPredictorServicer(pb_grpc.BandwidthPredictorServiceServicer):
                 model_version=self.core.engine.version,
             )
             # A failure is written at once, after the lines waiting before it.
-            self._lines.add(detail, now=not ok)
+            self._lines.add(detail, now=not (ok or quiet))
 
     # -- ingest -------------------------------------------------------------------
 
@@ -290,7 +401,9 @@ class BandwidthPredictorServicer(pb_grpc.BandwidthPredictorServiceServicer):
         return _ack(outcome, pb.PushSamplesResponse)
 
     async def StreamSamples(
-        self, request_iterator: AsyncIterator[pb.StreamSamplesRequest], context: Any
+        self,
+        request_iterator: AsyncIterator[pb.StreamSamplesRequest | Undecodable],
+        context: Any,
     ) -> AsyncIterator[pb.StreamSamplesResponse]:
         start = time.perf_counter()
         code = grpc.StatusCode.OK
@@ -299,9 +412,13 @@ class BandwidthPredictorServicer(pb_grpc.BandwidthPredictorServiceServicer):
             SERVICE_NAME, "StreamSamples", "bidi_stream"
         )
         await self._admit_stream("StreamSamples", context)
+        undecodable: Undecodable | None = None
         try:
             async for request in request_iterator:
                 received.inc()
+                if isinstance(request, Undecodable):
+                    undecodable = request
+                    break
                 try:
                     outcome = self.core.ingest(extract_batch(request.samples))
                 except InvalidArgument as exc:
@@ -322,7 +439,13 @@ class BandwidthPredictorServicer(pb_grpc.BandwidthPredictorServiceServicer):
             raise
         finally:
             self.open_streams -= 1
-            self._done("StreamSamples", "bidi_stream", code, start, detail)
+            if undecodable is None:
+                self._done("StreamSamples", "bidi_stream", code, start, detail)
+        if undecodable is not None:
+            # The batches before it were acked; the stream ends here.
+            await self._refuse_undecodable(
+                "StreamSamples", "bidi_stream", undecodable, context, start=start, detail=detail
+            )
 
     # -- answers ------------------------------------------------------------------
 
@@ -438,23 +561,28 @@ class BandwidthPredictorServicer(pb_grpc.BandwidthPredictorServiceServicer):
         )
 
     async def WatchForecasts(
-        self, request: pb.WatchForecastsRequest, context: Any
+        self, request: pb.WatchForecastsRequest | Undecodable, context: Any
     ) -> AsyncIterator[pb.WatchForecastsResponse]:
         start = time.perf_counter()
+        if isinstance(request, Undecodable):
+            await self._refuse_undecodable(
+                "WatchForecasts", "server_stream", request, context, start=start, detail={}
+            )
+            return  # not reached: abort() raises
         code = grpc.StatusCode.OK
         detail: dict[str, Any] = {"pushed": 0}
         core = self.core
         wanted = list(request.peer_ids)
         try:
-            check_peer_ids(wanted, core.config.max_batch_peers) if wanted else None
-        except InvalidArgument as exc:
-            self._done(
-                "WatchForecasts", "server_stream", grpc.StatusCode.INVALID_ARGUMENT, start, {}
-            )
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        await self._admit_stream("WatchForecasts", context)
+            if wanted:
+                check_peer_ids(wanted, core.config.max_batch_peers)
+            watcher = core.watch.subscribe(wanted or None)
+        except BwpreddError as exc:
+            refused = status_for(exc)
+            self._done("WatchForecasts", "server_stream", refused, start, {"error": str(exc)})
+            await context.abort(refused, str(exc))
+            return  # not reached: abort() raises
         core.metrics.watchers.inc()
-        watcher = core.watch.subscribe(wanted or None)
         try:
             # Start with the current forecast of every watched peer we hold.
             watcher.push(wanted or core.store.peer_ids())
@@ -465,8 +593,10 @@ class BandwidthPredictorServicer(pb_grpc.BandwidthPredictorServiceServicer):
                     kept, fc = core.forecast_tracked(ids[i : i + WATCH_CHUNK])
                     if fc is None:
                         continue
-                    for msg in forecast_messages(kept, fc):
-                        yield pb.WatchForecastsResponse(forecast=msg)
+                    # One message at a time: a stream blocked on a client
+                    # that does not read holds one, not a chunk of them.
+                    for j, pid in enumerate(kept):
+                        yield pb.WatchForecastsResponse(forecast=_forecast_message(pid, fc, j))
                     detail["pushed"] += len(kept)
         except BaseException as exc:
             code = grpc.StatusCode.CANCELLED if _is_cancel(exc) else grpc.StatusCode.INTERNAL
@@ -475,7 +605,6 @@ class BandwidthPredictorServicer(pb_grpc.BandwidthPredictorServiceServicer):
             raise
         finally:
             watcher.close()
-            self.open_streams -= 1
             core.metrics.watchers.dec()
             self._done("WatchForecasts", "server_stream", code, start, detail)
 
@@ -526,15 +655,7 @@ _CODECS = {"none": pb.CODEC_NONE, "lz4": pb.CODEC_LZ4, "zstd": pb.CODEC_ZSTD}
 def _advice_message(a: Advice, fc: Forecasts, i: int) -> pb.Advice:
     """One Advice message; ``i`` is the peer's row in ``fc``."""
     return pb.Advice(
-        forecast=pb.PeerForecast(
-            peer_id=a.peer_id,
-            bandwidth_mbps=float(fc.point[i]),
-            low_mbps=float(fc.low[i]),
-            high_mbps=float(fc.high[i]),
-            source=pb.ForecastSource.Name(int(fc.source[i])),
-            samples_in_window=int(fc.counts[i]),
-            model_version=fc.model_version,
-        ),
+        forecast=_forecast_message(a.peer_id, fc, i),
         payload_bytes=a.payload_bytes,
         transfer_seconds=a.transfer_seconds,
         transfer_seconds_low=a.transfer_seconds_low,

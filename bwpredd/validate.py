@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Container, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
@@ -34,6 +34,7 @@ MAX_BANDWIDTH_MBPS = FEATURE_RANGES["bandwidth_mbps"][1]
 MAX_LATENCY_MS = FEATURE_RANGES["latency_ms"][1]
 MAX_PEER_ID_LEN = 128
 PEER_ID_RULE = f"must be 1-{MAX_PEER_ID_LEN} characters of [A-Za-z0-9._:@/-]"
+NANOS_RULE = "nanos must be within [0, 999999999]"
 _PEER_RE = re.compile(rf"[A-Za-z0-9._:@/-]{{1,{MAX_PEER_ID_LEN}}}")
 
 
@@ -85,6 +86,8 @@ class SampleBatch:
 
     An optional value that was not given is False in its ``has_*`` list
     (its value is then ignored); ``ts`` is unix seconds or NaN when absent.
+    ``bad_nanos`` lists ``(index, nanos)`` of the timestamps whose ``nanos``
+    lies outside ``[0, 1e9)`` (rare: kept aside so the hot path stays lists).
     """
 
     peer_ids: list[str]
@@ -97,6 +100,7 @@ class SampleBatch:
     reliability: list[float]
     has_reliability: list[bool]
     ts: list[float]
+    bad_nanos: list[tuple[int, int]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.peer_ids)
@@ -125,8 +129,9 @@ def validate_batch(
     Rules: ``peer_id`` 1-128 characters of ``[A-Za-z0-9._:@/-]``;
     ``bandwidth_mbps`` required, finite, 0..1e7; ``latency_ms`` (optional)
     finite, 0..600000; ``packet_loss`` and ``reliability`` (optional) within
-    [0, 1]; ``timestamp`` (optional; arrival time when absent) no more than
-    ``max_future_skew_s`` ahead of the server clock nor ``max_age_s`` behind.
+    [0, 1]; ``timestamp`` (optional; arrival time when absent) with ``nanos``
+    within ``[0, 999999999]`` and no more than ``max_future_skew_s`` ahead of
+    the server clock nor ``max_age_s`` behind.
     The first rule a sample breaks is its reason.
 
     Args:
@@ -180,6 +185,10 @@ def validate_batch(
         ):
             rule(given & ~np.isfinite(values), field, "must be finite (got NaN or infinity)")
             rule(given & ((values < 0) | (values > 1)), field, "must be within [0, 1]")
+        for k, nanos in batch.bad_nanos:
+            if not bad[k]:
+                reasons[k] = ("timestamp", f"{NANOS_RULE}, got {nanos}")
+                bad[k] = True
         rule(~np.isfinite(ts), "timestamp", "must be a valid time")
         rule(
             ts > now + max_future_skew_s,

@@ -1,28 +1,39 @@
 """WatchHub: tell WatchForecasts streams which peers changed, never queueing.
 
 One job. Ingest calls :meth:`WatchHub.publish` with the peers whose windows
-changed; each :class:`Watcher` (one per WatchForecasts call) keeps only a set
-of pending peer ids and an :class:`asyncio.Event`. When it wakes, the servicer
-computes the *current* forecast of each returned peer, so a slow consumer
-simply gets the latest value per peer: nothing accumulates per sample.
+changed; each :class:`Watcher` (one per WatchForecasts call) asks the hub,
+when it wakes, which of its peers changed since it last asked, and the
+servicer computes the *current* forecast of each, so a slow consumer simply
+gets the latest value per peer: nothing accumulates per sample.
 
-Bounds: a watcher's pending set holds at most one entry per peer, and at most
-``max_pending`` entries (set it to the WindowStore's capacity). Past that the
-least recently changed entry is dropped: with ``capacity + 1`` distinct peers
-changed since the last read, the least recent of them has ``capacity`` more
-recently seen peers, so LRU eviction has already forgotten it and its
-forecast could not be answered anyway.
+The hub keeps one change log for all watchers: peer id -> the publish it
+last changed in, in change order. A watcher holds only its position in that
+log (a cursor) and a flag saying whether it is waiting for news. So a
+watcher that is busy, or blocked on a client that does not read, costs
+ingest nothing, however many samples arrive: :meth:`publish` writes the log
+(O(batch) once, whatever the number of watchers) and wakes only the waiting
+watchers with interest (each once). Reading costs the watcher
+O(min(changes since its cursor, peers it watches)).
 
-Cost: :meth:`publish` is O(1) when nobody watches (the common case: it is on
-the ingest hot path), else O(batch) per watcher of all peers plus O(batch)
-dict look-ups for watchers of named peers. Everything runs on the event
-loop's thread: ``publish``, ``subscribe`` and ``close`` must be called there.
+Bounds: the log holds at most ``max_pending`` peers (set it to the
+WindowStore's capacity); past that the least recently changed entry is
+dropped: with ``capacity + 1`` distinct peers changed since, the least
+recent of them has ``capacity`` more recently seen peers, so LRU eviction
+has already forgotten it and its forecast could not be answered anyway.
+At most ``max_watchers`` watchers are open, and at most ``max_per_peer``
+follow any one peer, a watcher of every peer counting for each: past either,
+:meth:`WatchHub.subscribe` raises :class:`ResourceExhausted`.
+
+Everything runs on the event loop's thread: ``publish``, ``subscribe`` and
+``close`` must be called there.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterable
+
+from bwpredd.errors import ResourceExhausted
 
 __all__ = ["WatchHub", "Watcher"]
 
@@ -34,19 +45,21 @@ class Watcher:
     :meth:`next_batch`, and :meth:`close` (or ``with watcher:``) at the end.
     """
 
-    def __init__(self, hub: WatchHub, peers: frozenset[str] | None, max_pending: int) -> None:
+    def __init__(self, hub: WatchHub, peers: frozenset[str] | None) -> None:
         self.peers = peers
-        self.max_pending = max_pending
         self._hub = hub
-        # A dict as an ordered set: insertion order = least recently changed first.
-        self._pending: dict[str, None] = {}
+        self._cursor = hub._seq  # changes after this publish are news
+        self._seed: list[str] = []  # peers pushed to this watcher alone
         self._event = asyncio.Event()
+        self._waiting = False
         self._closed = False
 
     @property
     def pending(self) -> int:
         """Peers changed since the last batch was taken."""
-        return len(self._pending)
+        if self._closed:
+            return 0
+        return len({*self._seed, *self._hub._changed_since(self._cursor, self.peers)})
 
     @property
     def closed(self) -> bool:
@@ -59,45 +72,52 @@ class Watcher:
         Args:
             peer_ids: ids; those outside the watcher's filter are ignored.
         """
-        if self.peers is not None:
-            peer_ids = [p for p in peer_ids if p in self.peers]
-        self._offer(peer_ids)
-
-    def _offer(self, peer_ids: Iterable[str]) -> None:
         if self._closed:
             return
-        pending = self._pending
-        for pid in peer_ids:
-            # Re-inserting moves the peer to the most recent end.
-            pending.pop(pid, None)
-            pending[pid] = None
-        while len(pending) > self.max_pending:
-            del pending[next(iter(pending))]
-        if pending:
-            self._event.set()
+        if self.peers is not None:
+            peer_ids = [p for p in peer_ids if p in self.peers]
+        self._seed.extend(peer_ids)
+        if self._seed and self._waiting:
+            self._wake()
+
+    def _take(self) -> list[str]:
+        hub = self._hub
+        changed = hub._changed_since(self._cursor, self.peers)
+        self._cursor = hub._seq
+        if not self._seed:
+            return changed
+        seed, self._seed = self._seed, []
+        return list(dict.fromkeys([*seed, *changed])) if changed else list(dict.fromkeys(seed))
+
+    def _wake(self) -> None:
+        if self._waiting:
+            self._waiting = False
+            if self.peers is not None:
+                self._hub._waiting_named -= 1
+        self._event.set()
 
     async def next_batch(self) -> list[str]:
         """Wait for changes and take them all: each changed peer once, least
         recently changed first. Returns ``[]`` once the watcher is closed."""
-        while not self._pending:
-            if self._closed:
-                return []
+        while not self._closed:
+            batch = self._take()
+            if batch:
+                return batch
             self._event.clear()
+            self._waiting = True
+            self._hub._arm(self)
             await self._event.wait()
-        if self._closed:
-            return []
-        batch = list(self._pending)
-        self._pending = {}
-        self._event.clear()
-        return batch
+        return []
 
     def close(self) -> None:
         """Stop watching; a pending :meth:`next_batch` returns ``[]``."""
         if not self._closed:
             self._closed = True
-            self._pending = {}
+            self._seed = []
+            if self._waiting and self.peers is None:
+                self._hub._waiting_all.remove(self)
+            self._wake()
             self._hub._remove(self)
-            self._event.set()
 
     def __aiter__(self) -> AsyncIterator[list[str]]:
         return self
@@ -119,16 +139,35 @@ class WatchHub:
     """Fans peer changes out to the watchers interested in them.
 
     Args:
-        max_pending: bound of each watcher's pending set (the store capacity).
+        max_pending: peers the change log holds at most (the store capacity).
+        max_watchers: watchers open at once, at most.
+        max_per_peer: watchers following any one peer, at most; a watcher
+            of every peer counts for each.
     """
 
-    def __init__(self, max_pending: int = 100_000) -> None:
-        if max_pending < 1:
-            raise ValueError("max_pending must be >= 1")
+    def __init__(
+        self, max_pending: int = 100_000, max_watchers: int = 256, max_per_peer: int = 32
+    ) -> None:
+        for name, value in (
+            ("max_pending", max_pending),
+            ("max_watchers", max_watchers),
+            ("max_per_peer", max_per_peer),
+        ):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1")
         self.max_pending = max_pending
+        self.max_watchers = max_watchers
+        self.max_per_peer = max_per_peer
         self._all: set[Watcher] = set()
         self._by_peer: dict[str, set[Watcher]] = {}
+        # How many peers are followed by name by exactly k watchers, for k >= 1:
+        # the busiest peer, which a new watcher of every peer would also follow.
+        self._followed: dict[int, int] = {}
         self._count = 0
+        self._seq = 0  # publishes so far
+        self._log: dict[str, int] = {}  # peer -> publish it last changed in, oldest first
+        self._waiting_all: list[Watcher] = []
+        self._waiting_named = 0
 
     def __len__(self) -> int:
         """Watchers subscribed."""
@@ -139,16 +178,54 @@ class WatchHub:
 
         Args:
             peer_ids: the peers to watch.
+
+        Raises:
+            ResourceExhausted: ``max_watchers`` are open, or one of the peers
+                (any peer, for a watcher of every peer) is followed by
+                ``max_per_peer`` watchers already.
         """
         peers = frozenset(peer_ids) if peer_ids is not None else frozenset()
-        w = Watcher(self, peers or None, min(self.max_pending, len(peers) or self.max_pending))
+        if self._count >= self.max_watchers:
+            raise ResourceExhausted(
+                "max_watchers", f"{self.max_watchers} WatchForecasts streams already open"
+            )
+        every = len(self._all)
+        if not peers:
+            if every + max(self._followed, default=0) >= self.max_per_peer:
+                raise ResourceExhausted(
+                    "max_watchers_per_peer",
+                    f"a peer is followed by {self.max_per_peer} watchers already (a watcher "
+                    "of every peer follows each peer)",
+                )
+        else:
+            for pid in peers:
+                if every + len(self._by_peer.get(pid, ())) >= self.max_per_peer:
+                    raise ResourceExhausted(
+                        "max_watchers_per_peer",
+                        f"peer {pid!r} is followed by {self.max_per_peer} watchers already "
+                        f"({every} of them watch every peer)",
+                    )
+        w = Watcher(self, peers or None)
         if w.peers is None:
             self._all.add(w)
         else:
             for pid in w.peers:
-                self._by_peer.setdefault(pid, set()).add(w)
+                watchers = self._by_peer.setdefault(pid, set())
+                self._count_followers(len(watchers), +1)
+                watchers.add(w)
         self._count += 1
         return w
+
+    def _count_followers(self, before: int, step: int) -> None:
+        """A peer followed by ``before`` named watchers gains or loses one."""
+        followed = self._followed
+        if before:
+            followed[before] -= 1
+            if not followed[before]:
+                del followed[before]
+        after = before + step
+        if after:
+            followed[after] = followed.get(after, 0) + 1
 
     def publish(self, peer_ids: Iterable[str]) -> None:
         """Mark peers changed (their windows took new samples).
@@ -158,35 +235,84 @@ class WatchHub:
         """
         if not self._count:
             return
-        if self._all:
-            ids = list(peer_ids) if not isinstance(peer_ids, list) else peer_ids
-            for w in self._all:
-                w._offer(ids)
-            peer_ids = ids
-        if self._by_peer:
+        ids = peer_ids if isinstance(peer_ids, list) else list(peer_ids)
+        if not ids:
+            return
+        self._seq += 1
+        seq = self._seq
+        log = self._log
+        pop = log.pop
+        for pid in ids:
+            # Re-inserting moves the peer to the most recent end.
+            pop(pid, None)
+            log[pid] = seq
+        excess = len(log) - self.max_pending
+        if excess > 0:
+            it = iter(log)
+            for pid in [next(it) for _ in range(excess)]:
+                del log[pid]
+        if self._waiting_all:
+            waiting, self._waiting_all = self._waiting_all, []
+            for w in waiting:
+                w._wake()
+        if self._waiting_named:
             get = self._by_peer.get
-            for pid in peer_ids:
+            for pid in ids:
                 watchers = get(pid)
                 if watchers:
                     for w in watchers:
-                        w._offer((pid,))
+                        if w._waiting:
+                            w._wake()
+                    if not self._waiting_named:
+                        break
+
+    def _changed_since(self, cursor: int, peers: frozenset[str] | None) -> list[str]:
+        """Peers (of ``peers``, or any) changed in a publish after ``cursor``,
+        least recently changed first."""
+        if cursor >= self._seq:
+            return []
+        log = self._log
+        out: list[str] = []
+        budget = len(peers) if peers is not None else -1
+        for pid, seq in reversed(log.items()):
+            if seq <= cursor:
+                break
+            if budget == 0 and peers is not None:
+                # More changes than watched peers: look each peer up instead.
+                hits = sorted((log[p], p) for p in peers if log.get(p, -1) > cursor)
+                return [p for _, p in hits]
+            budget -= 1
+            if peers is None or pid in peers:
+                out.append(pid)
+        out.reverse()
+        return out
+
+    def _arm(self, w: Watcher) -> None:
+        """``w`` waits for news: the next publish of a peer it follows wakes it."""
+        if w.peers is None:
+            self._waiting_all.append(w)
+        else:
+            self._waiting_named += 1
 
     def _remove(self, w: Watcher) -> None:
         if w.peers is None:
             if w in self._all:
                 self._all.discard(w)
                 self._count -= 1
-            return
-        removed = False
-        for pid in w.peers:
-            watchers = self._by_peer.get(pid)
-            if watchers is not None and w in watchers:
-                watchers.discard(w)
-                removed = True
-                if not watchers:
-                    del self._by_peer[pid]
-        if removed:
-            self._count -= 1
+        else:
+            removed = False
+            for pid in w.peers:
+                watchers = self._by_peer.get(pid)
+                if watchers is not None and w in watchers:
+                    self._count_followers(len(watchers), -1)
+                    watchers.discard(w)
+                    removed = True
+                    if not watchers:
+                        del self._by_peer[pid]
+            if removed:
+                self._count -= 1
+        if not self._count:
+            self._log.clear()  # nobody left to read it
 
     def close(self) -> None:
         """Close every watcher (server shutdown): their streams end."""

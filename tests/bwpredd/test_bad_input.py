@@ -137,6 +137,9 @@ VALUE_CASES: list[tuple[str, dict[str, Any], str, str]] = [
     ("ts-epoch", {"timestamp": "epoch"}, "timestamp", "past"),
     ("ts-before-epoch", {"timestamp": "min"}, "timestamp", "past"),
     ("ts-int64-max", {"timestamp": "max"}, "timestamp", "future"),
+    ("ts-nanos-negative", {"timestamp": ("nanos", -5)}, "timestamp", "nanos must be within"),
+    ("ts-nanos-2e9", {"timestamp": ("nanos", 2_000_000_000)}, "timestamp", "[0, 999999999]"),
+    ("ts-nanos-1e9", {"timestamp": ("nanos", 1_000_000_000)}, "timestamp", "got 1000000000"),
 ]
 
 BAD_IDS: list[tuple[str, str]] = [
@@ -175,6 +178,8 @@ def bad_sample(peer: str, fields: dict[str, Any]) -> pb.Sample:
                 msg.timestamp.CopyFrom(Timestamp(seconds=-(2**62)))
             elif value == "max":
                 msg.timestamp.CopyFrom(Timestamp(seconds=2**63 - 1, nanos=999_999_999))
+            elif isinstance(value, tuple):  # ("nanos", n): a second ago, nanos n
+                msg.timestamp.CopyFrom(Timestamp(seconds=int(time.time()) - 1, nanos=value[1]))
             else:
                 msg.timestamp.CopyFrom(ts(time.time() + float(value)))
         else:
@@ -446,26 +451,24 @@ class TestTimestamps:
         check_batch_outcome(ack, [0], "timestamp", "out of order")
 
     def test_malformed_timestamp_fields(self, client: Client) -> None:
-        """Out-of-range nanos (negative, over a second) neither crash nor store
-        anything outside the time window."""
+        """Out-of-range nanos (negative, a second or more) are rejected naming
+        timestamp and the [0, 1e9) rule, not read as a shifted time (2e9
+        nanos would move the sample 2 s); the edges 0 and 999999999 pass."""
         p = uid("nanos")
         now = int(time.time()) - 100
         ack = client.push(
             [
-                pb.Sample(
-                    peer_id=p, bandwidth_mbps=1.0, timestamp=Timestamp(seconds=now, nanos=-1)
-                ),
-                pb.Sample(
-                    peer_id=p,
-                    bandwidth_mbps=2.0,
-                    timestamp=Timestamp(seconds=now, nanos=2_000_000_000),
-                ),
+                pb.Sample(peer_id=p, bandwidth_mbps=bw, timestamp=Timestamp(seconds=now, nanos=n))
+                for bw, n in ((1.0, -1), (2.0, 2_000_000_000), (3.0, 0), (4.0, 999_999_999))
             ]
         )
-        assert ack.accepted + ack.rejected == 2
-        for s in client.peer(p).window:
-            t = s.timestamp.seconds + s.timestamp.nanos * 1e-9
-            assert time.time() - AGE_S <= t <= time.time() + SKEW_S
+        assert ack.accepted == 2
+        check_batch_outcome(ack, [0, 1], "timestamp", "nanos must be within [0, 999999999]")
+        assert [r.reason.rsplit(" ", 1)[-1] for r in ack.rejections] == ["-1", "2000000000"]
+        window = client.peer(p).window
+        assert [s.bandwidth_mbps for s in window] == [3.0, 4.0]
+        got = [s.timestamp.seconds + s.timestamp.nanos * 1e-9 for s in window]
+        assert got == pytest.approx([now, now + 0.999999999], abs=1e-6)
 
 
 class TestEverythingAtOnce:

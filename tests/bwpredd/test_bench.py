@@ -18,7 +18,7 @@ from bwpredd.bench import summarize_profile
 
 # The torch comparison (onnx) imports torch in a child: slow to start, and
 # covered by its own smoke below only when torch is there.
-SECTIONS = "startup,latency,batch,ingest,concurrency,memory"
+SECTIONS = "startup,latency,batch,ingest,watchers,concurrency,memory"
 
 
 @pytest.mark.slow
@@ -33,7 +33,7 @@ class TestQuickBench:
             [sys.executable, "-m", "bwpredd.bench", *args],
             capture_output=True,
             text=True,
-            timeout=150,
+            timeout=300,
             check=False,
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -42,7 +42,15 @@ class TestQuickBench:
         machine = report["machine"]
         assert machine["cpu_model"] and machine["logical_cpus"] >= 1 and machine["cores_used"]
         res = report["results"]
-        assert {"startup", "latency", "batch", "ingest", "concurrency", "memory"} <= set(res)
+        assert {
+            "startup",
+            "latency",
+            "batch",
+            "ingest",
+            "watchers",
+            "concurrency",
+            "memory",
+        } <= set(res)
         lat = res["latency"]
         for key in ("forecast", "allocate", "echo_sync_forecast_size", "echo_aio_forecast_size"):
             assert lat[key]["p50_us"] > 0 and lat[key]["p99_us"] >= lat[key]["p50_us"]
@@ -53,6 +61,10 @@ class TestQuickBench:
         assert res["batch"]["max_rel_diff_vs_raw"] < 1e-4
         assert res["ingest"]["all_accepted"] is True
         assert res["ingest"]["daemon"]["samples_per_s"] > 0
+        watchers = res["watchers"]  # every watcher opened, none refused, no sample rejected
+        assert watchers["watchers_open"] == watchers["watchers"] == 1000
+        assert watchers["watchers_failed"] == [] and watchers["all_accepted"] is True
+        assert watchers["ratio"] > 0 and watchers["watched"]["samples_per_s"] > 0
         mem = res["memory"]
         assert mem["windows_full"] is True and mem["samples"] == 10 * mem["peers"]
         assert res["concurrency"]["errors"] == [] and res["concurrency"]["rejected"] == 0
@@ -61,6 +73,7 @@ class TestQuickBench:
         assert all(isinstance(t["pass"], bool) for t in report["targets"])
         md = (tmp_path / "bench.md").read_text()
         assert "python -m bwpredd.bench --quick" in md and "| figure |" in md
+        assert "| ingest with 1,000 idle watch-all watchers |" in md
 
 
 class TestProfileSummary:

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 
 from bwpredd.client import Client, channel_for, pb
@@ -116,6 +117,31 @@ class TestUnixSocket:
             path = Path(server.address.removeprefix("unix:"))
             assert path.stat().st_mode & 0o777 == 0o660
             assert path.parent.stat().st_mode & 0o777 == 0o750
+
+
+class TestStoredPrecision:
+    """Windows hold float32, as the README and the proto say for GetPeer."""
+
+    def test_get_peer_returns_float32_rounded_values(self, tmp_path: Path) -> None:
+        """An acknowledged 9999999.9 reads back as 10000000.0, the nearest
+        float32, and every value is within 2^-24 relative of what was sent;
+        the README and the proto's GetPeer comments say so."""
+        sent = [9_999_999.9, 0.3, 123.456789, 1e-3]
+        with running_server(tmp_path) as (_, client):
+            ack = client.push([sample("f32", bw, latency_ms=0.1) for bw in sent])
+            assert ack.accepted == 4
+            window = client.peer("f32").window
+        got = [s.bandwidth_mbps for s in window]
+        assert got[0] == 10_000_000.0
+        assert got == [float(np.float32(x)) for x in sent]
+        assert {s.latency_ms for s in window} == {float(np.float32(0.1))}
+        assert all(abs(g - x) <= x * 2**-24 for g, x in zip(got, sent, strict=True))
+        root = Path(__file__).parents[2]
+        proto = (root / "proto" / "bwpred" / "v1" / "bwpred.proto").read_text()
+        rpc = proto[proto.index("// GetPeer returns") : proto.index("rpc GetPeer(")]
+        assert "float32" in rpc and "2^-24" in rpc
+        readme = (root / "README.md").read_text()
+        assert "9999999.9 reads back as\n10000000.0" in readme
 
 
 class TestTcp:

@@ -18,6 +18,7 @@ import re
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -27,6 +28,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
+from structlog.testing import capture_logs
 
 from bwpredd.client import Client, pb
 from bwpredd.config import Config
@@ -188,6 +190,8 @@ def first_broken_rule(s: pb.Sample, known: bool) -> str | None:
             v = getattr(s, name)
             if not math.isfinite(v) or v < 0 or v > 1:
                 return name
+    if s.HasField("timestamp") and not 0 <= s.timestamp.nanos < 1_000_000_000:
+        return "timestamp"
     t = when(s)
     if not math.isfinite(t) or t > NOW + SKEW_S or t < NOW - AGE_S:
         return "timestamp"
@@ -405,8 +409,10 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, C
         yield pair
 
 
-# What a server may answer to bytes it cannot decode (UNKNOWN today).
-REFUSED = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.INVALID_ARGUMENT}
+# What the server answers to bytes it cannot decode.
+REFUSED = {grpc.StatusCode.INVALID_ARGUMENT}
+UNARY_RPCS = ["PushSamples", "Forecast", "Allocate", "GetPeer", "ListPeers", "Advise", "RankPeers"]
+GARBAGE = [b"\xff\xff\xff", b"\x0a\x05\x0a\x03\xff\xfe\xfd", VALID_REQUEST[:-3]]
 
 
 def raw_call(channel: grpc.Channel, method: str, raw: bytes) -> tuple[grpc.StatusCode, str, bytes]:
@@ -423,16 +429,63 @@ class TestRawBytesOverTheWire:
     """Raw bytes sent to the real server with identity serializers."""
 
     def test_undecodable_answered_not_fatal(self, daemon: tuple[Server, Client]) -> None:
-        """Bytes the decoder refuses fail the call (grpcio 1.85's aio server
-        answers UNKNOWN "Unexpected DecodeError"), store nothing, and the daemon
-        keeps serving."""
+        """Bytes the decoder refuses fail the call with INVALID_ARGUMENT naming
+        the message type (grpcio alone answers UNKNOWN "Unexpected
+        DecodeError"), store nothing, and the daemon keeps serving."""
         server, client = daemon
         assert server.core is not None
         before = len(server.core.store)
-        for raw in (b"\xff\xff\xff", b"\x0a\x05\x0a\x03\xff\xfe\xfd", VALID_REQUEST[:-3]):
+        for raw in GARBAGE:
             code, details, _ = raw_call(client.channel, "PushSamples", raw)
-            assert code in REFUSED, (code, details)
+            assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details)
+            assert details.startswith("request: not a valid bwpred.v1.PushSamplesRequest message")
         assert len(server.core.store) == before
+        assert client.health() == "SERVING"
+
+    @pytest.mark.parametrize("method", UNARY_RPCS)
+    def test_every_unary_rpc_invalid_argument(
+        self, daemon: tuple[Server, Client], method: str
+    ) -> None:
+        """Each unary RPC answers undecodable bytes INVALID_ARGUMENT, naming
+        its own request type."""
+        _, client = daemon
+        code, details, _ = raw_call(client.channel, method, GARBAGE[0])
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details)
+        assert f"bwpred.v1.{method}Request" in details
+
+    def test_watch_forecasts_invalid_argument(self, daemon: tuple[Server, Client]) -> None:
+        """WatchForecasts (server stream) answers an undecodable request
+        INVALID_ARGUMENT and opens no watcher."""
+        server, client = daemon
+        call = client.channel.unary_stream(f"/{SERVICE_NAME}/WatchForecasts")
+        with pytest.raises(grpc.RpcError) as err:
+            list(call(GARBAGE[0], timeout=10))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "bwpred.v1.WatchForecastsRequest" in (err.value.details() or "")
+        assert server.core is not None and len(server.core.watch) == 0
+
+    def test_stream_bad_message_in_the_middle(self, daemon: tuple[Server, Client]) -> None:
+        """On StreamSamples the batches before an undecodable message are
+        acked and stored; the undecodable one ends the stream INVALID_ARGUMENT
+        and nothing after it is read."""
+        _, client = daemon
+        call = client.channel.stream_stream(f"/{SERVICE_NAME}/StreamSamples")
+
+        def batch(peer: str) -> bytes:
+            return pb.StreamSamplesRequest(
+                samples=[pb.Sample(peer_id=peer, bandwidth_mbps=5.0)]
+            ).SerializeToString()
+
+        acks: list[pb.StreamSamplesResponse] = []
+        with pytest.raises(grpc.RpcError) as err:
+            for raw in call(iter([batch("mid-1"), GARBAGE[1], batch("mid-2")]), timeout=10):
+                acks.append(pb.StreamSamplesResponse.FromString(raw))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "bwpred.v1.StreamSamplesRequest" in (err.value.details() or "")
+        assert [(a.accepted, a.rejected) for a in acks] == [(1, 0)]
+        assert client.peer("mid-1").sample_count == 1
+        with pytest.raises(grpc.RpcError):
+            client.peer("mid-2")
         assert client.health() == "SERVING"
 
     @settings(max_examples=40, deadline=None, database=None)
@@ -451,3 +504,41 @@ class TestRawBytesOverTheWire:
         assert client.health() == "SERVING"
         assert server.core is not None
         assert all(VALID_ID.fullmatch(p.peer_id) for p in client.peers())
+
+
+class TestUndecodableLogging:
+    """A client sending garbage costs the journal one line per interval."""
+
+    def test_one_line_no_traceback(self, tmp_path: Path) -> None:
+        """60 undecodable requests on every RPC shape write one
+        undecodable_request warning and no error or traceback, while each is
+        counted INVALID_ARGUMENT in the metrics."""
+        with capture_logs() as logs, running_server(tmp_path) as (server, client):
+            for _ in range(20):
+                raw_call(client.channel, "PushSamples", GARBAGE[0])
+                stream = client.channel.stream_stream(f"/{SERVICE_NAME}/StreamSamples")
+                with pytest.raises(grpc.RpcError):
+                    list(stream(iter([GARBAGE[1]]), timeout=10))
+                watch = client.channel.unary_stream(f"/{SERVICE_NAME}/WatchForecasts")
+                with pytest.raises(grpc.RpcError):
+                    list(watch(GARBAGE[2], timeout=10))
+            registry = server.registry
+        lines = [e for e in logs if e["event"] == "undecodable_request"]
+        assert len(lines) == 1
+        assert lines[0]["log_level"] == "warning" and lines[0]["suppressed"] == 0
+        assert lines[0]["rpc"] == "PushSamples"
+        assert not [e for e in logs if e["log_level"] in ("error", "critical")]
+        assert not [e for e in logs if "exc_info" in e or "exception" in e]
+        assert not [e for e in logs if e["event"] == "rpc"]  # log_rpcs off
+        for method, kind in (
+            ("PushSamples", "unary"),
+            ("StreamSamples", "bidi_stream"),
+            ("WatchForecasts", "server_stream"),
+        ):
+            labels = {
+                "grpc_service": SERVICE_NAME,
+                "grpc_method": method,
+                "grpc_type": kind,
+                "grpc_code": "INVALID_ARGUMENT",
+            }
+            assert registry.get_sample_value("grpc_server_handled_total", labels) == 20

@@ -14,8 +14,10 @@ from __future__ import annotations
 import queue
 import threading
 import time
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -187,6 +189,110 @@ class TestConcurrentStreams:
                     s.close()
                 for c in clients:
                     c.close()
+
+
+def refusal(call: Any) -> grpc.RpcError:
+    """The error a refused WatchForecasts call ends with."""
+    with pytest.raises(grpc.RpcError) as err:
+        next(call)
+    return err.value
+
+
+class TestWatchers:
+    """max_watchers and max_watchers_per_peer: WatchForecasts streams have
+    limits of their own, apart from max_concurrent_streams."""
+
+    def test_watchers_do_not_take_stream_slots(self, tmp_path: Path) -> None:
+        """With 3 watcher slots and 2 stream slots, 3 watchers (each on a
+        connection of its own) leave both StreamSamples slots free; a 4th
+        watcher is refused naming max_watchers; one ending frees its slot."""
+        with running_server(tmp_path, max_concurrent_streams=2, max_watchers=3) as (server, _):
+            assert server.core is not None
+            hub = server.core.watch
+            clients = [own_connection(server) for _ in range(6)]
+            try:
+                req = pb.WatchForecastsRequest()
+                watchers = [c.stub.WatchForecasts(req, timeout=20) for c in clients[:3]]
+                assert wait_until(lambda: len(hub) == 3, 5)
+                err = refusal(clients[3].stub.WatchForecasts(req, timeout=20))
+                assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert err.details() == "max_watchers: 3 WatchForecasts streams already open"
+                streams = [Stream(c) for c in clients[4:]]
+                for i, st in enumerate(streams):
+                    st.send(sample(f"s{i}", 1.0))
+                assert wait_until(lambda: all(len(st.acks) == 1 for st in streams), 5)
+                for st in streams:
+                    st.close()
+                assert all(st.error is None for st in streams)
+                watchers[0].cancel()
+                assert wait_until(lambda: len(hub) == 2, 5)
+                again = clients[3].stub.WatchForecasts(pb.WatchForecastsRequest(peer_ids=["s0"]))
+                assert next(again).forecast.peer_id == "s0"
+                for w in [*watchers, again]:
+                    w.cancel()
+            finally:
+                for c in clients:
+                    c.close()
+
+    def test_watchers_of_every_peer_capped(self, tmp_path: Path) -> None:
+        """With max_watchers_per_peer 2, a third watcher of every peer and a
+        watcher naming any peer are refused naming the limit; after one
+        watcher of every peer ends, a watcher naming a peer gets in."""
+        with running_server(tmp_path, max_watchers_per_peer=2) as (server, client):
+            assert server.core is not None
+            hub = server.core.watch
+            every = [client.stub.WatchForecasts(pb.WatchForecastsRequest()) for _ in range(2)]
+            assert wait_until(lambda: len(hub) == 2, 5)
+            for peers in ([], ["x"]):
+                err = refusal(client.stub.WatchForecasts(pb.WatchForecastsRequest(peer_ids=peers)))
+                assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert (err.details() or "").startswith("max_watchers_per_peer: ")
+            every[0].cancel()
+            assert wait_until(lambda: len(hub) == 1, 5)
+            client.push([sample("x", 1.0)])
+            named = client.stub.WatchForecasts(pb.WatchForecastsRequest(peer_ids=["x"]))
+            assert next(named).forecast.peer_id == "x"
+            assert metric(server, "bwpredd_watchers") == 2
+            for w in [*every, named]:
+                w.cancel()
+
+    def test_watchers_that_never_read_hold_bounded_memory(self, tmp_path: Path) -> None:
+        """40 watchers of every peer whose client never reads, open while
+        20,000 new peers arrive, leave the Python heap no more than 6 MB
+        above the same ingest with no watcher (each held a pending entry per
+        changed peer: 40 x 20,000)."""
+
+        def growth(watchers: int) -> int:
+            with running_server(tmp_path / str(watchers), max_watchers_per_peer=64) as (
+                server,
+                client,
+            ):
+                assert server.core is not None
+                # Small client windows: each stream blocks after ~64 KiB.
+                options = [("grpc.http2.bdp_probe", 0)]
+                with grpc.insecure_channel(server.address, options=options) as channel:
+                    stub = Client(channel).stub
+                    calls = [
+                        stub.WatchForecasts(pb.WatchForecastsRequest(), timeout=60)
+                        for _ in range(watchers)
+                    ]
+                    assert wait_until(lambda: len(server.core.watch) == watchers, 10)
+                    batches = [
+                        [sample(f"m{k}-{i}", 1.0 + i % 7) for i in range(1000)] for k in range(20)
+                    ]
+                    tracemalloc.start()
+                    before = tracemalloc.get_traced_memory()[0]
+                    acks = list(client.stream(batches))
+                    time.sleep(0.5)
+                    grown: int = tracemalloc.get_traced_memory()[0] - before
+                    tracemalloc.stop()
+                    assert sum(a.accepted for a in acks) == 20_000
+                    for c in calls:
+                        c.cancel()
+                return grown
+
+        without, with_watchers = growth(0), growth(40)
+        assert with_watchers < without + 6 * 2**20, (without, with_watchers)
 
 
 class TestDeadlines:

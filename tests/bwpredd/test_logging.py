@@ -16,7 +16,7 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from bwpredd.logging import configure_logging, flush_logs, get_logger
+from bwpredd.logging import RateLimitedLine, configure_logging, flush_logs, get_logger
 from tests.helpers import daemon_process, running_server, sample, wait_for_health
 
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
@@ -141,6 +141,30 @@ class TestRpcLines:
                 client.peer("ghost")
         assert [(e["rpc"], e["code"]) for e in logs if e["event"] == "rpc"] == [
             ("GetPeer", "NOT_FOUND")
+        ]
+
+
+class TestRateLimitedLine:
+    """bwpredd.logging.RateLimitedLine on a hand-driven clock."""
+
+    def test_one_line_per_interval_counting_the_rest(self) -> None:
+        """Within an interval only the first line is written; the next line
+        after it says how many were held back, and the count starts again."""
+        now = [100.0]
+        with capture_logs() as logs:
+            line = RateLimitedLine(get_logger("bwpredd.test"), "flood", 10.0, lambda: now[0])
+            written = [line.warning(n=i) for i in range(5)]
+            now[0] += 9.9
+            written.append(line.warning(n=5))
+            now[0] += 0.1
+            written.append(line.warning(n=6))
+            now[0] += 10.0
+            written.append(line.warning(n=7))
+        assert written == [True, False, False, False, False, False, True, True]
+        assert [(e["event"], e["log_level"], e["n"], e["suppressed"]) for e in logs] == [
+            ("flood", "warning", 0, 0),
+            ("flood", "warning", 6, 5),
+            ("flood", "warning", 7, 0),
         ]
 
 

@@ -3,8 +3,11 @@ registry, and the live endpoint of a real server scraped after traffic."""
 
 from __future__ import annotations
 
+import contextlib
+import gzip
 import math
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -16,7 +19,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from bwpredd.metrics import Metrics
+from bwpredd.metrics import Metrics, MetricsServer
 from bwpredd.servicer import SERVICE_NAME
 from tests.helpers import running_server, sample
 
@@ -203,3 +206,107 @@ class TestScrape:
         with pytest.raises(urllib.error.URLError) as err:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
         assert isinstance(err.value.reason, ConnectionRefusedError)
+
+
+def _slow(port: int, partial: bool) -> socket.socket:
+    """A connection that sends nothing, or half a request head, and waits."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    if partial:
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: slow\r\n")
+    return sock
+
+
+def _closed_by_server(sock: socket.socket, within_s: float) -> bool:
+    """True once the server closes (or resets) the connection."""
+    sock.settimeout(within_s)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+class TestEndpointBounds:
+    """The /metrics endpoint under slow and idle connections."""
+
+    def test_slow_connections_hold_no_threads(self, tmp_path: Path) -> None:
+        """200 connections that send nothing or half a request leave the
+        daemon's thread count where it was (it was one thread each), and a
+        normal scrape still answers while they are open."""
+        port = free_port()
+        with running_server(tmp_path, metrics_addr=f"127.0.0.1:{port}"):
+            assert scrape(port)
+            threads = threading.active_count()
+            slow = [_slow(port, partial=i % 2 == 1) for i in range(200)]
+            try:
+                time.sleep(0.5)
+                assert threading.active_count() <= threads + 1, threading.active_count()
+                assert value(scrape(port), "bwpredd_peers") == 0
+                assert threading.active_count() <= threads + 1
+            finally:
+                for sock in slow:
+                    sock.close()
+
+    def test_connection_timeout_is_for_the_whole_request(self) -> None:
+        """An idle connection, and one trickling a byte every 0.1 s, are both
+        closed once timeout_s has passed since they opened."""
+        server = MetricsServer(CollectorRegistry(), "127.0.0.1", 0, timeout_s=0.5)
+        server.start()
+        try:
+            idle = _slow(server.port, partial=False)
+            trickle = _slow(server.port, partial=True)
+            start = time.monotonic()
+            for _ in range(8):
+                time.sleep(0.1)
+                with contextlib.suppress(OSError):
+                    trickle.sendall(b"X")
+            assert _closed_by_server(trickle, 2.0)
+            assert _closed_by_server(idle, 2.0)
+            assert time.monotonic() - start < 2.5
+        finally:
+            server.shutdown()
+            for sock in (idle, trickle):
+                sock.close()
+
+    def test_scrape_gets_in_at_the_connection_cap(self) -> None:
+        """With max_connections slow clients open, a scrape still answers:
+        the oldest connection still sending its request makes room."""
+        registry = CollectorRegistry()
+        Metrics(registry).peers.set(7)
+        server = MetricsServer(registry, "127.0.0.1", 0, max_connections=4)
+        server.start()
+        slow = [_slow(server.port, partial=True) for _ in range(4)]
+        try:
+            time.sleep(0.2)
+            assert value(scrape(server.port), "bwpredd_peers") == 7
+            assert _closed_by_server(slow[0], 2.0)
+        finally:
+            server.shutdown()
+            for sock in slow:
+                sock.close()
+
+    def test_requests_other_than_get(self) -> None:
+        """HEAD answers headers only, POST is 405, garbage is 400, and the
+        reply is gzipped when asked."""
+        registry = CollectorRegistry()
+        Metrics(registry)
+        server = MetricsServer(registry, "127.0.0.1", 0)
+        server.start()
+        url = f"http://127.0.0.1:{server.port}/metrics"
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, method="HEAD")) as resp:
+                assert resp.status == 200 and int(resp.headers["Content-Length"]) > 0
+                assert resp.read() == b""
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(urllib.request.Request(url, data=b"x", method="POST"))
+            assert err.value.code == 405
+            req = urllib.request.Request(url, headers={"Accept-Encoding": "gzip"})
+            with urllib.request.urlopen(req) as resp:
+                assert resp.headers["Content-Encoding"] == "gzip"
+                assert b"bwpredd_peers" in gzip.decompress(resp.read())
+            with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+                sock.sendall(b"hello\r\n\r\n")
+                assert sock.recv(100).startswith(b"HTTP/1.1 400")
+        finally:
+            server.shutdown()

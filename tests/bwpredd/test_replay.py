@@ -5,10 +5,12 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
+from bwpredd import ctl
 from bwpredd.replay import ReplayError, peer_id_for, replay
 from tests.helpers import running_server
 
@@ -82,3 +84,57 @@ class TestReplay:
                 replay(client, [tmp_path / "empty"])
             with pytest.raises(FileNotFoundError):
                 replay(client, [tmp_path / "missing"])
+
+
+class TestSingleCsvFile:
+    """``bwpredctl replay FILE.csv`` on one generic CSV file of one's own."""
+
+    def test_two_column_file_replayed(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A file with only time_s and bandwidth_mbps, and one with the full
+        header whose rows stop after the bandwidth, are each replayed whole."""
+        short = tmp_path / "short.csv"
+        short.write_text("time_s,bandwidth_mbps\n" + "".join(f"{i},{50 + i}\n" for i in range(12)))
+        full = tmp_path / "full.csv"
+        full.write_text(
+            "time_s,bandwidth_mbps,latency_ms,packet_loss,reliability\n"
+            + "".join(f"{i},{80 + i}\n" for i in range(5))
+        )
+        with running_server(tmp_path) as (server, client):
+            for path, n in ((short, 12), (full, 5)):
+                args = ["--target", server.address, "--json", "replay", "--no-progress"]
+                assert ctl.main([*args, str(path)]) == 0
+                report: dict[str, Any] = _json_line(capsys.readouterr().out)
+                (f,) = report["files"]
+                assert f["samples"] == n and f["rejected"] == 0
+                assert client.peer(f["peer_id"]).sample_count == n
+
+    def test_unrecognised_file_says_why(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A CSV that is not a trace (bwpredctl push's format) or has a bad
+        cell fails with exit 2 and one line naming the file and why."""
+        push = tmp_path / "push.csv"
+        push.write_text("peer_id,bandwidth_mbps\na,1\na,2\n")
+        bad = tmp_path / "bad.csv"
+        bad.write_text("time_s,bandwidth_mbps\n0,1\n1,2\n2,fast\n")
+        with running_server(tmp_path) as (server, _):
+            for path, why in (
+                (push, "starts with the header time_s,bandwidth_mbps"),
+                (bad, "line 4: bandwidth_mbps: not a number: 'fast'"),
+            ):
+                args = ["--target", server.address, "replay", "--no-progress", str(path)]
+                assert ctl.main(args) == 2
+                err = capsys.readouterr().err
+                assert len(err.splitlines()) == 1, err
+                assert err.startswith(f"bwpredctl: no traces found in {path} (")
+                assert path.name in err.split("(", 1)[1] and why in err, err
+
+
+def _json_line(out: str) -> dict[str, Any]:
+    import json
+
+    line = next(x for x in out.splitlines() if x.startswith("{"))
+    data: dict[str, Any] = json.loads(line)
+    return data

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+import tracemalloc
 
 import pytest
 
-from bwpredd.watch import WatchHub
+from bwpredd.errors import ResourceExhausted
+from bwpredd.watch import Watcher, WatchHub
 
 
 def run(coro):  # type: ignore[no-untyped-def]
@@ -34,6 +36,56 @@ class TestBounds:
         hub.publish(["d"])
         assert w.pending == 3
         assert run(w.next_batch()) == ["c", "a", "d"]
+
+    def test_idle_watchers_cost_nothing_per_publish(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Watchers of every peer that are not waiting (their client does not
+        read) are not touched by publish: 5,000 changed peers leave the same
+        memory behind with 200 such watchers as with one (the hub's one
+        change log), and each then reads every changed peer once."""
+        ids = [f"peer-{i:05d}" for i in range(5000)]
+
+        def growth(n: int) -> tuple[int, WatchHub]:
+            hub = WatchHub(max_watchers=1000, max_per_peer=1000)
+            for _ in range(n):
+                hub.subscribe()
+            tracemalloc.start()
+            before = tracemalloc.get_traced_memory()[0]
+            for i in range(0, len(ids), 500):
+                hub.publish(ids[i : i + 500])
+            grown = tracemalloc.get_traced_memory()[0] - before
+            tracemalloc.stop()
+            return grown, hub
+
+        woken: list[Watcher] = []
+
+        def wake(self: Watcher) -> None:
+            woken.append(self)
+
+        monkeypatch.setattr(Watcher, "_wake", wake)
+        one, _ = growth(1)
+        many, hub = growth(200)
+        assert woken == []
+        assert many < one + 256 * 1024, (one, many)
+        assert all(run(w.next_batch()) == ids for w in hub._all)
+
+    def test_waiting_watchers_woken_once_each(self) -> None:
+        """A publish wakes each waiting watcher with interest once, and no
+        other: a watcher of every peer, and a named watcher of a changed
+        peer; not a watcher of another peer."""
+
+        async def main() -> list[list[str]]:
+            hub = WatchHub()
+            every, named, other = hub.subscribe(), hub.subscribe({"a"}), hub.subscribe({"z"})
+            tasks = [asyncio.create_task(w.next_batch()) for w in (every, named, other)]
+            await asyncio.sleep(0.01)
+            hub.publish(["a", "b", "a"])
+            await asyncio.sleep(0.01)
+            assert [t.done() for t in tasks] == [True, True, False]
+            assert hub._waiting_all == [] and hub._waiting_named == 1
+            other.close()
+            return [t.result() for t in tasks[:2]] + [await tasks[2]]
+
+        assert run(main()) == [["b", "a"], ["a"], []]
 
     def test_publish_without_watchers_is_cheap(self) -> None:
         """With nobody watching, publish does no per-id work."""
@@ -124,6 +176,42 @@ class TestDelivery:
         assert run(main()) == [[], []]
 
     def test_rejects_a_zero_bound(self) -> None:
-        """max_pending must be positive."""
-        with pytest.raises(ValueError, match="max_pending"):
-            WatchHub(max_pending=0)
+        """max_pending, max_watchers and max_per_peer must be positive."""
+        for name in ("max_pending", "max_watchers", "max_per_peer"):
+            with pytest.raises(ValueError, match=name):
+                WatchHub(**{name: 0})
+
+
+class TestLimits:
+    """max_watchers and max_per_peer."""
+
+    def test_max_watchers(self) -> None:
+        """Past max_watchers a subscription is refused naming the limit; a
+        closed watcher frees its place."""
+        hub = WatchHub(max_watchers=2)
+        first, _ = hub.subscribe(["a"]), hub.subscribe()
+        with pytest.raises(ResourceExhausted, match=r"^max_watchers: 2 WatchForecasts streams"):
+            hub.subscribe(["b"])
+        first.close()
+        assert hub.subscribe(["b"]).peers == frozenset({"b"})
+
+    def test_watchers_of_every_peer_count_for_each_peer(self) -> None:
+        """With max_per_peer 2: two watchers of every peer fill every peer;
+        a named watcher and a peer followed twice by name keep further
+        watchers of every peer out; other peers stay open to name-watchers."""
+        hub = WatchHub(max_per_peer=2)
+        every = [hub.subscribe(), hub.subscribe()]
+        for peers in (None, ["a"]):
+            with pytest.raises(ResourceExhausted, match=r"^max_watchers_per_peer: "):
+                hub.subscribe(peers)
+        every[0].close()
+        named = [hub.subscribe(["a", "b"])]
+        with pytest.raises(ResourceExhausted, match="peer 'a' is followed by 2 watchers"):
+            hub.subscribe(["c", "a"])
+        every[1].close()
+        named.append(hub.subscribe(["a"]))
+        with pytest.raises(ResourceExhausted, match="a peer is followed by 2 watchers"):
+            hub.subscribe()
+        assert hub.subscribe(["c"]).peers == frozenset({"c"})
+        named[1].close()
+        assert hub.subscribe().peers is None

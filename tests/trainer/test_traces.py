@@ -297,6 +297,29 @@ class TestGenericCsv:
         assert sorted(p.name for p in res.unknown) == ["notes.txt", "other.csv"]
         assert "too short" in res.skipped["s/short.csv"]
 
+    def test_optional_columns_may_be_left_out(self, tmp_path: Path) -> None:
+        """A header of time_s,bandwidth_mbps plus any of the optional columns,
+        and rows that stop early, are generic CSVs; a longer row, a missing
+        time and a bad cell are reported with their line."""
+        _write(tmp_path / "s" / "two.csv", "time_s,bandwidth_mbps\n0,5\n1,6\n", False)
+        _write(
+            tmp_path / "s" / "rel.csv", "time_s,bandwidth_mbps,reliability\n0,5,0.5\n1,6\n", False
+        )
+        _write(tmp_path / "s" / "full.csv", ",".join(CSV_HEADER) + "\n0,5\n1,6,30\n", False)
+        _write(tmp_path / "s" / "long.csv", "time_s,bandwidth_mbps\n0,5\n1,6,7\n", False)
+        _write(tmp_path / "s" / "notime.csv", "time_s,bandwidth_mbps\n0,5\n\n,6\n", False)
+        _write(tmp_path / "s" / "dup.csv", "time_s,bandwidth_mbps,reliability,reliability\n", False)
+        res = load_traces(tmp_path, min_steps=2)
+        by_name = {t.name: t for t in res.traces}
+        assert sorted(by_name) == ["s/full.csv", "s/rel.csv", "s/two.csv"]
+        assert by_name["s/two.csv"].measured == ("bandwidth_mbps",)
+        np.testing.assert_array_equal(by_name["s/rel.csv"].data[:, REL], [0.5, 0.5])
+        want = [FEATURE_DEFAULTS["latency_ms"], 30]  # the default until the first value
+        np.testing.assert_array_equal(by_name["s/full.csv"].data[:, LAT], want)
+        assert res.skipped["s/long.csv"].endswith("line 3: 3 cells, the header names 2")
+        assert "line 4: time_s and bandwidth_mbps must be present" in res.skipped["s/notime.csv"]
+        assert [p.name for p in res.unknown] == ["dup.csv"]
+
     def test_bad_rows_reported_not_raised(self, tmp_path: Path) -> None:
         """A generic CSV with a negative bandwidth is reported in skipped."""
         _write(tmp_path / "s" / "neg.csv", _csv(11).replace("\n0.0,10,", "\n0.0,-1,"), False)

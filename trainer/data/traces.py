@@ -35,11 +35,13 @@ Per-source choices (each follows the traces README; see the loader for why):
   one group per file.
 
 Generic CSV (for people's own measurements): any ``.csv``/``.csv.gz`` whose
-header is exactly ``time_s,bandwidth_mbps,latency_ms,packet_loss,reliability``.
-The last three cells may be empty; an empty cell carries the column's last
-value forward (the default before the first), and a column that is empty
-throughout is not ``measured``. Source = the first directory under the root
-(the root's own name for files directly in it); group = the file.
+header is ``time_s,bandwidth_mbps`` followed by any of ``latency_ms``,
+``packet_loss``, ``reliability`` (in any order; all five is the usual form).
+Those three may be empty, or missing at the end of a row; an empty cell
+carries the column's last value forward (the default before the first), and
+a column that is empty throughout (or absent) is not ``measured``. Source =
+the first directory under the root (the root's own name for files directly in
+it); group = the file.
 """
 
 from __future__ import annotations
@@ -395,26 +397,57 @@ def _is_generic_csv(path: Path) -> bool:
     except (OSError, EOFError):
         return False
     first = head.decode("utf-8", errors="replace").lstrip("\ufeff").splitlines()
-    return bool(first) and tuple(c.strip() for c in first[0].split(",")) == CSV_HEADER
+    return bool(first) and _generic_columns(first[0]) is not None
+
+
+def _generic_columns(header: str) -> list[str] | None:
+    """The columns of a generic CSV header line, or None if it is not one."""
+    cols = [c.strip() for c in header.split(",")]
+    rest = cols[2:]
+    if tuple(cols[:2]) != CSV_HEADER[:2] or len(set(rest)) != len(rest):
+        return None
+    return cols if set(rest) <= set(CSV_HEADER[2:]) else None
 
 
 def _load_generic_csv(path: Path, rel: str) -> list[_Series]:
     reader = csv.reader(io.StringIO(_read_text(path).lstrip("\ufeff")))
-    next(reader)  # header, checked by _is_generic_csv
-    rows = [r for r in reader if r and any(c.strip() for c in r)]
-    if any(len(r) != len(CSV_HEADER) for r in rows):
-        raise ValueError(f"every row needs {len(CSV_HEADER)} cells")
+    header = [c.strip() for c in next(reader)]  # checked by _is_generic_csv
+    rows: list[list[str]] = []
+    lines: list[int] = []  # each row's line in the file, for errors
+    for r in reader:
+        if not r or not any(c.strip() for c in r):
+            continue
+        if len(r) > len(header):
+            raise ValueError(
+                f"line {reader.line_num}: {len(r)} cells, the header names {len(header)}"
+            )
+        rows.append(r + [""] * (len(header) - len(r)))  # cells missing at the end are empty
+        lines.append(reader.line_num)
 
-    def col(i: int) -> np.ndarray:
-        return np.asarray([_ucc_float(r[i]) for r in rows], dtype=np.float64)
+    def col(name: str) -> np.ndarray:
+        if name not in header:
+            return np.full(len(rows), np.nan)
+        i = header.index(name)
+        out = np.empty(len(rows), dtype=np.float64)
+        for k, r in enumerate(rows):
+            try:
+                out[k] = _ucc_float(r[i])
+            except ValueError:
+                raise ValueError(f"line {lines[k]}: {name}: not a number: {r[i][:40]!r}") from None
+        return out
 
-    t, bw = col(0), col(1)
-    if np.isnan(t).any() or np.isnan(bw).any():
-        raise ValueError("time_s and bandwidth_mbps must be present in every row")
-    if (bw < 0).any() or not np.isfinite(bw).all():
-        raise ValueError("bandwidth_mbps must be finite and >= 0")
+    t, bw = col("time_s"), col("bandwidth_mbps")
+    missing = np.isnan(t) | np.isnan(bw)
+    if missing.any():
+        line = lines[int(np.argmax(missing))]
+        raise ValueError(f"line {line}: time_s and bandwidth_mbps must be present in every row")
+    bad = (bw < 0) | ~np.isfinite(bw)
+    if bad.any():
+        raise ValueError(
+            f"line {lines[int(np.argmax(bad))]}: bandwidth_mbps must be finite and >= 0"
+        )
     order = np.argsort(t, kind="stable")
-    lat, loss, rel_ = (col(i)[order] for i in (2, 3, 4))
+    lat, loss, rel_ = (col(name)[order] for name in CSV_HEADER[2:])
     return [
         _Series(
             None,
