@@ -118,6 +118,15 @@ else
     install -m 0644 "$SRC/deploy/bwpredd.toml" "$CONF_DIR/bwpredd.toml"
     say "installed $CONF_DIR/bwpredd.toml"
 fi
+# A config directory or file kept from before (an edited config, or one an
+# earlier install made under umask 077) is not changed: say what the
+# service's user could not read, since it would fail with exit code 2.
+mode=$(stat -L -c %a "$CONF_DIR")
+[ $((0$mode & 1)) -eq 1 ] \
+    || die "${CONF_DIR#"$DESTDIR"} has mode $mode: the service's user cannot read its config through it (chmod 0755 it)"
+mode=$(stat -L -c %a "$CONF_DIR/bwpredd.toml")
+[ $((0$mode & 4)) -eq 4 ] \
+    || die "${CONF_DIR#"$DESTDIR"}/bwpredd.toml has mode $mode: the service's user cannot read it (chmod 0644 it)"
 
 if [ -z "$DESTDIR" ]; then
     if [ -d /run/systemd/system ]; then

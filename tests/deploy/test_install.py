@@ -179,3 +179,20 @@ class TestInstallRefusals:
         assert loose_modes(tmp_path / "root") == []
         unit = tmp_path / "root/etc/systemd/system/bwpredd.service"
         assert stat.S_IMODE(unit.stat().st_mode) == 0o644
+
+    def test_unreadable_kept_config_named(self, tmp_path: Path) -> None:
+        """A config directory or file kept from an install made under umask
+        077 is left as it is, and the installer fails naming it."""
+        conf = tmp_path / "root/etc/bwpredd"
+        conf.mkdir(parents=True)
+        (conf / "bwpredd.toml").write_text('log_level = "debug"\n')
+        (conf / "bwpredd.toml").chmod(0o600)
+        conf.chmod(0o700)
+        env = {"BWPREDD_INSTALL_SKIP_VENV": "1"}
+        proc = run_install(tmp_path / "root", tmp_path / "calls", **env)
+        assert proc.returncode != 0 and "/etc/bwpredd has mode 700" in proc.stderr
+        assert stat.S_IMODE(conf.stat().st_mode) == 0o700
+        conf.chmod(0o755)
+        proc = run_install(tmp_path / "root", tmp_path / "calls", **env)
+        assert proc.returncode != 0 and "/etc/bwpredd/bwpredd.toml has mode 600" in proc.stderr
+        assert (conf / "bwpredd.toml").read_text() == 'log_level = "debug"\n'
