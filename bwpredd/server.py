@@ -476,7 +476,7 @@ class Server:
         except ModelError as exc:
             self.metrics.reloads.labels(outcome="failed").inc()
             log.error("model_reload_failed", error=str(exc), model_version=old or None)
-            self.notifier.notify("READY=1", f"STATUS={self._status()} (reload failed)")
+            self.notifier.notify("READY=1", f"STATUS=reload failed; {self._status()}")
             return False
         self.core.swap_model(model)
         await self._set_health(True)
