@@ -63,10 +63,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bwpredd: configuration error: {exc}", file=sys.stderr)
         return CONFIG_ERROR
 
-    from bwpredd.logging import configure_logging
+    from bwpredd.logging import configure_logging, flush_logs_on_fatal_signals
     from bwpredd.server import Server, StartupError
 
     configure_logging(config.log_format, config.log_level)
+    flush_logs_on_fatal_signals()
     try:
         return Server(config).run()
     except StartupError as exc:

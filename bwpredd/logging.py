@@ -11,6 +11,7 @@ import atexit
 import contextlib
 import datetime
 import logging
+import signal
 import sys
 import threading
 import time
@@ -20,7 +21,15 @@ from typing import Any
 
 import structlog
 
-__all__ = ["DeferredLines", "RateLimitedLine", "configure_logging", "flush_logs", "get_logger"]
+__all__ = [
+    "FATAL_SIGNALS",
+    "DeferredLines",
+    "RateLimitedLine",
+    "configure_logging",
+    "flush_logs",
+    "flush_logs_on_fatal_signals",
+    "get_logger",
+]
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -45,7 +54,9 @@ class _LineSink:
         self.stream = stream
         self.max_lines = max_lines
         self._lines: list[str] = []
-        self._lock = threading.Lock()
+        # Reentrant: the fatal-signal handler runs in the main thread, maybe
+        # between two bytecodes of a write() that holds the lock.
+        self._lock = threading.RLock()
 
     def write(self, line: str, urgent: bool) -> None:
         with self._lock:
@@ -58,6 +69,18 @@ class _LineSink:
         with self._lock:
             if self._lines:
                 self._flush_locked()
+
+    def flush_dying(self, wait_s: float = 0.5) -> None:
+        """Flush from a fatal-signal handler: wait only briefly for a thread
+        that holds the lock, then write anyway (a line interleaved beats a
+        line lost)."""
+        locked = self._lock.acquire(timeout=wait_s)
+        try:
+            if self._lines:
+                self._flush_locked()
+        finally:
+            if locked:
+                self._lock.release()
 
     def _flush_locked(self) -> None:
         lines, self._lines = self._lines, []
@@ -186,6 +209,40 @@ def flush_logs() -> None:
         lines.render()
     for sink in _sinks:
         sink.flush()
+
+
+# Signals whose default action ends the process and that a handler can catch:
+# SIGABRT is systemd's WatchdogSignal; SIGQUIT asks for a core dump. SIGTERM,
+# SIGINT and SIGHUP have the server's own handlers; SIGKILL cannot be caught,
+# and SIGSEGV, SIGBUS, SIGILL and SIGFPE leave no state fit to run Python in.
+FATAL_SIGNALS = (signal.SIGABRT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def _flush_and_die(signum: int, _frame: Any) -> None:
+    """Write the waiting lines, then die of the same signal with its default
+    action, so the exit status (and a core dump) is what it would have been."""
+    with contextlib.suppress(Exception):
+        for lines in list(_deferred):
+            lines.render()
+        for sink in _sinks:
+            sink.flush_dying()
+    signal.signal(signum, signal.SIG_DFL)
+    signal.raise_signal(signum)
+
+
+def flush_logs_on_fatal_signals() -> None:
+    """Flush the buffered log lines when a :data:`FATAL_SIGNALS` signal
+    arrives (the watchdog's SIGABRT above all), then die of it as before.
+
+    Python runs the handler in the main thread between two bytecodes: a
+    loop busy in Python, asleep in a system call or stopped (SIGSTOP, then
+    systemd's SIGCONT) is reached at once; a thread stuck inside a C call
+    that holds the GIL is not, and systemd kills it with SIGKILL after
+    ``TimeoutAbortSec``, losing the lines as before. Call it once, from the
+    main thread, at the process edge.
+    """
+    for sig in FATAL_SIGNALS:
+        signal.signal(sig, _flush_and_die)
 
 
 def configure_logging(fmt: str = "auto", level: str = "info") -> None:

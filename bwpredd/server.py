@@ -252,7 +252,11 @@ class Server:
         """
         self._wake = asyncio.Event()
         with self.capture_signals():
-            await self.startup()
+            try:
+                await self.startup()
+            except BaseException:
+                await self._close_failed_start()
+                raise
             try:
                 await self.main_loop()
             finally:
@@ -309,7 +313,32 @@ class Server:
             startup_ms=round((time.perf_counter() - started) * 1e3, 1),
         )
         flush_logs()
-        self.notifier.notify("READY=1", f"STATUS=serving on {self.address}")
+        self.notifier.notify("READY=1", f"STATUS={self._status()}")
+
+    def _status(self) -> str:
+        """The one-line state systemd shows (``systemctl status``): where the
+        daemon listens and what it serves."""
+        assert self.core is not None
+        return f"serving on {self.address}, model {self.core.engine.version or 'none (baselines)'}"
+
+    async def _close_failed_start(self) -> None:
+        """Close what a failed :meth:`startup` opened (the gRPC server and
+        its socket, the metrics server) while the event loop still runs:
+        left to the garbage collector, grpc's server tries to schedule its
+        own shutdown on a closed loop and prints tracebacks after the one
+        line that says why the start failed."""
+        if self._server is not None:
+            await self._server.stop(None)
+            self._server = None
+            kind, path, _ = parse_listen(self.config.listen)
+            if kind == "unix":
+                with contextlib.suppress(OSError):
+                    Path(path).unlink()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+            self._metrics_server = None
+        self.notifier.close()
 
     @property
     def state_dir(self) -> Path | None:
@@ -434,7 +463,7 @@ class Server:
         except ModelError as exc:
             self.metrics.reloads.labels(outcome="failed").inc()
             log.error("model_reload_failed", error=str(exc), model_version=old or None)
-            self.notifier.notify("READY=1", f"STATUS=reload failed, serving {old or 'baselines'}")
+            self.notifier.notify("READY=1", f"STATUS=reload failed; {self._status()}")
             return False
         self.core.swap_model(model)
         await self._set_health()
@@ -446,7 +475,7 @@ class Server:
             sha256=model.sha256,
             load_ms=round(model.load_seconds * 1e3, 1),
         )
-        self.notifier.notify("READY=1", f"STATUS=serving model {model.version}")
+        self.notifier.notify("READY=1", f"STATUS={self._status()}")
         return True
 
     async def shutdown(self) -> None:

@@ -20,7 +20,12 @@
 #              one staged under DESTDIR only runs from there.)
 #   BWPREDD_INSTALL_SKIP_VENV=1   do not create the venv or pip install
 #              (the tests check where the files land without paying for pip).
+#
+# Whatever the caller's umask (root's is often 077), what this script creates
+# is readable by the service's user, which is neither root nor in its group:
+# under 077 the venv was 0700 and systemd failed with 203/EXEC.
 set -eu
+umask 022
 
 SRC=$(cd "$(dirname "$0")/.." && pwd)
 PYTHON=${PYTHON:-python3}
@@ -61,6 +66,19 @@ if [ "${BWPREDD_INSTALL_SKIP_VENV:-}" != 1 ]; then
         /home/* | /root/* | /root | /run/user/*)
             die "$PYTHON lives in $base, which the service cannot read (ProtectHome=yes); use a system python3 >= 3.11 (PYTHON=/usr/bin/python3.11)" ;;
     esac
+    # The directories above the venv that exist already are not the
+    # installer's to change (those it makes are 0755): refuse if the
+    # service's user could not pass through one of them.
+    dir=$DESTDIR
+    rest=${PREFIX#/}
+    while [ -n "$rest" ]; do
+        dir=$dir/${rest%%/*}
+        case $rest in */*) rest=${rest#*/} ;; *) rest= ;; esac
+        [ -e "$dir" ] || break
+        mode=$(stat -L -c %a "$dir")
+        [ $((0$mode & 1)) -eq 1 ] \
+            || die "${dir#"$DESTDIR"} has mode $mode: the service's user could not reach $PREFIX/venv through it (chmod o+x it, or choose another PREFIX)"
+    done
     if [ ! -x "$VENV/bin/python" ]; then
         "$PYTHON" -m venv "$VENV"
         say "created $VENV"
@@ -75,6 +93,15 @@ if [ "${BWPREDD_INSTALL_SKIP_VENV:-}" != 1 ]; then
     "$VENV/bin/python" -m pip install --quiet "$wheels"/bwpredd-*.whl
     "$VENV/bin/python" -m pip install --quiet --no-deps --force-reinstall "$wheels"/bwpredd-*.whl
     say "installed bwpredd into $VENV"
+
+    # A venv left by an earlier run under a tighter umask keeps its modes
+    # through pip: open it (the installer's own product) to the service's
+    # user, read-only, and writable by no one but root.
+    if [ -n "$(find "$VENV" \( -type d ! -perm -005 \) -o \( ! -type d ! -type l ! -perm -004 \) \
+            -o \( ! -type l -perm /022 \) | head -n 1)" ]; then
+        chmod -R u+rwX,go+rX,go-w "$VENV"
+        say "made $VENV readable by the service (it was made under a tighter umask)"
+    fi
 fi
 
 mkdir -p "$UNIT_DIR"
@@ -91,6 +118,15 @@ else
     install -m 0644 "$SRC/deploy/bwpredd.toml" "$CONF_DIR/bwpredd.toml"
     say "installed $CONF_DIR/bwpredd.toml"
 fi
+# A config directory or file kept from before (an edited config, or one an
+# earlier install made under umask 077) is not changed: say what the
+# service's user could not read, since it would fail with exit code 2.
+mode=$(stat -L -c %a "$CONF_DIR")
+[ $((0$mode & 1)) -eq 1 ] \
+    || die "${CONF_DIR#"$DESTDIR"} has mode $mode: the service's user cannot read its config through it (chmod 0755 it)"
+mode=$(stat -L -c %a "$CONF_DIR/bwpredd.toml")
+[ $((0$mode & 4)) -eq 4 ] \
+    || die "${CONF_DIR#"$DESTDIR"}/bwpredd.toml has mode $mode: the service's user cannot read it (chmod 0644 it)"
 
 if [ -z "$DESTDIR" ]; then
     if [ -d /run/systemd/system ]; then

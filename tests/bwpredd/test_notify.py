@@ -171,6 +171,17 @@ class TestDaemonLife:
         reloading = next(lines for lines in after_hup if "RELOADING=1" in lines)
         assert any(line.startswith("MONOTONIC_USEC=") for line in reloading)
 
+    def test_status_after_reload_names_socket_and_model(self, life: Life) -> None:
+        """The STATUS= sent with READY=1, at start and after a SIGHUP reload,
+        names both the socket and the model (what `systemctl status` shows)."""
+        after_hup = [lines for t, lines in life.timeline if life.hup_at <= t < life.term_at]
+        ready = [lines for lines in [life.ready_status, *after_hup] if "READY=1" in lines]
+        assert len(ready) == 2
+        for lines in ready:
+            (status,) = [line for line in lines if line.startswith("STATUS=")]
+            assert status.startswith("STATUS=serving on unix:") and "/run/bwpredd.sock" in status
+            assert ", model " in status and "baselines" not in status
+
     def test_sigterm_stopping_and_exit_zero(self, life: Life) -> None:
         """SIGTERM brings STOPPING=1 as the last state line and exit code 0."""
         assert life.sequence == ["READY=1", "RELOADING=1", "READY=1", "STOPPING=1"]

@@ -232,7 +232,8 @@ class TestMalformedManifest:
                 proc.send_signal(signal.SIGHUP)
                 notify.wait_for("RELOADING=1", 30)
                 lines = notify.wait_for("READY=1", 30)
-                assert f"STATUS=reload failed, serving {old}" in lines
+                status = f"STATUS=reload failed; serving on {env['BWPREDD_LISTEN']}, model {old}"
+                assert status in lines
                 assert proc.poll() is None
                 assert client.forecast(ids)[0].model_version == old
                 client.close()

@@ -69,7 +69,21 @@ class TestUnitFile:
         assert one("NotifyAccess") == "main"
         assert one("ExecReload") == "/bin/kill -HUP $MAINPID"
         assert one("Restart") == "on-failure"
-        assert set(one("RestartPreventExitStatus").split()) == {"2", "3"}
+        assert set(one("RestartPreventExitStatus").split()) == {"2", "3", "203"}
+
+    def test_a_failing_start_does_not_loop(self) -> None:
+        """A start that fails fast (2xx set-up errors other than 203, a crash)
+        hits the start limit: StartLimitBurst restarts, RestartSec apart,
+        fit inside StartLimitIntervalSec, so the unit ends up failed."""
+        burst = int(one("StartLimitBurst"))
+        assert 1 <= burst <= 10
+        assert burst * seconds(one("RestartSec")) < seconds(one("StartLimitIntervalSec"))
+
+    def test_proc_not_subset(self) -> None:
+        """ProcSubset=pid is off: it hides /proc/cpuinfo from onnxruntime's
+        CPU detection (non-JSON journal lines at every start)."""
+        assert "ProcSubset" not in directives()
+        assert one("ProtectProc") == "invisible"
 
     def test_exec_start_reads_the_installed_config(self) -> None:
         """ExecStart runs the venv install.sh makes with the config it installs."""
