@@ -19,6 +19,11 @@
 //
 // Every call takes a context.Context. Errors are gRPC status errors
 // (status.Code(err) gives the code): codes.InvalidArgument names the field and
-// the rule, codes.Unavailable means the daemon is not reachable or is
-// shutting down, codes.DeadlineExceeded means the deadline passed.
+// the rule, codes.NotFound is a peer the daemon does not track,
+// codes.Unavailable means the daemon is not reachable or is shutting down,
+// codes.DeadlineExceeded means the deadline passed.
+//
+// An Ingester holds no keepalive: a daemon that hangs without closing its
+// socket stops the acknowledgements, the queue fills and Add applies its
+// FullPolicy.
 package bwpred
