@@ -336,7 +336,6 @@ class Server:
                     Path(path).unlink()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
-            self._metrics_server.server_close()
             self._metrics_server = None
         self.notifier.close()
 

@@ -81,3 +81,11 @@ def make_model_dir(
         log=lambda _line: None,
     )
     return Path(dest)
+
+
+if __name__ == "__main__":
+    # The Go client's tests make their model directory here:
+    # python -m tests.conftest_models DEST
+    import sys
+
+    print(make_model_dir(Path(sys.argv[1])))
