@@ -222,7 +222,9 @@ def plot_allocation_example(
     cand = [i for i, tr in enumerate(traces) if tr.length >= steps + 10]
     if not cand:
         cand = list(range(len(traces)))
-    cv = [np.std(traces[i].data[:, 1]) / max(np.mean(traces[i].data[:, 1]), 1e-6) for i in cand]
+    cv = [
+        np.std(traces[i].data[:, 1]) / max(float(np.mean(traces[i].data[:, 1])), 1e-6) for i in cand
+    ]
     i = cand[int(np.argsort(cv)[len(cv) // 2 + len(cv) // 4])] if len(cand) > 3 else cand[0]
     tr = traces[i]
     n = min(steps, tr.length - 10)
