@@ -146,9 +146,7 @@ def _prepare_state_dir(path: Path) -> None:
         raise StartupError(f"state_dir: {path}: {exc.strerror or exc}") from None
 
 
-def create_server(
-    config: Config, core: Core
-) -> tuple[grpc.aio.Server, str, Health]:
+def create_server(config: Config, core: Core) -> tuple[grpc.aio.Server, str, Health]:
     """Build (but do not start) the gRPC server for ``core``.
 
     Args:
