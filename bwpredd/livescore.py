@@ -40,6 +40,8 @@ from typing import NamedTuple
 import numpy as np
 import numpy.typing as npt
 
+from bwpredd.accuracy import nmae
+
 __all__ = ["Accuracy", "GuardChanges", "LiveScores"]
 
 F32 = npt.NDArray[np.float32]
@@ -229,9 +231,9 @@ class LiveScores:
         """Global aggregates for the metrics (O(capacity); call on scrape).
 
         Returns:
-            ``peers_scored``; ``model_nmae`` and ``baseline_nmae``, the mean
-            over scored peers of each peer's normalised MAE (NaN when no peer
-            with a non-zero actual is scored); ``peers_in_fallback``;
+            ``peers_scored``; ``model_nmae`` and ``baseline_nmae``
+            (:func:`bwpredd.accuracy.nmae` over the scored peers' windows;
+            NaN when no peer with a non-zero actual is scored); ``peers_in_fallback``;
             ``steps_scored_total``; ``guard_switches_on_total`` and
             ``guard_switches_off_total``.
         """
@@ -245,14 +247,7 @@ class LiveScores:
             "guard_switches_on_total": self.guard_switches_on,
             "guard_switches_off_total": self.guard_switches_off,
         }
-        den = self._actual[scored].sum(axis=1, dtype=np.float64)
-        has = den > 0
-        if has.any():
-            rows = scored[has]
-            out["model_nmae"] = float(
-                np.mean(self._err_model[rows].sum(axis=1, dtype=np.float64) / den[has])
-            )
-            out["baseline_nmae"] = float(
-                np.mean(self._err_base[rows].sum(axis=1, dtype=np.float64) / den[has])
-            )
+        actual = self._actual[scored].sum(axis=1, dtype=np.float64)
+        out["model_nmae"] = nmae(self._err_model[scored].sum(axis=1, dtype=np.float64), actual)
+        out["baseline_nmae"] = nmae(self._err_base[scored].sum(axis=1, dtype=np.float64), actual)
         return out

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from bwpredd.accuracy import nmae
 from bwpredd.baselines import ewma
 from bwpredd.client import Client, pb
 from bwpredd.engine import BASELINE_ALPHA
@@ -63,7 +64,7 @@ class Scores:
 
     steps: int = 0
     mae: float = math.nan  # Mbit/s
-    nmae: float = math.nan  # sum |error| / sum actual
+    nmae: float = math.nan  # bwpredd.accuracy.nmae: sum |error| / sum actual
     within10: float = math.nan  # share of steps with |error| <= 10% of actual
 
 
@@ -95,7 +96,7 @@ class _Acc:
         return Scores(
             steps=self.n,
             mae=self.abs_err / self.n,
-            nmae=self.abs_err / self.actual if self.actual > 0 else math.nan,
+            nmae=nmae(self.abs_err, self.actual),
             within10=self.within / self.n,
         )
 

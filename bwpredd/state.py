@@ -110,7 +110,7 @@ def build_state(  # noqa: PLR0917 (the state's inputs, in layout order)
     point: F32,
     low: F32,
     high: F32,
-    step_s: F32 | float,
+    step_s: npt.NDArray[np.floating] | float,
     capacity: F32 | None = None,
 ) -> F32:
     """Allocator states ``[N, len(STATE_LAYOUT)]`` from full windows and the

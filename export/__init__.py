@@ -14,7 +14,6 @@ import ctypes
 import ctypes.util
 import datetime as dt
 import hashlib
-import importlib
 import os
 import shutil
 import time
@@ -48,6 +47,7 @@ from export.verify import (
     time_session,
     torch_forecast,
 )
+from trainer.config import FEATURE_DEFAULTS
 
 __all__ = [
     "DEFAULT_MODEL_DIR",
@@ -130,8 +130,7 @@ def export_model_dir(
     if dest.exists() and not force:
         raise ExportError(f"{dest}: exists (pass --force to replace it)")
     if feature_defaults is None:
-        feature_defaults = importlib.import_module("trainer.config").FEATURE_DEFAULTS
-        assert feature_defaults is not None
+        feature_defaults = FEATURE_DEFAULTS
     if interval is None:
         cfg = getattr(forecaster, "cfg", None)
         interval = {

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib
 import sys
 import time
 from collections.abc import Sequence
@@ -18,6 +17,9 @@ from bwpredd.state import STATE_LAYOUT
 from export import DEFAULT_MODEL_DIR, ExportError, copy_model_dir, export_model_dir
 from export.manifest import default_version, weights_digest
 from export.verify import ParityError, parity_windows
+from trainer.models.forecaster import load_checkpoint as load_forecaster
+from trainer.models.qnet import QNetConfig, QNetwork
+from trainer.models.qnet import load_checkpoint as load_qnet
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -102,17 +104,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _load_run(
     run: Path, *, untrained_allocator: bool, seed: int
 ) -> tuple[torch.nn.Module, dict[str, Any], torch.nn.Module, dict[str, Any]]:
-    # Imported by name: trainer is outside mypy's strict set, and following
-    # it would make this package's type check depend on trainer's.
-    fmod: Any = importlib.import_module("trainer.models.forecaster")
-    qnet: Any = importlib.import_module("trainer.models.qnet")
-
     f_path, a_path = run / "forecaster.pt", run / "allocator.pt"
     if not f_path.is_file():
         raise FileNotFoundError(f"{f_path}: missing (train first: python -m trainer train)")
-    forecaster, f_ckpt = fmod.load_checkpoint(str(f_path))
+    forecaster, f_ckpt = load_forecaster(str(f_path))
     if a_path.is_file():
-        allocator, a_ckpt = qnet.load_checkpoint(str(a_path))
+        allocator, a_ckpt = load_qnet(str(a_path))
         raw_layout: Any = a_ckpt.get("state_layout") or ()
         layout = tuple(str(name) for name in raw_layout)
         if layout and layout != STATE_LAYOUT:
@@ -123,7 +120,7 @@ def _load_run(
     elif untrained_allocator:
         print(f"export: WARNING {a_path} missing; exporting an UNTRAINED seeded Q-network")
         torch.manual_seed(seed)
-        allocator = qnet.QNetwork(qnet.QNetConfig(state_size=len(STATE_LAYOUT)))
+        allocator = QNetwork(QNetConfig(state_size=len(STATE_LAYOUT)))
         allocator.eval()
         a_ckpt = {
             "kind": "qnet",

@@ -14,7 +14,6 @@ relative to the row's Q-value scale, and the greedy action must agree.
 
 from __future__ import annotations
 
-import importlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +36,8 @@ from bwpredd.manifest import (
 )
 from bwpredd.modeldir import session
 from bwpredd.state import DEFAULT_STEP_S, build_state
+from trainer.data.traces import default_traces_dir, load_traces
+from trainer.data.windows import make_windows
 
 __all__ = [
     "MAX_REL_ERR",
@@ -143,13 +144,9 @@ def parity_windows(
 
 
 def _trace_windows(traces_dir: Path | None) -> tuple[F32, npt.NDArray[np.str_], str]:
-    # Imported by name so that this package's strict type check does not
-    # follow into trainer (which is not under mypy strict).
-    traces_mod: Any = importlib.import_module("trainer.data.traces")
-    windows_mod: Any = importlib.import_module("trainer.data.windows")
-    where = Path(traces_dir) if traces_dir is not None else Path(traces_mod.default_traces_dir())
-    traces = traces_mod.load_traces(where).traces
-    made = windows_mod.make_windows(traces)
+    where = Path(traces_dir) if traces_dir is not None else default_traces_dir()
+    traces = load_traces(where).traces
+    made = make_windows(traces)
     x = np.asarray(made.x, dtype=np.float32)
     if x.ndim != 3 or x.shape[1:] != (WINDOW, len(FEATURES)) or len(x) == 0:
         raise ValueError(f"unexpected window array shape {x.shape}")

@@ -387,7 +387,8 @@ class LinkEnv:
 
     def link(self) -> F64:
         """What the link will deliver this step, per lane (the oracle's view)."""
-        return self._data[self._index(), BW].astype(np.float64)
+        delivered: F64 = self._data[self._index(), BW].astype(np.float64)
+        return delivered
 
     def preview(self, actions: I64 | None = None) -> dict[str, F64]:
         """The outcome of each action (``[K, 10]`` per key) or of ``actions``

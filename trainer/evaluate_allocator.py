@@ -66,7 +66,8 @@ EXIT_BAD_INPUT = 2
 def nearest_level(fraction: npt.NDArray[np.floating]) -> I64:
     """The action whose level is nearest ``fraction`` of the reference capacity."""
     frac = np.nan_to_num(np.asarray(fraction, np.float64), nan=1.0)
-    return np.abs(frac[:, None] - LEVEL_ARRAY[None, :]).argmin(axis=1).astype(np.int64)
+    nearest: I64 = np.abs(frac[:, None] - LEVEL_ARRAY[None, :]).argmin(axis=1).astype(np.int64)
+    return nearest
 
 
 def heuristic_policies() -> dict[str, Policy]:
@@ -85,7 +86,8 @@ def heuristic_policies() -> dict[str, Policy]:
 
     def oracle(env: LinkEnv, states: F32) -> I64:
         # Knows this step's bandwidth and the queue: the best one-step action.
-        return env.preview()["reward"].argmax(axis=1).astype(np.int64)
+        best: I64 = env.preview()["reward"].argmax(axis=1).astype(np.int64)
+        return best
 
     out: dict[str, Policy] = {"forecast": forecast, "conservative": conservative}
     out.update({f"fixed_{(a + 1) * 10}": fixed(a) for a in range(10)})
@@ -101,7 +103,8 @@ def greedy_policy(q_values: Callable[[F32], F32]) -> Policy:
     """
 
     def act(env: LinkEnv, states: F32) -> I64:
-        return np.asarray(q_values(states)).argmax(axis=1).astype(np.int64)
+        greedy: I64 = np.asarray(q_values(states)).argmax(axis=1).astype(np.int64)
+        return greedy
 
     return act
 
@@ -114,7 +117,8 @@ def torch_q_values(model: Any) -> Callable[[F32], F32]:
 
     def q(states: F32) -> F32:
         with torch.no_grad():
-            return model(torch.from_numpy(np.ascontiguousarray(states, np.float32))).numpy()
+            values: F32 = model(torch.from_numpy(np.ascontiguousarray(states, np.float32))).numpy()
+        return values
 
     return q
 

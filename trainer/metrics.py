@@ -8,7 +8,8 @@ window, so per-trace normalisation is possible). Definitions:
 - ``mse``: mean squared error in (Mbit/s)^2, pooled over windows.
 - ``nmae``: per trace, MAE divided by the mean actual of that trace's windows;
   then averaged over traces (each trace weighs the same). Traces whose mean
-  actual is 0 are left out (there is no scale to normalise by).
+  actual is 0 are left out (there is no scale to normalise by). This is
+  :func:`bwpredd.accuracy.nmae`, the daemon's and ``bwpredctl replay``'s too.
 - ``mape``: mean absolute percentage error (in %) over actuals >= 0.1 Mbit/s.
 - ``acc2`` / ``acc10`` / ``acc20``: share of forecasts within 2 / 10 / 20 % of
   the actual, on raw Mbit/s (``|f - a| <= p * a``).
@@ -25,6 +26,8 @@ from collections.abc import Mapping
 
 import numpy as np
 import numpy.typing as npt
+
+from bwpredd.accuracy import nmae
 
 __all__ = [
     "MAPE_MIN_MBPS",
@@ -52,13 +55,12 @@ def _per_trace_mean(values: F, trace: I) -> tuple[I, F]:
 
 
 def _normalised(values: F, actual: F, trace: I) -> float:
-    """Per trace mean(values) / mean(actual), averaged over traces with a scale."""
+    """Per trace mean(values) / mean(actual), averaged over traces with a
+    scale: :func:`bwpredd.accuracy.nmae` when ``values`` are absolute errors,
+    the relative interval width when they are widths."""
     _, num = _per_trace_mean(values, trace)
     _, den = _per_trace_mean(actual, trace)
-    ok = den > 0
-    if not ok.any():
-        return float("nan")
-    return float(np.mean(num[ok] / den[ok]))
+    return nmae(num, den)
 
 
 def point_metrics(pred: F, actual: F, trace: I) -> dict[str, float]:

@@ -1,8 +1,11 @@
-"""PNG plots of a forecaster run: forecast vs actual, and learning curves."""
+"""PNG plots of a training run: the forecaster's forecasts vs actual, learning
+curves and error ratios; the allocator's reward curves and an example trace
+with each policy's allocation."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +18,18 @@ import numpy as np
 import numpy.typing as npt
 
 from bwpredd import baselines
+from bwpredd.state import LEVELS
+from trainer.env import PreparedTrace
+from trainer.evaluate_allocator import Policy, run_policy
 
-__all__ = ["pick_traces", "plot_forecasts", "plot_learning_curve", "plot_ratios"]
+__all__ = [
+    "pick_traces",
+    "plot_allocation_example",
+    "plot_forecasts",
+    "plot_learning_curve",
+    "plot_ratios",
+    "plot_reward_curves",
+]
 
 F32 = npt.NDArray[np.float32]
 Predictor = Callable[[F32], tuple[F32, F32, F32]]
@@ -148,3 +161,98 @@ def plot_ratios(result: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_reward_curves(
+    histories: Sequence[dict[str, Any]], heur_val: dict[str, float], path: Path
+) -> None:
+    """The Q-networks' per-step reward per episode (training, and the greedy
+    policy on the validation split), with the oracle and the best heuristic.
+
+    Args:
+        histories: each network's :func:`trainer.dqn.train_loop` history.
+        heur_val: ``oracle`` and ``best_heuristic`` validation rewards, if known.
+        path: the PNG to write.
+    """
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for i, history in enumerate(histories):
+        who = f"network {i}, " if len(histories) > 1 else ""
+        curve = np.asarray(history["curve"])
+        ax.plot(curve, lw=0.5, alpha=0.3, color=f"C{2 * i}")
+        if len(curve) >= 100:
+            ma = np.convolve(curve, np.ones(100) / 100, mode="valid")
+            ax.plot(
+                np.arange(99, len(curve)),
+                ma,
+                color=f"C{2 * i}",
+                label=f"{who}training, 100-episode mean (epsilon-greedy)",
+            )
+        if history["val_curve"]:
+            ep, score = zip(*history["val_curve"], strict=True)
+            ax.plot(ep, score, "o-", ms=3, color=f"C{2 * i + 1}", label=f"{who}validation, greedy")
+    for name in ("oracle", "best_heuristic"):
+        if name in heur_val:
+            ax.axhline(heur_val[name], ls="--", lw=1, color="k" if name == "oracle" else "C3")
+            ax.annotate(name.replace("_", " "), (0, heur_val[name]), fontsize=8)
+    ax.set_xlabel("episode")
+    ax.set_ylabel("mean per-step reward")
+    ax.set_title("Double DQN allocator: reward per step")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_allocation_example(
+    traces: Sequence[PreparedTrace], policies: dict[str, Policy], path: Path, steps: int = 150
+) -> str:
+    """Bandwidth of one test trace with each policy's allocation drawn over it.
+
+    Args:
+        traces: prepared traces to pick the trace from.
+        policies: ``{name: policy}`` to draw.
+        path: the PNG to write.
+        steps: steps drawn.
+
+    Returns:
+        ``source/name`` of the trace drawn.
+    """
+    # The most variable long-enough trace shows the decisions best.
+    cand = [i for i, tr in enumerate(traces) if tr.length >= steps + 10]
+    if not cand:
+        cand = list(range(len(traces)))
+    cv = [
+        np.std(traces[i].data[:, 1]) / max(float(np.mean(traces[i].data[:, 1])), 1e-6) for i in cand
+    ]
+    i = cand[int(np.argsort(cv)[len(cv) // 2 + len(cv) // 4])] if len(cand) > 3 else cand[0]
+    tr = traces[i]
+    n = min(steps, tr.length - 10)
+    one = [
+        replace(
+            tr,
+            data=tr.data[: n + 10],
+            capacity=tr.capacity[: n + 10],
+            point=tr.point[: n + 10],
+            low=tr.low[: n + 10],
+            high=tr.high[: n + 10],
+        )
+    ]
+    t = np.arange(10, n + 10) * tr.step_s
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    ax.plot(t, tr.data[10 : n + 10, 1], color="k", lw=1.5, label="link bandwidth (trace)")
+    for name, pol in policies.items():
+        rec = run_policy(one, pol, segment=n, record=True)
+        acts = rec["actions"][:, 0]
+        alloc = np.asarray(LEVELS)[acts] * tr.capacity[10 : n + 10]
+        r = rec["reward"][0] / max(rec["steps"][0], 1)
+        ax.step(t, alloc, where="post", lw=1, label=f"{name} (r={r:.2f})")
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("Mbit/s")
+    ax.set_title(f"{tr.source}: {tr.name}")
+    ax.legend(fontsize=8, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"{tr.source}/{tr.name}"

@@ -44,7 +44,7 @@ def check_targets(result: dict[str, Any]) -> dict[str, Any]:
     worst_source, worst = max(
         ((s, best["per_source"][s]["model_ratio"]) for s in sources), key=lambda kv: kv[1]
     )
-    out = {
+    out: dict[str, Any] = {
         "macro_nmae_vs_best_baseline": {
             "value": best["macro"]["model_ratio"],
             "best_baseline": best["macro"]["method"],
@@ -351,8 +351,8 @@ def render_markdown(report: dict[str, Any], plots: list[str]) -> str:
     lines += ["", "## Data (traces / groups per split)", ""]
     lines += ["| source | train | val | test |", "|---|---:|---:|---:|"]
     for source, e in sorted(report["split"].items()):
-        cells = " | ".join(f"{e[k]['traces']} / {e[k]['groups']}" for k in ("train", "val", "test"))
-        lines.append(f"| {source} | {cells} |")
+        split = " | ".join(f"{e[k]['traces']} / {e[k]['groups']}" for k in ("train", "val", "test"))
+        lines.append(f"| {source} | {split} |")
     if plots:
         lines += ["", "## Plots", ""]
         lines += [f"![{p}]({p})" for p in plots]

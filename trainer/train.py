@@ -88,7 +88,8 @@ def _train_agent(
     args: argparse.Namespace,
 ) -> tuple[dict[str, Any] | None, str]:
     try:
-        from trainer.train_agent import QUICK, AgentConfig, train_agent
+        from trainer.dqn import QUICK, AgentConfig
+        from trainer.train_agent import train_agent
     except ImportError as exc:
         print(f"allocator agent skipped: trainer.train_agent not importable ({exc})")
         return None, f"skipped: {exc}"

@@ -11,11 +11,12 @@ import torch
 
 from bwpredd.state import STATE_LAYOUT
 from tests.helpers import HandTrace, write_csv_traces
+from trainer.dqn import AgentConfig, double_dqn_target, train_loop
 from trainer.env import prepare_traces
 from trainer.evaluate_allocator import evaluate_policies, greedy_policy, torch_q_values
+from trainer.memory import ReplayMemory, Transition
 from trainer.models.qnet import QNetConfig, QNetwork, load_checkpoint, save_checkpoint
-from trainer.replay import ReplayMemory, Transition
-from trainer.train_agent import AgentConfig, _departures, double_dqn_target, train_loop
+from trainer.report_allocator import departures
 
 
 def random_walk_traces(seed: int, n: int = 12, length: int = 200) -> list[HandTrace]:
@@ -167,11 +168,11 @@ class TestShippedHyperparameters:
             0.995,
         )
         assert (cfg.replay, cfg.batch, cfg.target_sync) == (10_000, 64, 10)
-        assert _departures(asdict(cfg)).startswith("* hyperparameters: the origin's")
+        assert departures(asdict(cfg)).startswith("* hyperparameters: the origin's")
 
     def test_departures_named(self) -> None:
         """A changed gamma and episode count are named with the origin's values."""
-        line = _departures(asdict(replace(AgentConfig(), gamma=0.8, episodes=3000)))
+        line = departures(asdict(replace(AgentConfig(), gamma=0.8, episodes=3000)))
         assert "gamma 0.8 (origin 0.99)" in line and "episodes 3000 (origin 2000)" in line
 
     def test_train_flags_reach_the_agent(self, tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from bwpredd import baselines
+from bwpredd.accuracy import nmae
 from trainer import metrics
 
 # Two traces of two windows each; errors are [0.01, 0.5, 2.5, 0].
@@ -31,6 +32,13 @@ class TestPointMetrics:
         """A trace whose actuals are all 0 has no scale and is left out of nMAE."""
         m = metrics.point_metrics(np.array([1.0, 3.0]), np.array([0.0, 2.0]), np.array([0, 1]))
         assert m["nmae"] == pytest.approx(0.5)
+
+    def test_nmae_is_the_shared_definition(self) -> None:
+        """The evaluation's nMAE is bwpredd.accuracy.nmae over the traces, the
+        figure the daemon and bwpredctl replay report."""
+        m = metrics.point_metrics(PRED, ACTUAL, TRACE)
+        # Per trace: sum |error| and sum actual.
+        assert m["nmae"] == pytest.approx(nmae([0.51, 2.5], [3.0, 20.0]))
 
     def test_mape_ignores_tiny_actuals(self) -> None:
         """MAPE counts only actuals >= 0.1 Mbit/s."""

@@ -43,6 +43,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from trainer.data.traces import Trace
 
@@ -158,11 +159,13 @@ PARAMS: dict[str, ProfileParams] = {
 _erf = np.frompyfunc(math.erf, 1, 1)
 
 
-def _norm_cdf(z: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + _erf(z / math.sqrt(2.0)).astype(np.float64))
+def _norm_cdf(z: np.ndarray) -> npt.NDArray[np.float64]:
+    return 0.5 * (1.0 + np.asarray(_erf(z / math.sqrt(2.0)), dtype=np.float64))
 
 
-def _clipped_lognormal_mean(m: np.ndarray, s: float, lo: float, hi: float) -> np.ndarray:
+def _clipped_lognormal_mean(
+    m: np.ndarray, s: float, lo: float, hi: float
+) -> npt.NDArray[np.float64]:
     """E[clip(exp(m + s Z), lo, hi)] for Z ~ N(0, 1), elementwise in ``m``."""
     z_lo = (math.log(lo) - m) / s
     z_hi = (math.log(hi) - m) / s

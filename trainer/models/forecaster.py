@@ -62,7 +62,8 @@ class _SeqBatchNorm(nn.Module):
         self.bn = nn.BatchNorm1d(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn(x.transpose(1, 2)).transpose(1, 2)
+        y: torch.Tensor = self.bn(x.transpose(1, 2))
+        return y.transpose(1, 2)
 
 
 class _Member(nn.Module):

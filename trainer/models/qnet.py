@@ -33,6 +33,9 @@ class _Member(nn.Module):
     dropout 0.3, Dense 32 ReLU + batch norm, Dense 10, behind its own input
     standardisation (``state_mean``, ``state_std`` buffers)."""
 
+    state_mean: torch.Tensor
+    state_std: torch.Tensor
+
     def __init__(self, cfg: QNetConfig) -> None:
         super().__init__()
         h1, h2, h3 = cfg.hidden
@@ -54,7 +57,8 @@ class _Member(nn.Module):
         )
 
     def forward(self, state: torch.Tensor) -> torch.Tensor:
-        return self.net((state - self.state_mean) / self.state_std)
+        q: torch.Tensor = self.net((state - self.state_mean) / self.state_std)
+        return q
 
 
 class QNetwork(nn.Module):
@@ -80,6 +84,7 @@ class QNetwork(nn.Module):
     def set_normalisation(self, states: torch.Tensor) -> None:
         """Standardise inputs by the mean and std of ``states`` ``[M, S]``."""
         for member in self.members:
+            assert isinstance(member, _Member)
             member.state_mean.copy_(states.mean(dim=0))
             member.state_std.copy_(states.std(dim=0).clamp(min=1e-3))
 

@@ -1,4 +1,4 @@
-"""Experience replay for the allocation agent: ``Transition`` and a bounded
+"""The allocation agent's replay memory: ``Transition`` and a bounded
 ``ReplayMemory`` with ``push`` / ``sample`` / ``__len__``, as in the PyTorch
 DQN tutorial.
 
