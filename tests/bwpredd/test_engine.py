@@ -62,7 +62,6 @@ class TestLoad:
         with pytest.raises(ModelError, match="state_layout"):
             load_model(d)
 
-
     def test_daemon_and_check_model_share_the_rules(self, tmp_path: Path) -> None:
         """What check-model refuses the daemon refuses, with the same reason:
         here a manifest whose output dtype is not the graph's (which the
