@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from bwpredd.engine import DEFAULT_MODEL_DIR, load_model, smoke_windows
+from bwpredd.modeldir import DEFAULT_MODEL_DIR, load_model, smoke_windows
 
 
 def main() -> None:
