@@ -262,6 +262,7 @@ type Sample struct {
 	// Fraction of successful deliveries, 0..1. Carried forward when absent.
 	Reliability *float64 `protobuf:"fixed64,5,opt,name=reliability,proto3,oneof" json:"reliability,omitempty"`
 	// When the sample was taken; the server stamps arrival time when absent.
+	// nanos must lie within [0, 999999999].
 	Timestamp *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=timestamp,proto3" json:"timestamp,omitempty"`
 }
 
@@ -1108,7 +1109,8 @@ type Peer struct {
 	// Samples accepted for this peer since it was first seen.
 	SampleCount uint64                 `protobuf:"varint,3,opt,name=sample_count,json=sampleCount,proto3" json:"sample_count,omitempty"`
 	LastSeen    *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=last_seen,json=lastSeen,proto3" json:"last_seen,omitempty"`
-	// The window, oldest first (GetPeer only).
+	// The window, oldest first (GetPeer only). Values are as stored: float32,
+	// the nearest to what was acknowledged (relative precision 2^-24).
 	Window       []*Sample     `protobuf:"bytes,5,rep,name=window,proto3" json:"window,omitempty"`
 	LiveAccuracy *LiveAccuracy `protobuf:"bytes,6,opt,name=live_accuracy,json=liveAccuracy,proto3" json:"live_accuracy,omitempty"`
 }
