@@ -34,7 +34,7 @@ from bwpredd.accuracy import nmae
 from bwpredd.baselines import ewma
 from bwpredd.client import Client, pb
 from bwpredd.engine import BASELINE_ALPHA
-from bwpredd.manifest import FEATURES, WINDOW
+from bwpredd.schema import BW, FEATURES, OPTIONAL, TRACE_CSV_REQUIRED, WIDTH, WINDOW
 
 __all__ = ["FileReport", "ReplayError", "ReplayReport", "Scores", "peer_id_for", "replay"]
 
@@ -50,7 +50,7 @@ MAX_PEER_ID = 128
 PLOT_MAX_FILES = 12
 _UNKNOWN = (
     "no loader recognises this file (a generic CSV trace starts with the header "
-    "time_s,bandwidth_mbps[,latency_ms,packet_loss,reliability])"
+    f"{','.join(TRACE_CSV_REQUIRED)}[,{','.join(OPTIONAL)}])"
 )
 
 
@@ -259,19 +259,19 @@ def _replay_one(
     update: Callable[[int], None],
 ) -> tuple[FileReport, dict[str, _Acc], tuple[int, int]]:
     data = np.asarray(trace.data, dtype=np.float32)
-    bw = data[:, FEATURES.index("bandwidth_mbps")].astype(np.float64)
+    bw = data[:, BW].astype(np.float64)
     t = np.asarray(trace.time_s, dtype=np.float64) if trace.time_s is not None else None
     measured = tuple(trace.measured)
     accs = {p: _Acc() for p in PREDICTORS}
     report = FileReport(trace.name, peer_id, 0, 0, {}, math.nan, {})
     inside = 0
-    window = np.zeros((1, WINDOW, len(FEATURES)), dtype=np.float32)
+    window = np.zeros((1, WINDOW, WIDTH), dtype=np.float32)
     count = 0  # real rows in the local window
     for i in range(len(bw)):
         if i > 0 and count > 0:
             (fc,) = client.forecast([peer_id])
             actual = bw[i : i + 1]
-            local = np.array([window[0, -1, 1]], dtype=np.float64)
+            local = np.array([window[0, -1, BW]], dtype=np.float64)
             avg = ewma(window, np.array([count]), alpha=BASELINE_ALPHA).astype(np.float64)
             accs["daemon"].add(np.array([fc.bandwidth_mbps]), actual)
             accs["last_value"].add(local, actual)

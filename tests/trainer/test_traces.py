@@ -9,18 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainer.config import FEATURE_DEFAULTS, FEATURES
+from bwpredd.schema import BW, FEATURES, LAT, LOSS, REL, TRACE_CSV_HEADER
+from bwpredd.schema import DEFAULTS as FEATURE_DEFAULTS
 from trainer.data.traces import (
-    CSV_HEADER,
     LoadResult,
     Trace,
     default_traces_dir,
     load_traces,
     summarize,
-)
-
-LAT, BW, LOSS, REL = (
-    FEATURES.index(f) for f in ("latency_ms", "bandwidth_mbps", "packet_loss", "reliability")
 )
 
 
@@ -251,7 +247,7 @@ def _write(path: Path, text: str, compress: bool) -> None:
 
 def _csv(n: int, empty_from: int = 0) -> str:
     """A generic CSV of n rows; latency given only from row ``empty_from`` on."""
-    lines = [",".join(CSV_HEADER)]
+    lines = [",".join(TRACE_CSV_HEADER)]
     for i in range(n):
         lat = f"{20 + i}" if i >= empty_from else ""
         lines.append(f"{i * 0.5},{10 + i},{lat},,")
@@ -305,7 +301,7 @@ class TestGenericCsv:
         _write(
             tmp_path / "s" / "rel.csv", "time_s,bandwidth_mbps,reliability\n0,5,0.5\n1,6\n", False
         )
-        _write(tmp_path / "s" / "full.csv", ",".join(CSV_HEADER) + "\n0,5\n1,6,30\n", False)
+        _write(tmp_path / "s" / "full.csv", ",".join(TRACE_CSV_HEADER) + "\n0,5\n1,6,30\n", False)
         _write(tmp_path / "s" / "long.csv", "time_s,bandwidth_mbps\n0,5\n1,6,7\n", False)
         _write(tmp_path / "s" / "notime.csv", "time_s,bandwidth_mbps\n0,5\n\n,6\n", False)
         _write(tmp_path / "s" / "dup.csv", "time_s,bandwidth_mbps,reliability,reliability\n", False)

@@ -3,9 +3,8 @@
 One job: :func:`load_traces` reads every file under a traces directory (the
 nine public sources described in ``shared/traces/README.md``, plus the
 project's generic CSV format) and returns one :class:`Trace` per series, each
-a ``float32 [T, 4]`` array in ``FEATURES`` order (``latency_ms``,
-``bandwidth_mbps``, ``packet_loss``, ``reliability``), in raw units, at the
-trace's own step. Nothing is resampled.
+a ``float32 [T, WIDTH]`` array with the features of :mod:`bwpredd.schema` in
+its order, in raw units, at the trace's own step. Nothing is resampled.
 
 Per-source choices (each follows the traces README; see the loader for why):
 
@@ -35,9 +34,10 @@ Per-source choices (each follows the traces README; see the loader for why):
   one group per file.
 
 Generic CSV (for people's own measurements): any ``.csv``/``.csv.gz`` whose
-header is ``time_s,bandwidth_mbps`` followed by any of ``latency_ms``,
-``packet_loss``, ``reliability`` (in any order; all five is the usual form).
-Those three may be empty, or missing at the end of a row; an empty cell
+header is ``time_s,bandwidth_mbps`` followed by any of the optional features
+``latency_ms``, ``packet_loss``, ``reliability`` (in any order;
+``bwpredd.schema.TRACE_CSV_HEADER``, all of them, is the usual form).
+Those may be empty, or missing at the end of a row; an empty cell
 carries the column's last value forward (the default before the first), and
 a column that is empty throughout (or absent) is not ``measured``. Source =
 the first directory under the root (the root's own name for files directly in
@@ -59,10 +59,9 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.config import FEATURE_DEFAULTS, FEATURES
+from bwpredd.schema import BW, DEFAULTS, FEATURES, OPTIONAL, TRACE_CSV_REQUIRED, WIDTH
 
 __all__ = [
-    "CSV_HEADER",
     "SOURCES",
     "LoadResult",
     "Trace",
@@ -71,7 +70,6 @@ __all__ = [
     "summarize",
 ]
 
-CSV_HEADER = ("time_s", "bandwidth_mbps", "latency_ms", "packet_loss", "reliability")
 SOURCES = (
     "pensieve_fcc",
     "pensieve_norway_hsdpa",
@@ -85,9 +83,6 @@ SOURCES = (
 )
 # Descriptive files that live next to the data; not traces, not "unknown".
 _IGNORED_NAMES = frozenset({"MANIFEST.csv", "README.md", "README", "README.txt", "LICENSE"})
-_LAT, _BW, _LOSS, _REL = (
-    FEATURES.index(f) for f in ("latency_ms", "bandwidth_mbps", "packet_loss", "reliability")
-)
 _MAHIMAHI_PACKET_BITS = 1500 * 8
 
 
@@ -102,8 +97,8 @@ class Trace:
             for one series of a multi-series file.
         group: fold group; traces that must stay in one split share it.
         step_s: the trace's median step in seconds.
-        data: ``float32 [T, 4]`` in ``FEATURES`` order, raw units; features that
-            were not measured are filled from the defaults.
+        data: ``float32 [T, WIDTH]`` in ``FEATURES`` order, raw units; features
+            that were not measured are filled from the defaults.
         measured: the features that are real measurements, in ``FEATURES`` order.
         time_s: ``float64 [T]`` time of each step from the trace start, if known.
         oracle_next_bw: for synthetic traces, the generator's conditional
@@ -195,15 +190,15 @@ def _carry_forward(values: np.ndarray, default: float) -> np.ndarray:
 
 @dataclass
 class _Series:
-    """One parsed series before defaults are applied (NaN = not measured here)."""
+    """One parsed series before defaults are applied: its bandwidth and, by
+    feature name, the optional features the source measures (NaN = not
+    measured at this step)."""
 
     key: str | None
     group: str
     t: np.ndarray
     bw: np.ndarray
-    latency: np.ndarray | None = None
-    loss: np.ndarray | None = None
-    reliability: np.ndarray | None = None
+    optional: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- loaders
@@ -258,9 +253,9 @@ def _load_pantheon(path: Path, rel: str) -> list[_Series]:
         raise ValueError("timestamps and bandwidths differ in length")
     delays = obj.get("delays") or []
     # One one-way propagation delay per trace; the daemon's latency is an RTT.
-    latency = np.full(bw.size, 2.0 * float(delays[0])) if delays else None
+    optional = {"latency_ms": np.full(bw.size, 2.0 * float(delays[0]))} if delays else {}
     # obj["loss"] is a simulator parameter, not a measurement: ignored on purpose.
-    return [_Series(None, str(Path(rel).parent), t, bw, latency=latency)]
+    return [_Series(None, str(Path(rel).parent), t, bw, optional)]
 
 
 def _ucc_float(cell: str) -> float:
@@ -308,19 +303,13 @@ def _load_ucc(path: Path, rel: str) -> list[_Series]:
     keep = ~np.isnan(bw)
     t = uniq[keep] - uniq[keep][0] if keep.any() else uniq[keep]
     ping, loss = ping[keep], loss[keep]
-    has_ping = not np.isnan(ping).all()
-    has_loss = not np.isnan(loss).all()
-    return [
-        _Series(
-            None,
-            rel,
-            t,
-            bw[keep],
-            latency=ping if has_ping else None,
-            loss=loss if has_loss else None,
-            reliability=(1.0 - loss) if has_loss else None,
-        )
-    ]
+    optional: dict[str, np.ndarray] = {}
+    if not np.isnan(ping).all():
+        optional["latency_ms"] = ping
+    if not np.isnan(loss).all():
+        optional["packet_loss"] = loss
+        optional["reliability"] = 1.0 - loss
+    return [_Series(None, rel, t, bw[keep], optional)]
 
 
 def _load_umn(path: Path, rel: str) -> list[_Series]:
@@ -403,10 +392,10 @@ def _is_generic_csv(path: Path) -> bool:
 def _generic_columns(header: str) -> list[str] | None:
     """The columns of a generic CSV header line, or None if it is not one."""
     cols = [c.strip() for c in header.split(",")]
-    rest = cols[2:]
-    if tuple(cols[:2]) != CSV_HEADER[:2] or len(set(rest)) != len(rest):
+    first, rest = cols[: len(TRACE_CSV_REQUIRED)], cols[len(TRACE_CSV_REQUIRED) :]
+    if tuple(first) != TRACE_CSV_REQUIRED or len(set(rest)) != len(rest):
         return None
-    return cols if set(rest) <= set(CSV_HEADER[2:]) else None
+    return cols if set(rest) <= set(OPTIONAL) else None
 
 
 def _load_generic_csv(path: Path, rel: str) -> list[_Series]:
@@ -447,18 +436,9 @@ def _load_generic_csv(path: Path, rel: str) -> list[_Series]:
             f"line {lines[int(np.argmax(bad))]}: bandwidth_mbps must be finite and >= 0"
         )
     order = np.argsort(t, kind="stable")
-    lat, loss, rel_ = (col(name)[order] for name in CSV_HEADER[2:])
-    return [
-        _Series(
-            None,
-            rel,
-            t[order],
-            bw[order],
-            latency=None if np.isnan(lat).all() else lat,
-            loss=None if np.isnan(loss).all() else loss,
-            reliability=None if np.isnan(rel_).all() else rel_,
-        )
-    ]
+    columns = {name: col(name)[order] for name in OPTIONAL}
+    optional = {name: v for name, v in columns.items() if not np.isnan(v).all()}
+    return [_Series(None, rel, t[order], bw[order], optional)]
 
 
 _Loader = Callable[[Path, str], list[_Series]]
@@ -515,14 +495,11 @@ def _to_trace(series: _Series, source: str, rel: str, defaults: Mapping[str, flo
     """Drop non-finite steps, fill unmeasured features from ``defaults``, build a Trace."""
     ok = np.isfinite(series.bw) & np.isfinite(series.t)
     n = int(ok.sum())
-    data = np.empty((n, len(FEATURES)), dtype=np.float32)
-    measured = ["bandwidth_mbps"]
-    data[:, _BW] = series.bw[ok]
-    for idx, fname, values in (
-        (_LAT, "latency_ms", series.latency),
-        (_LOSS, "packet_loss", series.loss),
-        (_REL, "reliability", series.reliability),
-    ):
+    data = np.empty((n, WIDTH), dtype=np.float32)
+    measured = [FEATURES[BW]]
+    data[:, BW] = series.bw[ok]
+    for fname in OPTIONAL:
+        idx, values = FEATURES.index(fname), series.optional.get(fname)
         if values is None:
             data[:, idx] = defaults[fname]
         else:
@@ -554,8 +531,8 @@ def load_traces(
         root: a traces directory (the shared set, or a directory of generic
             CSVs), one source's directory inside it, or a single file.
         defaults: value of each feature that a source does not measure; keys
-            from ``latency_ms``, ``packet_loss``, ``reliability``. Defaults to
-            ``trainer.config.FEATURE_DEFAULTS``.
+            from the optional features of :mod:`bwpredd.schema`. Defaults to
+            its ``DEFAULTS``.
         progress: show a progress bar over files.
         min_steps: traces with fewer steps are reported in ``skipped``; the
             default is one window of 10 plus its target.
@@ -571,13 +548,13 @@ def load_traces(
     root = Path(root)
     if not root.exists():
         raise FileNotFoundError(f"traces directory not found: {root}")
-    merged = dict(FEATURE_DEFAULTS)
+    merged = dict(DEFAULTS)
     if defaults is not None:
         unknown_keys = set(defaults) - set(FEATURES)
         if unknown_keys:
             raise ValueError(f"unknown features in defaults: {sorted(unknown_keys)}")
         merged.update({k: float(v) for k, v in defaults.items()})
-    missing = {f for f in FEATURES if f != "bandwidth_mbps"} - set(merged)
+    missing = set(OPTIONAL) - set(merged)
     if missing:
         raise ValueError(f"no default for {sorted(missing)}")
 
@@ -637,7 +614,7 @@ def summarize(result: LoadResult) -> dict[str, dict[str, float | int]]:
     for tr in result.traces:
         by_source.setdefault(tr.source, []).append(tr)
     for source, trs in sorted(by_source.items()):
-        bw = np.concatenate([t.data[:, _BW] for t in trs]).astype(np.float64)
+        bw = np.concatenate([t.data[:, BW] for t in trs]).astype(np.float64)
         out[source] = {
             "traces": len(trs),
             "groups": len({t.group for t in trs}),
