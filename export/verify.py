@@ -35,7 +35,8 @@ from bwpredd.manifest import (
 from bwpredd.modeldir import session
 from bwpredd.schema import BW, WIDTH, WINDOW, stack
 from bwpredd.state import DEFAULT_STEP_S, build_state
-from trainer.data.traces import default_traces_dir, load_traces
+from bwpredd.traces import load_traces
+from trainer.data.traces import default_traces_dir
 from trainer.data.windows import make_windows
 
 __all__ = [

@@ -100,7 +100,7 @@ ForecastFn = Callable[[F32], tuple[F32, F32, F32]]
 
 
 class TraceLike(Protocol):
-    """What the environment reads from a ``trainer.data.traces.Trace``."""
+    """What the environment reads from a ``bwpredd.traces.Trace``."""
 
     source: str
     name: str

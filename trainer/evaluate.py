@@ -266,7 +266,7 @@ def _split_files(run_dir: Path, split: str) -> set[str]:
 
 def run(args: argparse.Namespace) -> int:
     """The ``eval`` command."""
-    from trainer.data.traces import load_traces
+    from bwpredd.traces import load_traces
 
     loaded = load_traces(Path(args.traces), progress=not args.quiet)
     traces = list(loaded.traces)

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from bwpredd.schema import BW, FEATURES, WINDOW
+from bwpredd.traces import Trace, load_traces
 from trainer.data.synthetic import synthetic_traces
-from trainer.data.traces import Trace, default_traces_dir, load_traces
+from trainer.data.traces import default_traces_dir
 from trainer.data.windows import make_windows, split_summary, split_traces
 
 

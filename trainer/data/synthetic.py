@@ -46,7 +46,7 @@ import numpy as np
 import numpy.typing as npt
 
 from bwpredd.schema import FEATURES, stack
-from trainer.data.traces import Trace
+from bwpredd.traces import Trace
 
 __all__ = ["PARAMS", "PROFILES", "ProfileParams", "generate", "synthetic_traces"]
 

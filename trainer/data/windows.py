@@ -1,6 +1,6 @@
 """Cut traces into model windows and split traces into train/val/test folds.
 
-One job: turn a list of :class:`~trainer.data.traces.Trace` into the
+One job: turn a list of :class:`~bwpredd.traces.Trace` into the
 ``[N, WINDOW, WIDTH]`` raw-unit windows the forecaster reads (target: the next step's
 bandwidth), and split traces by fold group so no session, route+day, Pantheon
 folder or mahimahi pair is ever in two splits.
@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from bwpredd.schema import BW, WIDTH, WINDOW
-from trainer.data.traces import Trace
+from bwpredd.traces import Trace
 
 __all__ = ["SPLIT_NAMES", "Windows", "make_windows", "split_summary", "split_traces"]
 
