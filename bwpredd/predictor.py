@@ -39,9 +39,10 @@ class Forecast:
 class Predictor:
     """Forecasts and allocation decisions on full windows, in process.
 
-    Build it with :meth:`load`. Windows are ``[10, 4]`` or ``[N, 10, 4]`` in
-    raw units, feature order ``[latency_ms, bandwidth_mbps, packet_loss,
-    reliability]``, oldest sample first.
+    Build it with :meth:`load`. Windows are ``[10, 4]`` or ``[N, 10, 4]``
+    (:mod:`bwpredd.schema`'s ``WINDOW`` and ``WIDTH``) in raw units, feature
+    order ``[latency_ms, bandwidth_mbps, packet_loss, reliability]``
+    (``bwpredd.schema.FEATURES``), oldest sample first.
     """
 
     def __init__(self, engine: Engine) -> None:
