@@ -7,7 +7,9 @@ a ``float32 [T, WIDTH]`` array with the features of :mod:`bwpredd.schema` in
 its order, in raw units, at the trace's own step. Nothing is resampled.
 Both ``bwpredctl replay`` and the trainer read traces through it, so it lives
 in the daemon package and needs numpy alone (tqdm, for a progress bar, if it
-is installed).
+is installed). It is past 600 lines because it holds nine sources' loaders,
+each short and sharing the readers above them; split, each file would hold
+little but imports.
 
 Per-source choices (each follows the traces README; see the loader for why):
 
