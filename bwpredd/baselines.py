@@ -1,10 +1,11 @@
 """The simple forecasters practitioners use, vectorised over many windows.
 
-Windows are float32 ``[N, W, 4]`` in feature order with the newest sample
-last; ``counts[i]`` says how many of the last rows of window ``i`` are real
-(cold-start peers have fewer than ``W``; the rows before them are padding and
-never read). Shared by the daemon (cold start, fallback, live scoring) and the
-trainer's evaluation, so both score the same baselines.
+Windows are float32 ``[N, W, WIDTH]``, features in the order of
+:mod:`bwpredd.schema`, with the newest sample last; ``counts[i]`` says how
+many of the last rows of window ``i`` are real (cold-start peers have fewer
+than ``W``; the rows before them are padding and never read). Shared by the
+daemon (cold start, fallback, live scoring) and the trainer's evaluation, so
+both score the same baselines.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import functools
 import numpy as np
 import numpy.typing as npt
 
+from bwpredd.schema import BW
+
 __all__ = [
-    "BW",
     "HARMONIC_FLOOR_MBPS",
     "Z80",
     "baseline_interval",
@@ -26,7 +28,6 @@ __all__ = [
 ]
 
 F32 = npt.NDArray[np.float32]
-BW = 1  # bandwidth's column in the feature order
 # The harmonic mean is undefined at 0: outages are real, so floor at 1 kbit/s.
 HARMONIC_FLOOR_MBPS = 1e-3
 # Half-width of a central 80% normal interval, in standard deviations.
@@ -56,7 +57,7 @@ def last_value(windows: F32, counts: npt.NDArray[np.integer] | None = None) -> F
     """The newest bandwidth of each window.
 
     Args:
-        windows: ``[N, W, 4]`` raw units, newest last.
+        windows: ``[N, W, WIDTH]`` raw units, newest last.
         counts: real rows per window (unused: the newest row is always real).
     """
     return windows[:, -1, BW].astype(np.float32)
@@ -66,7 +67,7 @@ def mean(windows: F32, counts: npt.NDArray[np.integer] | None = None, last: int 
     """Arithmetic mean of the last ``last`` real bandwidths.
 
     Args:
-        windows: ``[N, W, 4]`` raw units, newest last.
+        windows: ``[N, W, WIDTH]`` raw units, newest last.
         counts: real rows per window; None means all.
         last: how many of the newest samples to average.
     """
@@ -83,7 +84,7 @@ def harmonic_mean(
     :data:`HARMONIC_FLOOR_MBPS` (as MPC and Pensieve use it).
 
     Args:
-        windows: ``[N, W, 4]`` raw units, newest last.
+        windows: ``[N, W, WIDTH]`` raw units, newest last.
         counts: real rows per window; None means all.
         last: how many of the newest samples to use.
     """
@@ -98,7 +99,7 @@ def ewma(windows: F32, counts: npt.NDArray[np.integer] | None = None, alpha: flo
     """Exponentially weighted moving average over the real rows, oldest first.
 
     Args:
-        windows: ``[N, W, 4]`` raw units, newest last.
+        windows: ``[N, W, WIDTH]`` raw units, newest last.
         counts: real rows per window; None means all.
         alpha: weight of each new sample, in (0, 1].
     """
@@ -136,7 +137,7 @@ def baseline_interval(
     three real samples use :data:`DEFAULT_LOG_SIGMA`.
 
     Args:
-        windows: ``[N, W, 4]`` raw units, newest last.
+        windows: ``[N, W, WIDTH]`` raw units, newest last.
         point: ``[N]`` point forecasts.
         counts: real rows per window; None means all.
 

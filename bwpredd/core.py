@@ -22,6 +22,7 @@ from bwpredd.livescore import Accuracy, LiveScores
 from bwpredd.logging import get_logger
 from bwpredd.metrics import Metrics
 from bwpredd.modeldir import LoadedModel
+from bwpredd.schema import BW, LAT, LOSS
 from bwpredd.validate import SampleBatch, check_peer_id, check_peer_ids, validate_batch
 from bwpredd.watch import WatchHub
 from bwpredd.windows import PeerView, WindowStore
@@ -198,7 +199,7 @@ class Core:
             reasons[int(valid.index[j])] = (field, rule)
         accepted = int(result.accepted.sum())
         if accepted:
-            self._score(result.slots[result.accepted], valid.rows[result.accepted, 1])
+            self._score(result.slots[result.accepted], valid.rows[result.accepted, BW])
             if len(self.watch):
                 ids = valid.peer_ids
                 self.watch.publish(ids[i] for i in np.flatnonzero(result.accepted).tolist())
@@ -338,13 +339,13 @@ class Core:
             fc.point,
             fc.low,
             fc.high,
-            windows[:, -1, 0],
+            windows[:, -1, LAT],
             payload_bytes=payload_bytes,
             data_kind=data_kind,
             compressibility=compressibility,
             live_error_ratio=self.scores.error_ratio(slots),
             table=self.codecs,
-            packet_loss=windows[:, -1, 2],
+            packet_loss=windows[:, -1, LOSS],
         )
         return advice, fc
 

@@ -20,18 +20,19 @@ from google.protobuf.json_format import MessageToDict
 
 from bwpredd.client import Client, channel_for, pb
 from bwpredd.config import default_listen
+from bwpredd.schema import OPTIONAL, PUSH_CSV_REQUIRED, REQUIRED
 
 __all__ = ["main", "read_samples"]
 
 PUSH_BATCH = 1000
-OPTIONAL = ("latency_ms", "packet_loss", "reliability")
 
 
 def read_samples(stream: TextIO) -> Iterator[pb.Sample]:
-    """Samples from CSV with a header naming ``peer_id``, ``bandwidth_mbps``
-    and optionally ``latency_ms``, ``packet_loss``, ``reliability``,
-    ``timestamp`` (unix seconds); empty cells are "not given". A UTF-8 byte
-    order mark before the header is ignored.
+    """Samples from CSV with a header naming ``peer_id`` and the required
+    features (``bandwidth_mbps``), optionally the other features of
+    :mod:`bwpredd.schema` (``latency_ms``, ``packet_loss``, ``reliability``)
+    and ``timestamp`` (unix seconds); empty cells are "not given". A UTF-8
+    byte order mark before the header is ignored.
 
     Args:
         stream: the CSV text.
@@ -51,7 +52,7 @@ def read_samples(stream: TextIO) -> Iterator[pb.Sample]:
         # A byte order mark read as text (stdin, or a file opened as utf-8).
         reader.fieldnames = [header[0].removeprefix("\ufeff"), *header[1:]]
     columns = set(reader.fieldnames or ())
-    missing = {"peer_id", "bandwidth_mbps"} - columns
+    missing = set(PUSH_CSV_REQUIRED) - columns
     if missing:
         raise ValueError(f"line 1: CSV header lacks {', '.join(sorted(missing))}")
     rows = iter(reader)
@@ -69,10 +70,9 @@ def read_samples(stream: TextIO) -> Iterator[pb.Sample]:
         if None in row.values():
             raise ValueError(f"line {line}: fewer cells than the header's {len(columns)} columns")
         try:
-            fields: dict[str, Any] = {
-                "peer_id": row["peer_id"],
-                "bandwidth_mbps": float(row["bandwidth_mbps"]),
-            }
+            fields: dict[str, Any] = {"peer_id": row["peer_id"]}
+            for name in REQUIRED:
+                fields[name] = float(row[name])
             for name in OPTIONAL:
                 if row.get(name):
                     fields[name] = float(row[name])

@@ -19,6 +19,7 @@ import numpy.typing as npt
 
 from bwpredd import baselines
 from bwpredd.modeldir import LoadedModel
+from bwpredd.schema import default_vector
 from bwpredd.state import LEVELS, build_state, reference_capacity
 
 __all__ = [
@@ -34,7 +35,7 @@ __all__ = [
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
 # Feature defaults when no model (and so no manifest) is loaded.
-FALLBACK_DEFAULTS: tuple[float, float, float, float] = (50.0, 0.0, 0.0, 1.0)
+FALLBACK_DEFAULTS: tuple[float, ...] = default_vector()
 # Baseline point forecast: EWMA with alpha 0.5 was within a hair of the best
 # simple baseline (last value) on the developer traces and is steadier.
 BASELINE_ALPHA = 0.5
@@ -118,7 +119,7 @@ class Engine:
         """Feature defaults in feature order (bandwidth's is unused)."""
         if self._model is None:
             return FALLBACK_DEFAULTS
-        return tuple(self._model.manifest.feature_default_vector())
+        return self._model.manifest.feature_default_vector()
 
     def swap(self, model: LoadedModel | None) -> LoadedModel | None:
         """Serve ``model`` from now on; return the previous one."""
@@ -131,7 +132,7 @@ class Engine:
         """Forecast ``k`` peers.
 
         Args:
-            windows: ``[k, W, 4]`` oldest first (padding rows before the real ones).
+            windows: ``[k, W, WIDTH]`` oldest first (padding rows before the real ones).
             counts: ``[k]`` real rows per window.
             force_baseline: ``[k]`` peers to answer from the baseline
                 (``BASELINE_FALLBACK``) even with a model, e.g. the guardrail.
@@ -181,7 +182,7 @@ class Engine:
         nearest forecast / capacity (the forecast-following heuristic).
 
         Args:
-            windows: ``[k, W, 4]`` oldest first.
+            windows: ``[k, W, WIDTH]`` oldest first.
             counts: ``[k]`` real rows per window.
             fc: :meth:`forecast` of the same windows.
             step_s: ``[k]`` (or one) seconds between samples

@@ -3,7 +3,8 @@
 This module is the one contract shared by the daemon and ``export``: export
 writes manifests with :func:`dump_manifest`, the daemon and ``bwpredd
 check-model`` read them with :func:`load_manifest` and :func:`verify_files`.
-It imports nothing but the standard library.
+It imports nothing but the standard library and the feature schema
+(:mod:`bwpredd.schema`).
 """
 
 from __future__ import annotations
@@ -17,15 +18,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeGuard
 
+from bwpredd import schema
 from bwpredd.errors import ManifestError
 
 __all__ = [
-    "FEATURES",
-    "FEATURE_RANGES",
-    "FEATURE_UNITS",
     "FORMAT_VERSION",
     "MANIFEST_NAME",
-    "WINDOW",
     "Manifest",
     "ModelFile",
     "TensorSpec",
@@ -37,22 +35,6 @@ __all__ = [
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-WINDOW = 10
-FEATURES: tuple[str, ...] = ("latency_ms", "bandwidth_mbps", "packet_loss", "reliability")
-FEATURE_UNITS: dict[str, str] = {
-    "latency_ms": "ms",
-    "bandwidth_mbps": "Mbit/s",
-    "packet_loss": "fraction 0..1",
-    "reliability": "fraction 0..1",
-}
-# The values a feature may take, inclusive: live samples, restored windows and
-# a manifest's defaults obey the same ranges.
-FEATURE_RANGES: dict[str, tuple[float, float]] = {
-    "latency_ms": (0.0, 600_000.0),  # 10 minutes
-    "bandwidth_mbps": (0.0, 1e7),  # 10 Tbit/s: nothing physical is faster
-    "packet_loss": (0.0, 1.0),
-    "reliability": (0.0, 1.0),
-}
 # Names of the ONNX inputs and outputs the daemon binds by name.
 FORECASTER_INPUT = "window"
 FORECASTER_OUTPUTS: tuple[str, ...] = ("bandwidth_mbps", "low_mbps", "high_mbps")
@@ -125,7 +107,8 @@ class ModelFile:
 class Manifest:
     """A parsed, validated ``manifest.json``.
 
-    ``forecaster`` must take ``window`` float32[N,10,4] and give
+    ``forecaster`` must take ``window`` float32[N,10,4] (``[N, WINDOW,
+    WIDTH]`` of :mod:`bwpredd.schema`) and give
     ``bandwidth_mbps``, ``low_mbps`` and ``high_mbps`` float32[N,1];
     ``allocator`` must take ``state`` float32[N,S] with S =
     ``len(state_layout)`` and give ``q_values`` float32[N,10].
@@ -163,15 +146,17 @@ class Manifest:
         if not _is_int(fmt) or fmt != FORMAT_VERSION:
             raise ManifestError(f"format: expected {FORMAT_VERSION}, got {_show(fmt)}")
         window = obj.get("window")
-        if not _is_int(window) or window != WINDOW:
-            raise ManifestError(f"window: expected {WINDOW}, got {_show(window)}")
+        if not _is_int(window) or window != schema.WINDOW:
+            raise ManifestError(f"window: expected {schema.WINDOW}, got {_show(window)}")
         features = tuple(_list(obj, "features", "manifest"))
-        if features != FEATURES:
-            raise ManifestError(f"features: expected {list(FEATURES)}")
+        if features != schema.FEATURES:
+            raise ManifestError(f"features: expected {list(schema.FEATURES)}")
         defaults_raw = _obj(obj.get("feature_defaults"), "feature_defaults")
         defaults: dict[str, float] = {}
-        for name in ("latency_ms", "packet_loss", "reliability"):
-            lo, hi = FEATURE_RANGES[name]
+        for feature in schema.SCHEMA:
+            if feature.required:
+                continue
+            name, lo, hi = feature.name, feature.low, feature.high
             value = defaults_raw.get(name)
             if not _is_number(value) or not lo <= value <= hi:
                 raise ManifestError(
@@ -208,9 +193,9 @@ class Manifest:
             format=FORMAT_VERSION,
             version=version,
             created=_str(obj, "created", "manifest"),
-            window=WINDOW,
+            window=schema.WINDOW,
             features=features,
-            units=_str_map(obj.get("units", FEATURE_UNITS), "units"),
+            units=_str_map(obj.get("units", schema.UNITS), "units"),
             feature_defaults=defaults,
             forecaster=forecaster,
             allocator=allocator,
@@ -235,17 +220,19 @@ class Manifest:
         out.update(extra)
         return out
 
-    def feature_default_vector(self) -> list[float]:
-        """Defaults in feature order; bandwidth has none and reads 0."""
-        return [self.feature_defaults.get(name, 0.0) for name in self.features]
+    def feature_default_vector(self) -> tuple[float, ...]:
+        """Defaults in feature order; a required feature has none and reads 0."""
+        return schema.default_vector(self.feature_defaults)
 
 
 def _check_io(forecaster: ModelFile, allocator: ModelFile, state_size: int) -> None:
     f_in = [t.name for t in forecaster.inputs]
     if f_in != [FORECASTER_INPUT]:
         raise ManifestError(f"forecaster.inputs: expected ['window'], got {f_in}")
-    if forecaster.inputs[0].shape[1:] != (WINDOW, len(FEATURES)):
-        raise ManifestError(f"forecaster.inputs[0].shape: expected [N, {WINDOW}, 4]")
+    if forecaster.inputs[0].shape[1:] != (schema.WINDOW, schema.WIDTH):
+        raise ManifestError(
+            f"forecaster.inputs[0].shape: expected [N, {schema.WINDOW}, {schema.WIDTH}]"
+        )
     f_out = tuple(t.name for t in forecaster.outputs)
     if f_out[:3] != FORECASTER_OUTPUTS:
         raise ManifestError(f"forecaster.outputs: expected {list(FORECASTER_OUTPUTS)} first")

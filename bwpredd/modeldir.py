@@ -42,13 +42,13 @@ from bwpredd.manifest import (
     FORECASTER_INPUT,
     FORECASTER_OUTPUTS,
     N_ACTIONS,
-    WINDOW,
     Manifest,
     ModelFile,
     TensorSpec,
     load_manifest,
     verify_files,
 )
+from bwpredd.schema import WINDOW, stack
 from bwpredd.state import DEFAULT_STEP_S, STATE_LAYOUT, build_state
 
 __all__ = ["DEFAULT_MODEL_DIR", "LoadedModel", "load_model", "session", "smoke_windows"]
@@ -121,7 +121,7 @@ class LoadedModel:
 
 
 def smoke_windows(n: int = 64, seed: int = 0) -> F32:
-    """Seeded raw windows ``[n, 10, 4]``: bandwidth from 0.05 Mbit/s to 10 Gbit/s;
+    """Seeded raw windows ``[n, WINDOW, WIDTH]``: bandwidth from 0.05 Mbit/s to 10 Gbit/s;
     the first is all zero (an outage), the second constant.
 
     Args:
@@ -136,7 +136,10 @@ def smoke_windows(n: int = 64, seed: int = 0) -> F32:
     rel = rng.uniform(0.9, 1.0, size=(n, WINDOW))
     bw[:1] = 0.0
     bw[1:2] = 25.0
-    return np.stack([lat, bw, loss, rel], axis=2).astype(np.float32)
+    out: F32 = stack(
+        {"latency_ms": lat, "bandwidth_mbps": bw, "packet_loss": loss, "reliability": rel}
+    )
+    return out
 
 
 class _Refused(Exception):

@@ -14,8 +14,8 @@ import numpy as np
 import numpy.typing as npt
 
 from bwpredd.engine import Engine
-from bwpredd.manifest import FEATURES, WINDOW
 from bwpredd.modeldir import DEFAULT_MODEL_DIR, load_model
+from bwpredd.schema import WIDTH, WINDOW
 from bwpredd.state import DEFAULT_STEP_S
 from bwpredd.state import allocation_percent as _allocation_percent
 
@@ -39,9 +39,10 @@ class Forecast:
 class Predictor:
     """Forecasts and allocation decisions on full windows, in process.
 
-    Build it with :meth:`load`. Windows are ``[10, 4]`` or ``[N, 10, 4]`` in
-    raw units, feature order ``[latency_ms, bandwidth_mbps, packet_loss,
-    reliability]``, oldest sample first.
+    Build it with :meth:`load`. Windows are ``[10, 4]`` or ``[N, 10, 4]``
+    (:mod:`bwpredd.schema`'s ``WINDOW`` and ``WIDTH``) in raw units, feature
+    order ``[latency_ms, bandwidth_mbps, packet_loss, reliability]``
+    (``bwpredd.schema.FEATURES``), oldest sample first.
     """
 
     def __init__(self, engine: Engine) -> None:
@@ -71,9 +72,10 @@ class Predictor:
         single = w.ndim == 2
         if single:
             w = w[None]
-        if w.ndim != 3 or w.shape[1:] != (WINDOW, len(FEATURES)):
+        if w.ndim != 3 or w.shape[1:] != (WINDOW, WIDTH):
             raise ValueError(
-                f"window: expected shape [{WINDOW}, 4] or [N, {WINDOW}, 4], got {list(w.shape)}"
+                f"window: expected shape [{WINDOW}, {WIDTH}] or [N, {WINDOW}, {WIDTH}], "
+                f"got {list(w.shape)}"
             )
         if not np.isfinite(w).all():
             raise ValueError("window: values must be finite")

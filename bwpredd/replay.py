@@ -1,7 +1,7 @@
 """Replay real trace files into a running daemon and score its live forecasts.
 
 One job, client side (``bwpredctl replay``): each trace found under the given
-paths (any format ``trainer.data.traces.load_traces`` reads) is streamed,
+paths (any format :func:`bwpredd.traces.load_traces` reads) is streamed,
 sample by sample, into the daemon through PushSamples under the peer id
 ``replay/<trace name>``. Before each next sample the daemon is asked for a
 Forecast; when the sample then arrives the forecast is scored against it, as
@@ -10,9 +10,6 @@ samples: the last value and the EWMA (``bwpredd.baselines.ewma``, the alpha
 the engine uses). Reported per file and pooled over all files: MAE (Mbit/s),
 normalised MAE (sum |error| / sum actual), the share of steps within 10% of
 the actual, and the daemon interval's coverage of the actual.
-
-The trainer is imported lazily, only here: the daemon never imports it, and
-``bwpredctl`` works without the ``train`` extra for every other command.
 """
 
 from __future__ import annotations
@@ -34,7 +31,8 @@ from bwpredd.accuracy import nmae
 from bwpredd.baselines import ewma
 from bwpredd.client import Client, pb
 from bwpredd.engine import BASELINE_ALPHA
-from bwpredd.manifest import FEATURES, WINDOW
+from bwpredd.schema import BW, FEATURES, OPTIONAL, TRACE_CSV_REQUIRED, WIDTH, WINDOW
+from bwpredd.traces import Trace, load_traces
 
 __all__ = ["FileReport", "ReplayError", "ReplayReport", "Scores", "peer_id_for", "replay"]
 
@@ -50,12 +48,12 @@ MAX_PEER_ID = 128
 PLOT_MAX_FILES = 12
 _UNKNOWN = (
     "no loader recognises this file (a generic CSV trace starts with the header "
-    "time_s,bandwidth_mbps[,latency_ms,packet_loss,reliability])"
+    f"{','.join(TRACE_CSV_REQUIRED)}[,{','.join(OPTIONAL)}])"
 )
 
 
 class ReplayError(ValueError):
-    """Replay cannot run (no trainer installed, no traces found)."""
+    """Replay cannot run (no traces found, a bad speedup, no matplotlib for a plot)."""
 
 
 @dataclass
@@ -192,16 +190,9 @@ def peer_id_for(name: str, prefix: str = "replay/") -> str:
     return f"{prefix}{digest}-{pid[-keep:]}"
 
 
-def _load(paths: Sequence[Path]) -> tuple[list[Any], dict[str, str]]:
-    """Traces under every path, through the trainer's loaders."""
-    try:
-        from trainer.data.traces import load_traces
-    except ImportError as exc:
-        raise ReplayError(
-            f"replay reads traces with the trainer package, which is missing ({exc}); "
-            "install bwpredd with the 'train' extra: pip install 'bwpredd[train]'"
-        ) from exc
-    traces: list[Any] = []
+def _load(paths: Sequence[Path]) -> tuple[list[Trace], dict[str, str]]:
+    """Traces under every path."""
+    traces: list[Trace] = []
     skipped: dict[str, str] = {}
     for path in paths:
         result = load_traces(path, min_steps=2)
@@ -253,25 +244,25 @@ def _sample(peer_id: str, row: npt.NDArray[np.float32], measured: Iterable[str])
 
 def _replay_one(
     client: Client,
-    trace: Any,
+    trace: Trace,
     peer_id: str,
     speedup: float | None,
     update: Callable[[int], None],
 ) -> tuple[FileReport, dict[str, _Acc], tuple[int, int]]:
     data = np.asarray(trace.data, dtype=np.float32)
-    bw = data[:, FEATURES.index("bandwidth_mbps")].astype(np.float64)
+    bw = data[:, BW].astype(np.float64)
     t = np.asarray(trace.time_s, dtype=np.float64) if trace.time_s is not None else None
     measured = tuple(trace.measured)
     accs = {p: _Acc() for p in PREDICTORS}
     report = FileReport(trace.name, peer_id, 0, 0, {}, math.nan, {})
     inside = 0
-    window = np.zeros((1, WINDOW, len(FEATURES)), dtype=np.float32)
+    window = np.zeros((1, WINDOW, WIDTH), dtype=np.float32)
     count = 0  # real rows in the local window
     for i in range(len(bw)):
         if i > 0 and count > 0:
             (fc,) = client.forecast([peer_id])
             actual = bw[i : i + 1]
-            local = np.array([window[0, -1, 1]], dtype=np.float64)
+            local = np.array([window[0, -1, BW]], dtype=np.float64)
             avg = ewma(window, np.array([count]), alpha=BASELINE_ALPHA).astype(np.float64)
             accs["daemon"].add(np.array([fc.bandwidth_mbps]), actual)
             accs["last_value"].add(local, actual)
@@ -316,7 +307,8 @@ def replay(
 
     Args:
         client: a connected :class:`bwpredd.client.Client`.
-        paths: trace files or directories, in any format the trainer reads.
+        paths: trace files or directories, in any format
+            :func:`bwpredd.traces.load_traces` reads.
         speedup: replay at this many times real time (sleeping each trace's
             step / speedup between samples); None: as fast as possible.
         progress: show a progress bar on stderr (tqdm, else a counter).
@@ -327,8 +319,7 @@ def replay(
         Per-file and pooled scores of the daemon, last value and EWMA.
 
     Raises:
-        ReplayError: the trainer is not installed, no trace was found, or
-            ``speedup`` is not positive.
+        ReplayError: no trace was found, or ``speedup`` is not positive.
         FileNotFoundError: a path does not exist.
         grpc.RpcError: the daemon failed a call.
     """

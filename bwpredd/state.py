@@ -15,6 +15,8 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
+from bwpredd.schema import BW, LAT, LOSS, REL
+
 __all__ = [
     "LEVELS",
     "STATE_LAYOUT",
@@ -25,7 +27,6 @@ __all__ = [
 ]
 
 F32 = npt.NDArray[np.float32]
-LAT, BW, LOSS, REL = 0, 1, 2, 3
 CAPACITY_FLOOR_MBPS = 1e-3
 # Action a sends at LEVELS[a] x reference capacity.
 LEVELS: tuple[float, ...] = tuple((a + 1) / 10 for a in range(10))
@@ -67,7 +68,7 @@ def reference_capacity(windows: F32) -> F32:
     """The 90th percentile of each window's bandwidth, floored at 1 kbit/s.
 
     Args:
-        windows: ``[N, W, 4]`` raw units, newest last, all rows real.
+        windows: ``[N, W, WIDTH]`` raw units, newest last, all rows real.
     """
     # np.percentile's linear interpolation, written out: 10x cheaper per call.
     s = np.sort(windows[:, :, BW].astype(np.float64), axis=1)
@@ -117,7 +118,7 @@ def build_state(  # noqa: PLR0917 (the state's inputs, in layout order)
     forecaster's point and interval.
 
     Args:
-        windows: ``[N, W, 4]`` raw units, newest last, all rows real.
+        windows: ``[N, W, WIDTH]`` raw units, newest last, all rows real.
         point: ``[N]`` forecast, Mbit/s.
         low: ``[N]`` interval low end, Mbit/s.
         high: ``[N]`` interval high end, Mbit/s.

@@ -15,12 +15,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from bwpredd import schema
 from bwpredd.errors import InvalidArgument
-from bwpredd.manifest import FEATURE_RANGES
 
 __all__ = [
-    "MAX_BANDWIDTH_MBPS",
-    "MAX_LATENCY_MS",
     "MAX_PEER_ID_LEN",
     "PEER_ID_RULE",
     "SampleBatch",
@@ -30,8 +28,6 @@ __all__ = [
     "validate_batch",
 ]
 
-MAX_BANDWIDTH_MBPS = FEATURE_RANGES["bandwidth_mbps"][1]
-MAX_LATENCY_MS = FEATURE_RANGES["latency_ms"][1]
 MAX_PEER_ID_LEN = 128
 PEER_ID_RULE = f"must be 1-{MAX_PEER_ID_LEN} characters of [A-Za-z0-9._:@/-]"
 NANOS_RULE = "nanos must be within [0, 999999999]"
@@ -84,21 +80,17 @@ def _show(value: str) -> str:
 class SampleBatch:
     """The raw fields of ``n`` samples, as extracted from the wire.
 
-    An optional value that was not given is False in its ``has_*`` list
-    (its value is then ignored); ``ts`` is unix seconds or NaN when absent.
-    ``bad_nanos`` lists ``(index, nanos)`` of the timestamps whose ``nanos``
-    lies outside ``[0, 1e9)`` (rare: kept aside so the hot path stays lists).
+    ``values[f]`` and ``given[f]`` hold feature ``f`` (in the order of
+    :data:`bwpredd.schema.FEATURES`) of every sample; a value that was not
+    given is False in ``given`` (its value is then ignored). ``ts`` is unix
+    seconds or NaN when absent. ``bad_nanos`` lists ``(index, nanos)`` of the
+    timestamps whose ``nanos`` lies outside ``[0, 1e9)`` (rare: kept aside so
+    the hot path stays lists).
     """
 
     peer_ids: list[str]
-    bandwidth: list[float]
-    has_bandwidth: list[bool]
-    latency: list[float]
-    has_latency: list[bool]
-    loss: list[float]
-    has_loss: list[bool]
-    reliability: list[float]
-    has_reliability: list[bool]
+    values: list[list[float]]  # [WIDTH][n]
+    given: list[list[bool]]  # [WIDTH][n]
     ts: list[float]
     bad_nanos: list[tuple[int, int]] = field(default_factory=list)
 
@@ -112,7 +104,7 @@ class ValidBatch:
 
     index: npt.NDArray[np.int64]  # positions in the request
     peer_ids: list[str]
-    rows: npt.NDArray[np.float64]  # [k, 4], NaN = carry forward
+    rows: npt.NDArray[np.float64]  # [k, WIDTH], NaN = carry forward
     ts: npt.NDArray[np.float64]  # [k] unix seconds
     reasons: dict[int, tuple[str, str]]  # request index -> (field, rule)
 
@@ -126,12 +118,12 @@ def validate_batch(
 ) -> ValidBatch:
     """Apply every sample rule to a batch at once.
 
-    Rules: ``peer_id`` 1-128 characters of ``[A-Za-z0-9._:@/-]``;
-    ``bandwidth_mbps`` required, finite, 0..1e7; ``latency_ms`` (optional)
-    finite, 0..600000; ``packet_loss`` and ``reliability`` (optional) within
-    [0, 1]; ``timestamp`` (optional; arrival time when absent) with ``nanos``
-    within ``[0, 999999999]`` and no more than ``max_future_skew_s`` ahead of
-    the server clock nor ``max_age_s`` behind.
+    Rules: ``peer_id`` 1-128 characters of ``[A-Za-z0-9._:@/-]``; then each
+    feature of :mod:`bwpredd.schema`, the required ones first: a required
+    feature must be given, and a given value must be finite and within the
+    feature's range; ``timestamp`` (optional; arrival time when absent) with
+    ``nanos`` within ``[0, 999999999]`` and no more than ``max_future_skew_s``
+    ahead of the server clock nor ``max_age_s`` behind.
     The first rule a sample breaks is its reason.
 
     Args:
@@ -142,10 +134,8 @@ def validate_batch(
         max_age_s: the past-timestamp limit.
     """
     n = len(batch)
-    bw = np.asarray(batch.bandwidth, dtype=np.float64)
-    lat = np.asarray(batch.latency, dtype=np.float64)
-    loss = np.asarray(batch.loss, dtype=np.float64)
-    rel = np.asarray(batch.reliability, dtype=np.float64)
+    values = np.asarray(batch.values, dtype=np.float64).reshape(schema.WIDTH, n)
+    given = np.asarray(batch.given, dtype=bool).reshape(schema.WIDTH, n)
     ts = np.asarray(batch.ts, dtype=np.float64)
     has_ts = ~np.isnan(ts)
     ts = np.where(has_ts, ts, now)
@@ -167,24 +157,14 @@ def validate_batch(
         for i in np.flatnonzero(id_bad):
             reasons[int(i)] = ("peer_id", f"{PEER_ID_RULE}, got {_show(ids[i])}")
         bad |= id_bad
-    has_bw = np.asarray(batch.has_bandwidth, dtype=bool)
-    rule(~has_bw, "bandwidth_mbps", "is required")
     with np.errstate(invalid="ignore"):
-        rule(~np.isfinite(bw), "bandwidth_mbps", "must be finite (got NaN or infinity)")
-        rule(bw < 0, "bandwidth_mbps", "must be >= 0")
-        rule(bw > MAX_BANDWIDTH_MBPS, "bandwidth_mbps", "must be <= 1e7 (10 Tbit/s)")
-        has_lat = np.asarray(batch.has_latency, dtype=bool)
-        has_loss = np.asarray(batch.has_loss, dtype=bool)
-        has_rel = np.asarray(batch.has_reliability, dtype=bool)
-        rule(has_lat & ~np.isfinite(lat), "latency_ms", "must be finite (got NaN or infinity)")
-        rule(has_lat & (lat < 0), "latency_ms", "must be >= 0")
-        rule(has_lat & (lat > MAX_LATENCY_MS), "latency_ms", "must be <= 600000 (10 minutes)")
-        for values, given, field in (
-            (loss, has_loss, "packet_loss"),
-            (rel, has_rel, "reliability"),
-        ):
-            rule(given & ~np.isfinite(values), field, "must be finite (got NaN or infinity)")
-            rule(given & ((values < 0) | (values > 1)), field, "must be within [0, 1]")
+        for f in schema.VALIDATION_ORDER:
+            feature, v, g = schema.SCHEMA[f], values[f], given[f]
+            if feature.required:
+                rule(~g, feature.name, "is required")
+            rule(g & ~np.isfinite(v), feature.name, "must be finite (got NaN or infinity)")
+            for lo, hi, text in feature.range_rules():
+                rule(g & ((v < lo) | (v > hi)), feature.name, text)
         for k, nanos in batch.bad_nanos:
             if not bad[k]:
                 reasons[k] = ("timestamp", f"{NANOS_RULE}, got {nanos}")
@@ -199,15 +179,7 @@ def validate_batch(
     good = np.flatnonzero(~bad)
     # NaN marks "not given" for the store (carry forward); a NaN given on
     # the wire was rejected above, so the two cannot be confused.
-    rows = np.stack(
-        [
-            np.where(has_lat, lat, np.nan),
-            bw,
-            np.where(has_loss, loss, np.nan),
-            np.where(has_rel, rel, np.nan),
-        ],
-        axis=1,
-    )[good]
+    rows = np.where(given, values, np.nan).T[good]
     return ValidBatch(
         index=good,
         peer_ids=[ids[i] for i in good],

@@ -1,8 +1,9 @@
 """WindowStore: the last ``W`` samples of every peer, in preallocated numpy
 ring buffers.
 
-All state is in arrays indexed by *slot* (``[capacity, W, 4]`` float32 for the
-windows, plus per-slot counters and times) and a ``peer_id -> slot`` dict.
+All state is in arrays indexed by *slot* (``[capacity, W, WIDTH]`` float32
+for the windows, features as :mod:`bwpredd.schema` orders them, plus per-slot
+counters and times) and a ``peer_id -> slot`` dict.
 Ingest is vectorised per batch: samples are grouped by slot, checked for time
 order, missing features carried forward, and only each peer's newest ``W``
 rows written. At capacity, the least recently seen peers are evicted (once per
@@ -22,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from bwpredd.errors import InvalidArgument
-from bwpredd.manifest import FEATURE_RANGES, FEATURES
+from bwpredd.schema import SCHEMA, WIDTH, WINDOW
 from bwpredd.state import step_seconds
 from bwpredd.validate import MAX_PEER_ID_LEN, check_peer_id
 
@@ -60,7 +61,7 @@ class PeerView:
     """A copy of one peer's state."""
 
     peer_id: str
-    window: F32  # [count, 4], oldest first
+    window: F32  # [count, WIDTH], oldest first
     timestamps: F64  # [count] sample times (unix seconds)
     sample_count: int
     last_seen: float  # unix seconds of the newest sample's arrival
@@ -78,15 +79,15 @@ class WindowStore:
         window: samples per peer.
     """
 
-    def __init__(self, capacity: int, defaults: Sequence[float], window: int = 10) -> None:
+    def __init__(self, capacity: int, defaults: Sequence[float], window: int = WINDOW) -> None:
         if capacity < 1:
             raise ValueError(f"capacity: must be >= 1, got {capacity}")
-        if len(defaults) != 4:
-            raise ValueError("defaults: need one value per feature (4)")
+        if len(defaults) != WIDTH:
+            raise ValueError(f"defaults: need one value per feature ({WIDTH})")
         self.capacity = capacity
         self.window = window
         self.defaults = np.asarray(defaults, dtype=np.float32)
-        self._data = np.zeros((capacity, window, 4), dtype=np.float32)
+        self._data = np.zeros((capacity, window, WIDTH), dtype=np.float32)
         self._ts = np.zeros((capacity, window), dtype=np.float64)
         self._head = np.zeros(capacity, dtype=np.int64)  # next row to write
         self._count = np.zeros(capacity, dtype=np.int64)  # rows filled, <= window
@@ -148,7 +149,7 @@ class WindowStore:
 
         Args:
             peer_ids: ``n`` valid peer ids.
-            rows: ``[n, 4]`` values in feature order; NaN = not given.
+            rows: ``[n, WIDTH]`` values in feature order; NaN = not given.
             ts: ``[n]`` sample times, unix seconds.
             now: arrival time, unix seconds (for recency and expiry).
         """
@@ -199,7 +200,7 @@ class WindowStore:
         if missing.any():
             pos = np.where(~missing, np.arange(s.size)[:, None], 0)
             np.maximum.accumulate(pos, axis=0, out=pos)
-            r = r[pos, np.arange(4)[None, :]]
+            r = r[pos, np.arange(WIDTH)[None, :]]
         # Only each peer's newest `window` rows can survive; write just those.
         live = rank >= (sizes[group] - self.window)
         ws, wr, wt = s[live], rank[live], t[live]
@@ -318,7 +319,7 @@ class WindowStore:
             slots: ``[k]`` slots.
 
         Returns:
-            ``(windows [k, W, 4] oldest first, counts [k])``; for peers with
+            ``(windows [k, W, WIDTH] oldest first, counts [k])``; for peers with
             fewer than ``W`` samples the leading rows are padding (zeros).
         """
         w = self.window
@@ -372,7 +373,7 @@ class WindowStore:
             "format": (np.dtype(np.int64), (1,)),
             "window": (np.dtype(np.int64), (1,)),
             "peer_ids": (np.dtype(f"<U{MAX_PEER_ID_LEN}"), ()),
-            "data": (self._data.dtype, (w, 4)),
+            "data": (self._data.dtype, (w, WIDTH)),
             "ts": (self._ts.dtype, (w,)),
             "head": (self._head.dtype, ()),
             "count": (self._count.dtype, ()),
@@ -469,12 +470,13 @@ class WindowStore:
         w = self.window
         data = np.asarray(snap["data"], dtype=np.float32)
         with np.errstate(invalid="ignore"):
-            for f, name in enumerate(FEATURES):
-                lo, hi = FEATURE_RANGES[name]
+            for f, feature in enumerate(SCHEMA):
+                lo, hi = feature.low, feature.high
                 bad = np.flatnonzero(~((data[:, :, f] >= lo) & (data[:, :, f] <= hi)).all(axis=1))
                 if bad.size:
                     raise ValueError(
-                        f"snapshot: data[{bad[0]}]: {name} must be finite, within [{lo:g}, {hi:g}]"
+                        f"snapshot: data[{bad[0]}]: {feature.name} must be finite, "
+                        f"within [{lo:g}, {hi:g}]"
                     )
         total, count, head = (
             np.asarray(snap[k], dtype=np.int64) for k in ("total", "count", "head")

@@ -30,6 +30,7 @@ from torch import nn
 
 from bwpredd.manifest import MANIFEST_NAME, Manifest, dump_manifest
 from bwpredd.modeldir import DEFAULT_MODEL_DIR, session
+from bwpredd.schema import DEFAULTS
 from bwpredd.state import STATE_LAYOUT
 from export.manifest import build_manifest, default_version, weights_digest
 from export.to_onnx import (
@@ -47,7 +48,6 @@ from export.verify import (
     time_session,
     torch_forecast,
 )
-from trainer.config import FEATURE_DEFAULTS
 
 __all__ = [
     "DEFAULT_MODEL_DIR",
@@ -102,7 +102,7 @@ def export_model_dir(
     """Export, verify, describe and publish a model directory at ``dest``.
 
     Args:
-        forecaster: maps ``[N, 10, 4]`` raw windows to (point, low, high)
+        forecaster: maps ``[N, WINDOW, WIDTH]`` raw windows to (point, low, high)
             ``[N, 1]`` in Mbit/s.
         allocator: maps ``[N, S]`` states to ``[N, 10]`` Q-values.
         dest: the directory to publish (its parent is created if needed).
@@ -110,7 +110,7 @@ def export_model_dir(
         windows_source: where ``windows`` came from (recorded).
         version: the model version; default: UTC date + weights hash.
         state_layout: the allocator state's columns (S = its length).
-        feature_defaults: declared defaults; default ``trainer.config``'s.
+        feature_defaults: declared defaults; default the schema's (``bwpredd.schema.DEFAULTS``).
         interval: ``low_quantile``/``high_quantile``; default the forecaster's.
         evaluation: metrics carried in the checkpoints.
         training_data: training data summaries carried in the checkpoints.
@@ -130,7 +130,7 @@ def export_model_dir(
     if dest.exists() and not force:
         raise ExportError(f"{dest}: exists (pass --force to replace it)")
     if feature_defaults is None:
-        feature_defaults = FEATURE_DEFAULTS
+        feature_defaults = DEFAULTS
     if interval is None:
         cfg = getattr(forecaster, "cfg", None)
         interval = {

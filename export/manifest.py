@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 import bwpredd.manifest as bm
-from bwpredd.manifest import FEATURE_UNITS, FEATURES, FORMAT_VERSION, WINDOW, Manifest
+from bwpredd.manifest import FORMAT_VERSION, Manifest
+from bwpredd.schema import FEATURES, UNITS, WINDOW
 
 __all__ = ["build_manifest", "default_version", "jsonable", "tensor_specs", "weights_digest"]
 
@@ -142,7 +143,7 @@ def build_manifest(
         "created": created.isoformat(timespec="seconds").replace("+00:00", "Z"),
         "window": WINDOW,
         "features": list(FEATURES),
-        "units": dict(FEATURE_UNITS),
+        "units": dict(UNITS),
         "feature_defaults": {k: float(v) for k, v in feature_defaults.items()},
         "forecaster": {
             "file": forecaster_file,

@@ -25,11 +25,10 @@ from torch import nn
 from bwpredd.manifest import (
     ALLOCATOR_INPUT,
     ALLOCATOR_OUTPUT,
-    FEATURES,
     FORECASTER_INPUT,
     FORECASTER_OUTPUTS,
-    WINDOW,
 )
+from bwpredd.schema import BW, WIDTH, WINDOW
 
 __all__ = [
     "OPSET",
@@ -49,7 +48,7 @@ def export_forecaster(model: nn.Module, *, exporter: Exporter = "legacy") -> byt
     """Export a forecaster (``window`` -> point, low, high) to a checked ONNX model.
 
     Args:
-        model: maps ``[N, 10, 4]`` raw windows to three ``[N, 1]`` tensors in
+        model: maps ``[N, WINDOW, WIDTH]`` raw windows to three ``[N, 1]`` tensors in
             Mbit/s (a :class:`trainer.models.forecaster.Forecaster` or a
             wrapper with the same signature); exported in eval mode.
         exporter: ``"legacy"`` (TorchScript, opset 17) or ``"dynamo"``.
@@ -57,8 +56,8 @@ def export_forecaster(model: nn.Module, *, exporter: Exporter = "legacy") -> byt
     Returns:
         The serialised ONNX model; ``onnx.checker`` has passed on it.
     """
-    example = torch.rand(4, WINDOW, len(FEATURES))
-    example[:, :, 1] *= 100.0
+    example = torch.rand(4, WINDOW, WIDTH)
+    example[:, :, BW] *= 100.0
     return _export(model, example, FORECASTER_INPUT, FORECASTER_OUTPUTS, exporter)
 
 

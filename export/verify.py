@@ -29,14 +29,14 @@ from torch import nn
 from bwpredd.manifest import (
     ALLOCATOR_INPUT,
     ALLOCATOR_OUTPUT,
-    FEATURES,
     FORECASTER_INPUT,
     FORECASTER_OUTPUTS,
-    WINDOW,
 )
 from bwpredd.modeldir import session
+from bwpredd.schema import BW, WIDTH, WINDOW, stack
 from bwpredd.state import DEFAULT_STEP_S, build_state
-from trainer.data.traces import default_traces_dir, load_traces
+from bwpredd.traces import load_traces
+from trainer.data.traces import default_traces_dir
 from trainer.data.windows import make_windows
 
 __all__ = [
@@ -88,7 +88,7 @@ class ParityReport:
 
 
 def synthetic_windows(n: int, seed: int = 0) -> F32:
-    """Seeded raw windows ``[n, 10, 4]`` over four orders of magnitude of
+    """Seeded raw windows ``[n, WINDOW, WIDTH]`` over four orders of magnitude of
     bandwidth, with occasional outages (a stand-in when no traces are at hand).
 
     Args:
@@ -104,7 +104,10 @@ def synthetic_windows(n: int, seed: int = 0) -> F32:
     lat = base * (1.0 + np.abs(rng.normal(0.0, 0.2, size=(n, WINDOW))))
     loss = np.clip(rng.exponential(0.003, size=(n, WINDOW)), 0.0, 1.0)
     rel = np.clip(1.0 - rng.exponential(0.01, size=(n, WINDOW)), 0.0, 1.0)
-    return np.stack([lat, bw, loss, rel], axis=2).astype(np.float32)
+    out: F32 = stack(
+        {"latency_ms": lat, "bandwidth_mbps": bw, "packet_loss": loss, "reliability": rel}
+    )
+    return out
 
 
 def parity_windows(
@@ -120,7 +123,7 @@ def parity_windows(
         log: where progress lines go.
 
     Returns:
-        ``[n, 10, 4]`` raw windows and a description of where they came from.
+        ``[n, WINDOW, WIDTH]`` raw windows and a description of where they came from.
     """
     try:
         x, sources, where = _trace_windows(traces_dir)
@@ -148,7 +151,7 @@ def _trace_windows(traces_dir: Path | None) -> tuple[F32, npt.NDArray[np.str_], 
     traces = load_traces(where).traces
     made = make_windows(traces)
     x = np.asarray(made.x, dtype=np.float32)
-    if x.ndim != 3 or x.shape[1:] != (WINDOW, len(FEATURES)) or len(x) == 0:
+    if x.ndim != 3 or x.shape[1:] != (WINDOW, WIDTH) or len(x) == 0:
         raise ValueError(f"unexpected window array shape {x.shape}")
     sources = np.asarray([traces[i].source for i in made.trace])
     finite = np.isfinite(x).all(axis=(1, 2))
@@ -163,7 +166,7 @@ def forecaster_parity(
     Args:
         model: the torch forecaster (run in eval mode).
         model_bytes: its exported graph.
-        windows: ``[N, 10, 4]`` raw windows.
+        windows: ``[N, WINDOW, WIDTH]`` raw windows.
         ref: ``torch_forecast(model, windows)`` if already computed.
 
     Raises:
@@ -171,7 +174,7 @@ def forecaster_parity(
             :data:`MAX_REL_ERR`.
     """
     ref = ref if ref is not None else torch_forecast(model, windows)
-    m = np.maximum(np.clip(windows[:, :, 1], 0, None).mean(axis=1, keepdims=True), 1e-3)
+    m = np.maximum(np.clip(windows[:, :, BW], 0, None).mean(axis=1, keepdims=True), 1e-3)
     floor = 1e-3 * m.astype(np.float64)
     per_level: dict[str, float] = {}
     max_abs = 0.0
@@ -200,7 +203,7 @@ def allocator_parity(
     Args:
         model: the torch Q-network (run in eval mode).
         model_bytes: its exported graph.
-        windows: ``[N, 10, 4]`` raw windows.
+        windows: ``[N, WINDOW, WIDTH]`` raw windows.
         forecasts: the torch forecaster's (point, low, high) on ``windows``,
             from :func:`torch_forecast`; they enter the state.
 
@@ -263,7 +266,7 @@ def torch_forecast(model: nn.Module, windows: F32) -> tuple[F64, F64, F64]:
 
     Args:
         model: the torch forecaster.
-        windows: ``[N, 10, 4]`` raw windows.
+        windows: ``[N, WINDOW, WIDTH]`` raw windows.
     """
     was_training = model.training
     model.eval()

@@ -65,8 +65,8 @@ import numpy as np
 import numpy.typing as npt
 
 from bwpredd.baselines import baseline_interval, ewma
-from bwpredd.state import BW, LAT, LEVELS, LOSS, STATE_LAYOUT, build_state, reference_capacity
-from trainer.config import WINDOW
+from bwpredd.schema import BW, LAT, LOSS, WINDOW
+from bwpredd.state import LEVELS, STATE_LAYOUT, build_state, reference_capacity
 
 __all__ = [
     "LEVEL_ARRAY",
@@ -95,12 +95,12 @@ OUTAGE_MBPS = 1e-3
 # not a queue, when counting the share of steps with a queue.
 QUEUE_EPS_STEPS = 0.01
 
-# (window [N, W, 4] raw) -> (point, low, high), each [N] Mbit/s.
+# (window [N, W, WIDTH] raw) -> (point, low, high), each [N] Mbit/s.
 ForecastFn = Callable[[F32], tuple[F32, F32, F32]]
 
 
 class TraceLike(Protocol):
-    """What the environment reads from a ``trainer.data.traces.Trace``."""
+    """What the environment reads from a ``bwpredd.traces.Trace``."""
 
     source: str
     name: str
@@ -138,7 +138,7 @@ class PreparedTrace:
     source: str
     name: str
     step_s: float
-    data: F32  # [T, 4] raw, as the trace says (no queue effects)
+    data: F32  # [T, WIDTH] raw, as the trace says (no queue effects)
     capacity: F32  # [T] reference capacity
     point: F32  # [T] forecast of data[t, BW]
     low: F32
@@ -189,7 +189,7 @@ def prepare_traces(
     steps are skipped (no decision can be made on them).
 
     Args:
-        traces: objects with ``source``, ``name``, ``step_s`` and ``data [T, 4]``.
+        traces: objects with ``source``, ``name``, ``step_s`` and ``data [T, WIDTH]``.
         forecast: the forecaster; None means :func:`ewma_forecast`.
         window: window length.
     """

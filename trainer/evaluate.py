@@ -39,7 +39,7 @@ __all__ = [
 ]
 
 F32 = npt.NDArray[np.float32]
-# window [N,10,4] raw -> (point, low, high), each [N] Mbit/s
+# window [N, WINDOW, WIDTH] raw -> (point, low, high), each [N] Mbit/s
 Predictor = Callable[[F32], tuple[F32, F32, F32]]
 MODEL = "model"
 ORACLE = "oracle"
@@ -91,7 +91,7 @@ def evaluate_windows(
     """Score the model and every baseline on the same windows.
 
     Args:
-        x: ``[N, 10, 4]`` raw windows.
+        x: ``[N, WINDOW, WIDTH]`` raw windows.
         y: ``[N]`` next-step bandwidth.
         trace: ``[N]`` index into ``trace_source`` of each window.
         trace_source: the source name of each trace.
@@ -266,7 +266,7 @@ def _split_files(run_dir: Path, split: str) -> set[str]:
 
 def run(args: argparse.Namespace) -> int:
     """The ``eval`` command."""
-    from trainer.data.traces import load_traces
+    from bwpredd.traces import load_traces
 
     loaded = load_traces(Path(args.traces), progress=not args.quiet)
     traces = list(loaded.traces)

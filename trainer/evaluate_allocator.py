@@ -319,7 +319,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate every policy on ``--traces``; print a table, write ``--json``."""
-    from trainer.data.traces import load_traces
+    from bwpredd.traces import load_traces
 
     try:
         forecast, q, desc = load_model(args.model)

@@ -18,6 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from bwpredd import baselines
+from bwpredd.schema import BW, WINDOW
 from bwpredd.state import LEVELS
 from trainer.env import PreparedTrace
 from trainer.evaluate_allocator import Policy, run_policy
@@ -60,7 +61,7 @@ def plot_forecasts(traces: Sequence[Any], predict: Predictor, path: Path) -> Non
 
     Args:
         traces: traces to draw, one panel each.
-        predict: window ``[N,10,4]`` -> ``(point, low, high)`` each ``[N]``.
+        predict: window ``[N, WINDOW, WIDTH]`` -> ``(point, low, high)`` each ``[N]``.
         path: the PNG to write.
     """
     from trainer.data.windows import make_windows
@@ -219,28 +220,29 @@ def plot_allocation_example(
         ``source/name`` of the trace drawn.
     """
     # The most variable long-enough trace shows the decisions best.
-    cand = [i for i, tr in enumerate(traces) if tr.length >= steps + 10]
+    cand = [i for i, tr in enumerate(traces) if tr.length >= steps + WINDOW]
     if not cand:
         cand = list(range(len(traces)))
     cv = [
-        np.std(traces[i].data[:, 1]) / max(float(np.mean(traces[i].data[:, 1])), 1e-6) for i in cand
+        np.std(traces[i].data[:, BW]) / max(float(np.mean(traces[i].data[:, BW])), 1e-6)
+        for i in cand
     ]
     i = cand[int(np.argsort(cv)[len(cv) // 2 + len(cv) // 4])] if len(cand) > 3 else cand[0]
     tr = traces[i]
-    n = min(steps, tr.length - 10)
+    n = min(steps, tr.length - WINDOW)
     one = [
         replace(
             tr,
-            data=tr.data[: n + 10],
-            capacity=tr.capacity[: n + 10],
-            point=tr.point[: n + 10],
-            low=tr.low[: n + 10],
-            high=tr.high[: n + 10],
+            data=tr.data[: n + WINDOW],
+            capacity=tr.capacity[: n + WINDOW],
+            point=tr.point[: n + WINDOW],
+            low=tr.low[: n + WINDOW],
+            high=tr.high[: n + WINDOW],
         )
     ]
-    t = np.arange(10, n + 10) * tr.step_s
+    t = np.arange(WINDOW, n + WINDOW) * tr.step_s
     fig, ax = plt.subplots(figsize=(10, 4.5))
-    ax.plot(t, tr.data[10 : n + 10, 1], color="k", lw=1.5, label="link bandwidth (trace)")
+    ax.plot(t, tr.data[WINDOW : n + WINDOW, BW], color="k", lw=1.5, label="link bandwidth (trace)")
     for name, pol in policies.items():
         rec = run_policy(one, pol, segment=n, record=True)
         acts = rec["actions"][:, 0]

@@ -121,8 +121,8 @@ def _train_agent(
 
 def run(args: argparse.Namespace) -> int:
     """The ``train`` command."""
+    from bwpredd.traces import load_traces, summarize
     from trainer.data.synthetic import synthetic_traces
-    from trainer.data.traces import load_traces, summarize
     from trainer.data.windows import split_summary, split_traces
 
     if args.members is not None and args.members < 1:

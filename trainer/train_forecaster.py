@@ -33,7 +33,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from trainer.config import WINDOW
+from bwpredd.schema import BW, WINDOW
 from trainer.models.forecaster import Forecaster, ForecasterConfig
 
 __all__ = [
@@ -123,7 +123,7 @@ class TraceBank:
         self.start = np.concatenate([[0], np.cumsum(lengths)[:-1]])
         self.n_windows = lengths - WINDOW
         self.scale = np.array(
-            [max(float(t.data[:, 1].mean()), SCALE_FLOOR_MBPS) for t in traces], dtype=np.float32
+            [max(float(t.data[:, BW].mean()), SCALE_FLOOR_MBPS) for t in traces], dtype=np.float32
         )
         self.sources = sorted({t.source for t in traces})
         self.trace_source = np.array([self.sources.index(t.source) for t in traces])
@@ -135,10 +135,10 @@ class TraceBank:
     def gather(
         self, trace: npt.NDArray[np.int64], offset: npt.NDArray[np.int64]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Windows ``[B,10,4]``, targets ``[B]`` and trace scales ``[B]``."""
+        """Windows ``[B, WINDOW, WIDTH]``, targets ``[B]`` and trace scales ``[B]``."""
         pos = self.start[trace] + offset
         x = self.data[pos[:, None] + np.arange(WINDOW)[None, :]]
-        y = self.data[pos + WINDOW, 1]
+        y = self.data[pos + WINDOW, BW]
         return torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(self.scale[trace])
 
     def sample(

@@ -37,7 +37,7 @@ class TestReplay:
     def test_real_trace_counts_and_finite_metrics(self, tmp_path: Path) -> None:
         """One oboe trace: every sample sent, every later one scored, finite metrics."""
         _need_traces()
-        from trainer.data.traces import load_traces
+        from bwpredd.traces import load_traces
 
         (trace,) = load_traces(OBOE).traces
         n = len(trace)

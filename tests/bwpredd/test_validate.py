@@ -7,6 +7,7 @@ import math
 import pytest
 
 from bwpredd.errors import InvalidArgument
+from bwpredd.schema import FEATURES
 from bwpredd.validate import SampleBatch, check_peer_ids, validate_batch
 
 NOW = 1_800_000_000.0
@@ -18,16 +19,16 @@ def batch(*samples: dict[str, object]) -> SampleBatch:
     def col(name: str, default: float = 0.0) -> list[float]:
         return [float(s.get(name, default)) for s in samples]  # type: ignore[arg-type]
 
+    keys = {
+        "latency_ms": "lat",
+        "bandwidth_mbps": "bw",
+        "packet_loss": "loss",
+        "reliability": "rel",
+    }
     return SampleBatch(
         peer_ids=[str(s.get("peer_id", "p")) for s in samples],
-        bandwidth=col("bw"),
-        has_bandwidth=["bw" in s for s in samples],
-        latency=col("lat"),
-        has_latency=["lat" in s for s in samples],
-        loss=col("loss"),
-        has_loss=["loss" in s for s in samples],
-        reliability=col("rel"),
-        has_reliability=["rel" in s for s in samples],
+        values=[col(keys[name]) for name in FEATURES],
+        given=[[keys[name] in s for s in samples] for name in FEATURES],
         ts=col("ts", math.nan),
     )
 

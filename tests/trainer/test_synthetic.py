@@ -5,12 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from trainer.config import FEATURES
+from bwpredd.schema import BW, FEATURES, LAT, LOSS, REL
 from trainer.data.synthetic import PARAMS, PROFILES, generate, synthetic_traces
 
-LAT, BW, LOSS, REL = (
-    FEATURES.index(f) for f in ("latency_ms", "bandwidth_mbps", "packet_loss", "reliability")
-)
 # The origin design's ranges, raw units.
 RANGES = {
     "datacenter": {BW: (8000, 12000), LAT: (0.1, 2.0), LOSS: (0.0, 0.01), REL: (0.99, 1.0)},

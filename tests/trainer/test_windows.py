@@ -7,12 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from trainer.config import FEATURES, WINDOW
+from bwpredd.schema import BW, FEATURES, WINDOW
+from bwpredd.traces import Trace, load_traces
 from trainer.data.synthetic import synthetic_traces
-from trainer.data.traces import Trace, default_traces_dir, load_traces
+from trainer.data.traces import default_traces_dir
 from trainer.data.windows import make_windows, split_summary, split_traces
-
-BW = FEATURES.index("bandwidth_mbps")
 
 
 def _trace(n: int, name: str = "t", source: str = "s", group: str | None = None) -> Trace:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from bwpredd.schema import LAT
 from bwpredd.state import LEVELS
 from trainer.data.synthetic import synthetic_traces
 from trainer.env import LinkEnv, PreparedTrace
@@ -111,7 +112,7 @@ def crop_traces(
             noise = np.zeros(len(data))
             for t in range(len(data)):
                 noise[t] = rho * noise[t - 1] + eps[t] if t else eps[t]
-            data[:, 0] = base * np.exp(noise)
+            data[:, LAT] = base * np.exp(noise)
         out.append(CroppedTrace(tr.source, tr.name, float(tr.step_s), data))
     return out
 

@@ -45,7 +45,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from trainer.data.traces import Trace
+from bwpredd.schema import FEATURES, stack
+from bwpredd.traces import Trace
 
 __all__ = ["PARAMS", "PROFILES", "ProfileParams", "generate", "synthetic_traces"]
 
@@ -209,8 +210,8 @@ def generate(profile: str, n_steps: int, seed: int) -> tuple[np.ndarray, np.ndar
         seed: seeds a fresh ``numpy`` generator; same seed, same trace.
 
     Returns:
-        ``(data, oracle)``: ``data`` float32 ``[n_steps, 4]`` in ``FEATURES``
-        order and raw units; ``oracle`` float32 ``[n_steps]`` with
+        ``(data, oracle)``: ``data`` float32 ``[n_steps, WIDTH]`` in the
+        order of :mod:`bwpredd.schema`, raw units; ``oracle`` float32 ``[n_steps]`` with
         ``oracle[t] = E[bw_t | state after step t-1]`` (see the module docstring).
 
     Raises:
@@ -265,7 +266,9 @@ def generate(profile: str, n_steps: int, seed: int) -> tuple[np.ndarray, np.ndar
     if n > 1:
         oracle[1:] = _oracle(p, drift[1:], s[:-1], a[:-1])
 
-    data = np.stack([latency, bw, loss, rel], axis=1).astype(np.float32)
+    data = stack(
+        {"latency_ms": latency, "bandwidth_mbps": bw, "packet_loss": loss, "reliability": rel}
+    )
     return data, oracle.astype(np.float32)
 
 
@@ -282,7 +285,7 @@ def synthetic_traces(seed: int, n_traces: int = 40, length: int = 500) -> list[T
 
     Returns:
         Traces with source ``"synthetic_<profile>"``, name
-        ``"synthetic_<profile>/<k>"``, step 1 s, all four features measured and
+        ``"synthetic_<profile>/<k>"``, step 1 s, every feature measured and
         ``oracle_next_bw`` set.
 
     Raises:
@@ -307,7 +310,7 @@ def synthetic_traces(seed: int, n_traces: int = 40, length: int = 500) -> list[T
                     group=name,
                     step_s=1.0,
                     data=data,
-                    measured=("latency_ms", "bandwidth_mbps", "packet_loss", "reliability"),
+                    measured=FEATURES,
                     time_s=np.arange(length, dtype=np.float64),
                     oracle_next_bw=oracle,
                 )

@@ -1,7 +1,7 @@
 """Cut traces into model windows and split traces into train/val/test folds.
 
-One job: turn a list of :class:`~trainer.data.traces.Trace` into the
-``[N, 10, 4]`` raw-unit windows the forecaster reads (target: the next step's
+One job: turn a list of :class:`~bwpredd.traces.Trace` into the
+``[N, WINDOW, WIDTH]`` raw-unit windows the forecaster reads (target: the next step's
 bandwidth), and split traces by fold group so no session, route+day, Pantheon
 folder or mahimahi pair is ever in two splits.
 """
@@ -15,13 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from trainer.config import FEATURES, WINDOW
-from trainer.data.traces import Trace
+from bwpredd.schema import BW, WIDTH, WINDOW
+from bwpredd.traces import Trace
 
 __all__ = ["SPLIT_NAMES", "Windows", "make_windows", "split_summary", "split_traces"]
 
 SPLIT_NAMES = ("train", "val", "test")
-_BW = FEATURES.index("bandwidth_mbps")
 
 
 @dataclass
@@ -29,7 +28,7 @@ class Windows:
     """Windows of ``WINDOW`` steps with the next step's bandwidth as target.
 
     Attributes:
-        x: ``float32 [N, WINDOW, 4]`` raw units, ``FEATURES`` order.
+        x: ``float32 [N, WINDOW, WIDTH]`` raw units, in the order of :mod:`bwpredd.schema`.
         y: ``float32 [N]`` bandwidth (Mbit/s) of the step after the window.
         trace: ``int32 [N]`` index into the traces given to :func:`make_windows`.
         trace_mean: ``float32 [N]`` mean bandwidth of that whole trace.
@@ -72,12 +71,12 @@ def make_windows(traces: Sequence[Trace], stride: int = 1) -> Windows:
         # A strided view, then one copy of the windows we keep.
         view = np.lib.stride_tricks.sliding_window_view(data[:-1], WINDOW, axis=0)
         xs.append(np.ascontiguousarray(view[::stride][:n].transpose(0, 2, 1)))
-        ys.append(data[WINDOW::stride, _BW][:n])
+        ys.append(data[WINDOW::stride, BW][:n])
         idx.append(np.full(n, i, dtype=np.int32))
-        means.append(np.full(n, data[:, _BW].mean(dtype=np.float64), dtype=np.float32))
+        means.append(np.full(n, data[:, BW].mean(dtype=np.float64), dtype=np.float32))
     if not xs:
         return Windows(
-            x=np.zeros((0, WINDOW, len(FEATURES)), np.float32),
+            x=np.zeros((0, WINDOW, WIDTH), np.float32),
             y=np.zeros(0, np.float32),
             trace=np.zeros(0, np.int32),
             trace_mean=np.zeros(0, np.float32),

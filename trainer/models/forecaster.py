@@ -1,7 +1,7 @@
 """The bandwidth forecaster: the origin's stacked LSTM with an interval head.
 
-The model takes raw windows ``[N, 10, 4]`` (``[latency_ms, bandwidth_mbps,
-packet_loss, reliability]``) and does its own normalisation, so the exported
+The model takes raw windows ``[N, WINDOW, WIDTH]`` (features as
+:mod:`bwpredd.schema` orders them) and does its own normalisation, so the exported
 ONNX graph is fed raw units and no statistics file can drift from it.
 Bandwidth spans four orders of magnitude, so each window is put in log scale
 relative to its own mean: ``r = log((bw + eps m) / m)`` with ``m`` the window
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from bwpredd.schema import BW, LAT, LOSS, REL, WIDTH
 from trainer.members import merge_members
 from trainer.models import checkpoint
 
@@ -34,7 +35,7 @@ __all__ = ["Forecaster", "ForecasterConfig", "load_checkpoint", "save_checkpoint
 class ForecasterConfig:
     """Architecture of :class:`Forecaster` (stored in every checkpoint)."""
 
-    n_features: int = 4
+    n_features: int = WIDTH
     lstm_sizes: tuple[int, int, int] = (128, 64, 32)
     lstm_dropout: float = 0.2
     dense_sizes: tuple[int, int] = (16, 8)
@@ -123,16 +124,16 @@ class Forecaster(nn.Module):
 
     def scale(self, window: torch.Tensor) -> torch.Tensor:
         """The window's mean bandwidth ``m`` ``[N, 1]`` (floored at 1 kbit/s)."""
-        return window[:, :, 1].clamp(min=0).mean(dim=1, keepdim=True).clamp(min=1e-3)
+        return window[:, :, BW].clamp(min=0).mean(dim=1, keepdim=True).clamp(min=1e-3)
 
     def features(self, window: torch.Tensor) -> torch.Tensor:
         """Raw window -> the scale-free inputs of the LSTM stack."""
         m = self.scale(window)
-        bw = window[:, :, 1].clamp(min=0)
+        bw = window[:, :, BW].clamp(min=0)
         rel = torch.log((bw + self.cfg.rel_eps * m) / m)
-        lat = torch.log1p(window[:, :, 0].clamp(min=0)) / 5.0
-        loss = window[:, :, 2].clamp(0, 1) * 10.0
-        unrel = (1.0 - window[:, :, 3].clamp(0, 1)) * 10.0
+        lat = torch.log1p(window[:, :, LAT].clamp(min=0)) / 5.0
+        loss = window[:, :, LOSS].clamp(0, 1) * 10.0
+        unrel = (1.0 - window[:, :, REL].clamp(0, 1)) * 10.0
         return torch.stack([rel, lat, loss, unrel], dim=2)
 
     def forward_rel(self, window: torch.Tensor) -> torch.Tensor:
