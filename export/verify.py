@@ -38,6 +38,7 @@ from bwpredd.modeldir import session
 from bwpredd.state import DEFAULT_STEP_S, build_state
 from trainer.data.traces import default_traces_dir, load_traces
 from trainer.data.windows import make_windows
+from trainer.predict import forecast_fn
 
 __all__ = [
     "MAX_REL_ERR",
@@ -259,16 +260,12 @@ def time_session(sess: ort.InferenceSession, feeds: dict[str, F32], *, repeat: i
 
 
 def torch_forecast(model: nn.Module, windows: F32) -> tuple[F64, F64, F64]:
-    """The torch forecaster's (point, low, high), each ``[N, 1]``, in eval mode.
+    """The torch forecaster's (point, low, high), each ``[N, 1]`` float64 as
+    the parity check compares them (:func:`trainer.predict.forecast_fn`).
 
     Args:
         model: the torch forecaster.
         windows: ``[N, 10, 4]`` raw windows.
     """
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        outs = model(torch.from_numpy(np.ascontiguousarray(windows)))
-    model.train(was_training)
-    point, low, high = (o.numpy().astype(np.float64) for o in outs)
+    point, low, high = (x.astype(np.float64)[:, None] for x in forecast_fn(model)(windows))
     return point, low, high
