@@ -112,7 +112,7 @@ class TestInstallUnderUmask077:
             pytest.skip("setpriv (util-linux) is not installed")
         venv = staged / "opt/bwpredd/venv"
         code = (
-            "from bwpredd.engine import DEFAULT_MODEL_DIR as d, load_model; "
+            "from bwpredd.modeldir import DEFAULT_MODEL_DIR as d, load_model; "
             "print(load_model(d).version)"
         )
         as_nobody = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
