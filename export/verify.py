@@ -34,7 +34,7 @@ from bwpredd.manifest import (
     FORECASTER_OUTPUTS,
     WINDOW,
 )
-from bwpredd.modeldir import session
+from bwpredd.modeldir import session, synthetic_windows
 from bwpredd.state import DEFAULT_STEP_S, build_state
 from trainer.data.traces import default_traces_dir, load_traces
 from trainer.data.windows import make_windows
@@ -47,7 +47,6 @@ __all__ = [
     "allocator_parity",
     "forecaster_parity",
     "parity_windows",
-    "synthetic_windows",
     "time_session",
     "torch_forecast",
 ]
@@ -86,26 +85,6 @@ class ParityReport:
         if self.action_agreement is not None:
             out["greedy_action_agreement"] = self.action_agreement
         return out
-
-
-def synthetic_windows(n: int, seed: int = 0) -> F32:
-    """Seeded raw windows ``[n, 10, 4]`` over four orders of magnitude of
-    bandwidth, with occasional outages (a stand-in when no traces are at hand).
-
-    Args:
-        n: how many windows.
-        seed: the generator's seed.
-    """
-    rng = np.random.default_rng(seed)
-    level = np.exp(rng.uniform(np.log(0.1), np.log(10_000.0), size=(n, 1)))
-    walk = np.cumsum(rng.normal(0.0, rng.uniform(0.02, 0.5, size=(n, 1)), size=(n, WINDOW)), 1)
-    bw = level * np.exp(walk)
-    bw[rng.random((n, WINDOW)) < 0.02] = 0.0
-    base = np.exp(rng.uniform(np.log(0.2), np.log(300.0), size=(n, 1)))
-    lat = base * (1.0 + np.abs(rng.normal(0.0, 0.2, size=(n, WINDOW))))
-    loss = np.clip(rng.exponential(0.003, size=(n, WINDOW)), 0.0, 1.0)
-    rel = np.clip(1.0 - rng.exponential(0.01, size=(n, WINDOW)), 0.0, 1.0)
-    return np.stack([lat, bw, loss, rel], axis=2).astype(np.float32)
 
 
 def parity_windows(

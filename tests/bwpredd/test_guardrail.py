@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from bwpredd.client import Client, pb
+from bwpredd.modeldir import synthetic_windows
 from bwpredd.state import STATE_LAYOUT
 from export import export_model_dir
-from export.verify import synthetic_windows
 from tests.bwpredd.test_reload import reload
 from tests.conftest_models import make_model_dir
 from tests.helpers import running_server, sample
