@@ -15,8 +15,8 @@ the asyncio grpcio server:
   metrics, live scoring or logging: what the Python stack costs before any of
   the daemon's features.
 
-``python -m bwpredd._bench_floor {sync,aio} unix:/path.sock`` prints
-``READY`` on stdout once it serves and runs until SIGTERM.
+``python -m bench.floor {sync,aio} unix:/path.sock`` prints ``READY`` on
+stdout once it serves and runs until SIGTERM; :class:`Floor` starts one.
 """
 
 from __future__ import annotations
@@ -24,19 +24,22 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
+import subprocess
 import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent import futures
+from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 import numpy.typing as npt
 
+from bench.harness import REPO, channel
 from bwpredd._proto.bwpred.v1 import bwpred_pb2 as pb
 
-__all__ = ["ECHO_METHOD", "INGEST_METHOD", "MinimalStore", "echo_request", "main"]
+__all__ = ["ECHO_METHOD", "INGEST_METHOD", "Floor", "MinimalStore", "echo_request", "main"]
 
 ECHO_METHOD = "/bench.Floor/Echo"
 INGEST_METHOD = "/bwpred.v1.BandwidthPredictorService/StreamSamples"
@@ -227,15 +230,46 @@ async def _serve_aio(address: str) -> None:
     await server.stop(0)
 
 
+class Floor:
+    """A floor server as a child process, serving once constructed.
+
+    Args:
+        workdir: where the socket goes.
+        kind: ``sync`` (thread pool) or ``aio`` (asyncio).
+    """
+
+    def __init__(self, workdir: Path, kind: str) -> None:
+        self.kind = kind
+        self.address = f"unix:{workdir / f'floor-{kind}.sock'}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.floor", kind, self.address],
+            stdout=subprocess.DEVNULL,
+            cwd=REPO,
+        )
+        with channel(self.address) as ch:
+            grpc.channel_ready_future(ch).result(timeout=30)
+
+    def stop(self) -> None:
+        """SIGTERM; SIGKILL if it outlives 10 s."""
+        if self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m bwpredd._bench_floor {sync,aio} ADDRESS``.
+    """``python -m bench.floor {sync,aio} ADDRESS``.
 
     Args:
         argv: arguments (``sys.argv[1:]`` when None).
     """
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2 or args[0] not in ("sync", "aio"):
-        print("usage: python -m bwpredd._bench_floor {sync,aio} unix:/path.sock", file=sys.stderr)
+        print("usage: python -m bench.floor {sync,aio} unix:/path.sock", file=sys.stderr)
         return 2
     kind, address = args
     if kind == "sync":
