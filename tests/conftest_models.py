@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bwpredd.modeldir import synthetic_windows
+from bench.harness import synthetic_windows
 from bwpredd.state import STATE_LAYOUT
 from export import export_model_dir
 from trainer.models.forecaster import Forecaster, ForecasterConfig

@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bench.harness import synthetic_windows
 from bwpredd.client import Client, pb
-from bwpredd.modeldir import synthetic_windows
 from bwpredd.state import STATE_LAYOUT
 from export import export_model_dir
 from tests.bwpredd.test_reload import reload

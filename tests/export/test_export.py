@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from bench.harness import synthetic_windows
 from bwpredd.errors import ManifestError
 from bwpredd.manifest import Manifest, load_manifest, verify_files
-from bwpredd.modeldir import load_model, synthetic_windows
+from bwpredd.modeldir import load_model
 from bwpredd.state import STATE_LAYOUT
 from export import ExportError, copy_model_dir, export_model_dir, publish_dir
 from export.__main__ import main as export_main

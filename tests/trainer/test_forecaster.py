@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from bwpredd.modeldir import synthetic_windows
-from tests.helpers import write_csv_traces
+from tests.helpers import synthetic_windows, write_csv_traces
 from trainer.models.forecaster import (
     Forecaster,
     ForecasterConfig,
