@@ -12,6 +12,7 @@ import numpy as np
 
 from bench.harness import (
     daemon_process,
+    free_port,
     running_server,
     spawn_daemon,
     synthetic_windows,
@@ -22,6 +23,7 @@ from bwpredd.client import pb
 __all__ = [
     "HandTrace",
     "daemon_process",
+    "free_port",
     "running_server",
     "sample",
     "spawn_daemon",
