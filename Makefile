@@ -94,10 +94,10 @@ export: install
 	$(PYTHON) -m export --run runs/latest --traces $(TRACES) --embed
 
 bench: install
-	$(PYTHON) -m bwpredd.bench $(if $(QUICK),--quick)
+	$(PYTHON) -m bench $(if $(QUICK),--quick)
 
 soak: install
-	$(PYTHON) -m tests.soak --minutes $(DURATION)
+	$(PYTHON) -m bench.soak --minutes $(DURATION)
 
 install-systemd: install
 	sh deploy/install.sh

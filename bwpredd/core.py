@@ -16,6 +16,7 @@ import numpy.typing as npt
 
 from bwpredd.advise import Advice, CodecTable, advise_many, rank
 from bwpredd.config import Config
+from bwpredd.engine import SOURCE_LABELS as _SOURCE_NAMES
 from bwpredd.engine import Allocations, Engine, Forecasts
 from bwpredd.errors import InvalidArgument, PeerNotFound
 from bwpredd.livescore import Accuracy, LiveScores
@@ -431,6 +432,3 @@ class Core:
             self.metrics.evictions.labels(cause="idle").inc(n)
             self.metrics.peers.set(len(self.store))
         return n
-
-
-_SOURCE_NAMES = {1: "model", 2: "baseline_cold_start", 3: "baseline_fallback"}

@@ -24,6 +24,7 @@ from bwpredd.state import LEVELS, build_state, reference_capacity
 
 __all__ = [
     "FALLBACK_DEFAULTS",
+    "SOURCE_LABELS",
     "Allocations",
     "Engine",
     "Forecasts",
@@ -42,11 +43,24 @@ BASELINE_ALPHA = 0.5
 
 
 class Source(IntEnum):
-    """Where an answer came from; values match ``bwpred.v1.ForecastSource``."""
+    """Where an answer came from: bwpredd's one definition of the forecast
+    source. Names and values are ``bwpred.v1.ForecastSource``'s without its
+    prefix (a test checks), so the servicer sends them as they are; metrics
+    and replay reports name them by :attr:`label`."""
 
     MODEL = 1
     BASELINE_COLD_START = 2
     BASELINE_FALLBACK = 3
+
+    @property
+    def label(self) -> str:
+        """The lower-case name (``baseline_cold_start``): metric label values
+        and report keys."""
+        return self.name.lower()
+
+
+# Source value -> label, for code that holds plain ints (answers, the wire).
+SOURCE_LABELS: dict[int, str] = {s.value: s.label for s in Source}
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,14 @@ from bwpredd.manifest import (
 from bwpredd.schema import WINDOW, stack
 from bwpredd.state import DEFAULT_STEP_S, STATE_LAYOUT, build_state
 
-__all__ = ["DEFAULT_MODEL_DIR", "LoadedModel", "load_model", "session", "smoke_windows"]
+__all__ = [
+    "DEFAULT_MODEL_DIR",
+    "LoadedModel",
+    "load_model",
+    "session",
+    "smoke_windows",
+    "synthetic_windows",
+]
 
 # The model shipped inside the package (what `make export` writes).
 DEFAULT_MODEL_DIR = Path(__file__).parent / "models" / "default"
@@ -124,6 +131,10 @@ def smoke_windows(n: int = 64, seed: int = 0) -> F32:
     """Seeded raw windows ``[n, WINDOW, WIDTH]``: bandwidth from 0.05 Mbit/s to 10 Gbit/s;
     the first is all zero (an outage), the second constant.
 
+    The smoke run's checklist, not a sample of plausible links (that is
+    :func:`synthetic_windows`): the levels are spread evenly in log space so
+    every order of magnitude is run, and the two edge cases always come first.
+
     Args:
         n: how many windows.
         seed: the generator's seed.
@@ -136,6 +147,38 @@ def smoke_windows(n: int = 64, seed: int = 0) -> F32:
     rel = rng.uniform(0.9, 1.0, size=(n, WINDOW))
     bw[:1] = 0.0
     bw[1:2] = 25.0
+    out: F32 = stack(
+        {"latency_ms": lat, "bandwidth_mbps": bw, "packet_loss": loss, "reliability": rel}
+    )
+    return out
+
+
+def synthetic_windows(n: int, seed: int = 0, *, mbps: tuple[float, float] = (0.1, 10_000.0)) -> F32:
+    """Seeded plausible raw windows ``[n, WINDOW, WIDTH]``: each a random walk of
+    bandwidth around a level drawn log-uniformly from ``mbps``, with its own
+    volatility and occasional outages (2% of samples at 0), and latency, loss
+    and reliability to match. Every value is a valid sample and float32, so a
+    daemon fed these windows stores exactly them.
+
+    The daemon does not use it: export's parity check falls back to it when no
+    traces are at hand, and the tests and the bench use it (through
+    :mod:`bench.harness`); it lives here, next to :func:`smoke_windows`, so
+    all of them read one generator without importing torch.
+
+    Args:
+        n: how many windows.
+        seed: the generator's seed.
+        mbps: the range of the windows' bandwidth levels, Mbit/s.
+    """
+    rng = np.random.default_rng(seed)
+    level = np.exp(rng.uniform(np.log(mbps[0]), np.log(mbps[1]), size=(n, 1)))
+    walk = np.cumsum(rng.normal(0.0, rng.uniform(0.02, 0.5, size=(n, 1)), size=(n, WINDOW)), 1)
+    bw = level * np.exp(walk)
+    bw[rng.random((n, WINDOW)) < 0.02] = 0.0
+    base = np.exp(rng.uniform(np.log(0.2), np.log(300.0), size=(n, 1)))
+    lat = base * (1.0 + np.abs(rng.normal(0.0, 0.2, size=(n, WINDOW))))
+    loss = np.clip(rng.exponential(0.003, size=(n, WINDOW)), 0.0, 1.0)
+    rel = np.clip(1.0 - rng.exponential(0.01, size=(n, WINDOW)), 0.0, 1.0)
     out: F32 = stack(
         {"latency_ms": lat, "bandwidth_mbps": bw, "packet_loss": loss, "reliability": rel}
     )

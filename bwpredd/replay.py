@@ -30,7 +30,7 @@ import numpy.typing as npt
 from bwpredd.accuracy import nmae
 from bwpredd.baselines import ewma
 from bwpredd.client import Client, pb
-from bwpredd.engine import BASELINE_ALPHA
+from bwpredd.engine import BASELINE_ALPHA, SOURCE_LABELS
 from bwpredd.schema import BW, FEATURES, OPTIONAL, TRACE_CSV_REQUIRED, WIDTH, WINDOW
 from bwpredd.traces import Trace, load_traces
 
@@ -38,11 +38,6 @@ __all__ = ["FileReport", "ReplayError", "ReplayReport", "Scores", "peer_id_for",
 
 F64 = npt.NDArray[np.float64]
 PREDICTORS = ("daemon", "last_value", "ewma")
-_SOURCE_NAMES = {
-    pb.FORECAST_SOURCE_MODEL: "model",
-    pb.FORECAST_SOURCE_BASELINE_COLD_START: "baseline_cold_start",
-    pb.FORECAST_SOURCE_BASELINE_FALLBACK: "baseline_fallback",
-}
 _BAD_CHARS = re.compile(r"[^A-Za-z0-9._:@/-]")
 MAX_PEER_ID = 128
 PLOT_MAX_FILES = 12
@@ -268,7 +263,7 @@ def _replay_one(
             accs["last_value"].add(local, actual)
             accs["ewma"].add(avg, actual)
             inside += int(fc.low_mbps <= actual[0] <= fc.high_mbps)
-            source = _SOURCE_NAMES.get(fc.source, "unspecified")
+            source = SOURCE_LABELS.get(fc.source, "unspecified")
             report.sources[source] = report.sources.get(source, 0) + 1
             report.actual.append(float(actual[0]))
             report.point.append(fc.bandwidth_mbps)

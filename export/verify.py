@@ -32,12 +32,13 @@ from bwpredd.manifest import (
     FORECASTER_INPUT,
     FORECASTER_OUTPUTS,
 )
-from bwpredd.modeldir import session
-from bwpredd.schema import BW, WIDTH, WINDOW, stack
+from bwpredd.modeldir import session, synthetic_windows
+from bwpredd.schema import BW, WIDTH, WINDOW
 from bwpredd.state import DEFAULT_STEP_S, build_state
 from bwpredd.traces import load_traces
 from trainer.data.traces import default_traces_dir
 from trainer.data.windows import make_windows
+from trainer.predict import forecast_fn
 
 __all__ = [
     "MAX_REL_ERR",
@@ -46,7 +47,6 @@ __all__ = [
     "allocator_parity",
     "forecaster_parity",
     "parity_windows",
-    "synthetic_windows",
     "time_session",
     "torch_forecast",
 ]
@@ -85,29 +85,6 @@ class ParityReport:
         if self.action_agreement is not None:
             out["greedy_action_agreement"] = self.action_agreement
         return out
-
-
-def synthetic_windows(n: int, seed: int = 0) -> F32:
-    """Seeded raw windows ``[n, WINDOW, WIDTH]`` over four orders of magnitude of
-    bandwidth, with occasional outages (a stand-in when no traces are at hand).
-
-    Args:
-        n: how many windows.
-        seed: the generator's seed.
-    """
-    rng = np.random.default_rng(seed)
-    level = np.exp(rng.uniform(np.log(0.1), np.log(10_000.0), size=(n, 1)))
-    walk = np.cumsum(rng.normal(0.0, rng.uniform(0.02, 0.5, size=(n, 1)), size=(n, WINDOW)), 1)
-    bw = level * np.exp(walk)
-    bw[rng.random((n, WINDOW)) < 0.02] = 0.0
-    base = np.exp(rng.uniform(np.log(0.2), np.log(300.0), size=(n, 1)))
-    lat = base * (1.0 + np.abs(rng.normal(0.0, 0.2, size=(n, WINDOW))))
-    loss = np.clip(rng.exponential(0.003, size=(n, WINDOW)), 0.0, 1.0)
-    rel = np.clip(1.0 - rng.exponential(0.01, size=(n, WINDOW)), 0.0, 1.0)
-    out: F32 = stack(
-        {"latency_ms": lat, "bandwidth_mbps": bw, "packet_loss": loss, "reliability": rel}
-    )
-    return out
 
 
 def parity_windows(
@@ -262,16 +239,12 @@ def time_session(sess: ort.InferenceSession, feeds: dict[str, F32], *, repeat: i
 
 
 def torch_forecast(model: nn.Module, windows: F32) -> tuple[F64, F64, F64]:
-    """The torch forecaster's (point, low, high), each ``[N, 1]``, in eval mode.
+    """The torch forecaster's (point, low, high), each ``[N, 1]`` float64 as
+    the parity check compares them (:func:`trainer.predict.forecast_fn`).
 
     Args:
         model: the torch forecaster.
         windows: ``[N, WINDOW, WIDTH]`` raw windows.
     """
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        outs = model(torch.from_numpy(np.ascontiguousarray(windows)))
-    model.train(was_training)
-    point, low, high = (o.numpy().astype(np.float64) for o in outs)
+    point, low, high = (x.astype(np.float64)[:, None] for x in forecast_fn(model)(windows))
     return point, low, high

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bench.harness import synthetic_windows
 from bwpredd.state import STATE_LAYOUT
 from export import export_model_dir
-from export.verify import synthetic_windows
 from trainer.models.forecaster import Forecaster, ForecasterConfig
 from trainer.models.qnet import QNetConfig, QNetwork
 

@@ -57,9 +57,9 @@ many segments ("lanes") at once so evaluation and training stay vectorised.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -67,12 +67,12 @@ import numpy.typing as npt
 from bwpredd.baselines import baseline_interval, ewma
 from bwpredd.schema import BW, LAT, LOSS, WINDOW
 from bwpredd.state import LEVELS, STATE_LAYOUT, build_state, reference_capacity
+from trainer.predict import ForecastFn
 
 __all__ = [
     "LEVEL_ARRAY",
     "QUEUE_EPS_STEPS",
     "EnvConfig",
-    "ForecastFn",
     "LinkEnv",
     "PreparedTrace",
     "StepResult",
@@ -80,7 +80,6 @@ __all__ = [
     "link_step",
     "prepare_traces",
     "segment_lanes",
-    "torch_forecast",
 ]
 
 F32 = npt.NDArray[np.float32]
@@ -94,9 +93,6 @@ OUTAGE_MBPS = 1e-3
 # A queue shorter than 1% of a step of the reference capacity is rounding,
 # not a queue, when counting the share of steps with a queue.
 QUEUE_EPS_STEPS = 0.01
-
-# (window [N, W, WIDTH] raw) -> (point, low, high), each [N] Mbit/s.
-ForecastFn = Callable[[F32], tuple[F32, F32, F32]]
 
 
 class TraceLike(Protocol):
@@ -154,31 +150,6 @@ def ewma_forecast(windows: F32) -> tuple[F32, F32, F32]:
     point = ewma(windows)
     low, high = baseline_interval(windows, point)
     return point, low, high
-
-
-def torch_forecast(model: Any, batch: int = 8192) -> ForecastFn:
-    """Wrap a :class:`trainer.models.forecaster.Forecaster` as a batched
-    :data:`ForecastFn` (eval mode, no grad).
-
-    Args:
-        model: the forecaster.
-        batch: windows per forward pass.
-    """
-    import torch
-
-    model.eval()
-
-    def run(windows: F32) -> tuple[F32, F32, F32]:
-        outs: list[list[F32]] = [[], [], []]
-        with torch.no_grad():
-            for i in range(0, len(windows), batch):
-                x = torch.from_numpy(np.ascontiguousarray(windows[i : i + batch], np.float32))
-                for k, y in enumerate(model(x)):
-                    outs[k].append(y.reshape(-1).numpy().astype(np.float32))
-        cat = [np.concatenate(o) if o else np.zeros(0, np.float32) for o in outs]
-        return cat[0], cat[1], cat[2]
-
-    return run
 
 
 def prepare_traces(

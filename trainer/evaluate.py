@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ import numpy.typing as npt
 
 from bwpredd import baselines
 from trainer import metrics
+from trainer.predict import BATCH, ForecastFn, forecast_fn
 
 __all__ = [
     "BASELINES",
@@ -39,14 +40,12 @@ __all__ = [
 ]
 
 F32 = npt.NDArray[np.float32]
-# window [N, WINDOW, WIDTH] raw -> (point, low, high), each [N] Mbit/s
-Predictor = Callable[[F32], tuple[F32, F32, F32]]
+Predictor = ForecastFn  # the model under evaluation
 MODEL = "model"
 ORACLE = "oracle"
 BASELINES = ("last_value", "ewma", "ewma_0.3", "ewma_0.5", "harmonic_mean", "mean")
 # What "best baseline" is chosen among: ewma is already the better alpha.
 CANDIDATES = ("last_value", "ewma", "harmonic_mean", "mean")
-BATCH = 8192
 # Sources whose name starts with this are generated, not measured: they get
 # their own macro row so the headline (and issue 3's targets) is real traces.
 SYNTHETIC_PREFIX = "synthetic"
@@ -213,13 +212,8 @@ def load_predictor(path: Path) -> tuple[Predictor, dict[str, Any]]:
 
     torch.set_num_threads(2)
     model, ckpt = load_checkpoint(str(path))
-
-    @torch.no_grad()
-    def predict(x: F32) -> tuple[F32, F32, F32]:
-        point, low, high = model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
-        return point[:, 0].numpy(), low[:, 0].numpy(), high[:, 0].numpy()
-
-    return predict, {"kind": "checkpoint", "path": str(path), "seed": ckpt.get("seed")}
+    info = {"kind": "checkpoint", "path": str(path), "seed": ckpt.get("seed")}
+    return forecast_fn(model), info
 
 
 def _onnx_predictor(model_dir: Path) -> tuple[Predictor, dict[str, Any]]:

@@ -33,12 +33,12 @@ from trainer.env import (
     LEVEL_ARRAY,
     QUEUE_EPS_STEPS,
     EnvConfig,
-    ForecastFn,
     LinkEnv,
     PreparedTrace,
     prepare_traces,
     segment_lanes,
 )
+from trainer.predict import ForecastFn
 
 __all__ = [
     "HEURISTICS",
@@ -283,9 +283,9 @@ def load_model(path: Path) -> tuple[ForecastFn | None, Callable[[F32], F32], str
             return np.asarray(loaded.q_values(np.ascontiguousarray(states, np.float32)))
 
         return forecast, q, f"model directory {path} (onnxruntime)"
-    from trainer.env import torch_forecast
     from trainer.models import forecaster as fmod
     from trainer.models import qnet
+    from trainer.predict import forecast_fn
 
     model, ckpt = qnet.load_checkpoint(str(path))
     layout = ckpt.get("state_layout")
@@ -296,7 +296,7 @@ def load_model(path: Path) -> tuple[ForecastFn | None, Callable[[F32], F32], str
     desc = f"torch checkpoint {path}, EWMA forecast"
     if fpath.exists():
         fmodel, _ = fmod.load_checkpoint(str(fpath))
-        fc = torch_forecast(fmodel)
+        fc = forecast_fn(fmodel)
         desc = f"torch checkpoint {path}, forecaster {fpath}"
     return fc, torch_q_values(model), desc
 

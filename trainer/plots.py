@@ -4,7 +4,7 @@ with each policy's allocation."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from bwpredd.schema import BW, WINDOW
 from bwpredd.state import LEVELS
 from trainer.env import PreparedTrace
 from trainer.evaluate_allocator import Policy, run_policy
+from trainer.predict import ForecastFn
 
 __all__ = [
     "pick_traces",
@@ -33,7 +34,6 @@ __all__ = [
 ]
 
 F32 = npt.NDArray[np.float32]
-Predictor = Callable[[F32], tuple[F32, F32, F32]]
 MAX_STEPS = 300
 
 
@@ -55,7 +55,7 @@ def pick_traces(traces: Sequence[Any], n: int = 4) -> list[Any]:
     return picked
 
 
-def plot_forecasts(traces: Sequence[Any], predict: Predictor, path: Path) -> None:
+def plot_forecasts(traces: Sequence[Any], predict: ForecastFn, path: Path) -> None:
     """Forecast vs actual with the 80% interval (and last value for
     reference) on the first :data:`MAX_STEPS` steps of each trace.
 

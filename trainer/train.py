@@ -18,9 +18,6 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from trainer.evaluate import evaluate_traces, format_table
 from trainer.members import train_members
 from trainer.models.forecaster import (
@@ -29,26 +26,16 @@ from trainer.models.forecaster import (
     load_checkpoint,
     save_checkpoint,
 )
+from trainer.predict import forecast_fn
 from trainer.train_forecaster import TrainConfig, calibrate_interval, train_forecaster
 
-__all__ = ["add_arguments", "main", "predictor", "run"]
+__all__ = ["add_arguments", "main", "run"]
 
 SPLIT_FRACTIONS = (0.7, 0.15, 0.15)
 # Synthetic data: 2 profiles x N_SYNTHETIC / 2 traces of SYNTHETIC_LENGTH steps
 # (60 x 500 = 30,000 samples, three times the origin's 10,000).
 N_SYNTHETIC = 60
 SYNTHETIC_LENGTH = 500
-
-
-def predictor(model: Forecaster) -> Any:
-    """Wrap a torch model as a numpy ``window -> (point, low, high)`` callable."""
-
-    @torch.no_grad()
-    def predict(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        point, low, high = model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
-        return point[:, 0].numpy(), low[:, 0].numpy(), high[:, 0].numpy()
-
-    return predict
 
 
 def _json_safe(obj: Any) -> Any:
@@ -197,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
         scale = calibrate_interval(model, val)
         print(f"interval scale calibrated on the validation split: {scale:.3f}")
 
-    predict = predictor(model)
+    predict = forecast_fn(model)
     val_res = evaluate_traces(val, predict) if val else None
     test_res = evaluate_traces(test, predict)
     print(format_table(test_res))

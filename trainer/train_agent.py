@@ -25,7 +25,7 @@ import torch
 from bwpredd.state import STATE_LAYOUT
 from trainer.data.episodes import crop_traces, with_synthetic
 from trainer.dqn import QUICK, AgentConfig, train_loop
-from trainer.env import ForecastFn, prepare_traces, torch_forecast
+from trainer.env import prepare_traces
 from trainer.evaluate_allocator import (
     evaluate_policies,
     greedy_policy,
@@ -35,6 +35,7 @@ from trainer.evaluate_allocator import (
 )
 from trainer.members import train_members
 from trainer.models.qnet import QNetwork, save_checkpoint
+from trainer.predict import ForecastFn, forecast_fn
 
 __all__ = ["train_agent"]
 
@@ -87,7 +88,7 @@ def train_agent(  # noqa: PLR0917 (the orchestrator's contract)
         from trainer.models.forecaster import load_checkpoint as load_forecaster
 
         fmodel, _ = load_forecaster(str(forecaster_path))
-        forecast = torch_forecast(fmodel)
+        forecast = forecast_fn(fmodel)
         forecast_desc = f"forecaster {forecaster_path}"
     # The forecaster runs once over every window of every trace it is given;
     # on 2 cores that is most of the budget for the long traces (puffer alone

@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bwpredd import Predictor
-from bwpredd.engine import Engine, Source
+from bwpredd._proto.bwpred.v1 import bwpred_pb2 as pb
+from bwpredd.engine import SOURCE_LABELS, Engine, Source
 from bwpredd.errors import ModelError
 from bwpredd.modeldir import DEFAULT_MODEL_DIR, load_model, smoke_windows
 from bwpredd.state import build_state, reference_capacity
@@ -96,6 +97,18 @@ class TestEngine:
             == [Source.BASELINE_FALLBACK] * 2 + [Source.BASELINE_COLD_START] * 2
         )
         assert none.model_version == ""
+
+    def test_source_is_the_protos(self) -> None:
+        """Source's names and values are bwpred.v1.ForecastSource's (less
+        its prefix and UNSPECIFIED), and its labels are the metric label
+        values operators query."""
+        proto = {
+            name.removeprefix("FORECAST_SOURCE_"): value
+            for name, value in pb.ForecastSource.items()
+            if value != pb.FORECAST_SOURCE_UNSPECIFIED
+        }
+        assert {s.name: s.value for s in Source} == proto
+        assert SOURCE_LABELS == {1: "model", 2: "baseline_cold_start", 3: "baseline_fallback"}
 
     def test_forced_baseline(self) -> None:
         """force_baseline answers the chosen peers from the baseline even with a model."""

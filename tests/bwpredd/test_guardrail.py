@@ -7,10 +7,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bench.harness import synthetic_windows
 from bwpredd.client import Client, pb
 from bwpredd.state import STATE_LAYOUT
 from export import export_model_dir
-from export.verify import synthetic_windows
 from tests.bwpredd.test_reload import reload
 from tests.conftest_models import make_model_dir
 from tests.helpers import running_server, sample

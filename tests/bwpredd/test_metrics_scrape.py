@@ -21,18 +21,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bwpredd.metrics import Metrics, MetricsServer
 from bwpredd.servicer import SERVICE_NAME
-from tests.helpers import running_server, sample
+
+# The server does not report the port it bound for metrics_addr port 0, so
+# the tests pick a free one.
+from tests.helpers import free_port, running_server, sample
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on (the server does not report the
-    port it bound for metrics_addr port 0, so the test picks one)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def scrape(port: int) -> Samples:

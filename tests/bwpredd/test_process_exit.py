@@ -12,26 +12,23 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
-from tests.helpers import sample, wait_for_health
+from tests.helpers import sample, spawn_daemon, wait_for_health
 
 START_TIMEOUT_S = 30.0
 
 
 def _daemon(env: dict[str, str]) -> subprocess.Popen[str]:
     """``python -m bwpredd`` with stdout and stderr kept apart."""
-    full = {k: v for k, v in os.environ.items() if not k.startswith("BWPREDD_")}
-    full.update({"BWPREDD_LOG_FORMAT": "json", **env})
     # `ulimit -c 0`: the SIGABRT test must not leave a core file behind.
-    return subprocess.Popen(
-        ["sh", "-c", 'ulimit -c 0 && exec "$0" -m bwpredd', sys.executable],
-        env=full,
-        stdout=subprocess.PIPE,
+    proc: subprocess.Popen[str] = spawn_daemon(
+        env={"BWPREDD_LOG_FORMAT": "json", **env},
+        wrap=["sh", "-c", 'ulimit -c 0 && exec "$@"', "sh"],
         stderr=subprocess.PIPE,
         text=True,
     )
+    return proc
 
 
 class TestFailedStart:

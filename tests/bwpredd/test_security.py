@@ -44,7 +44,7 @@ from bwpredd.modeldir import DEFAULT_MODEL_DIR, load_model
 from bwpredd.persist import SNAPSHOT_NAME
 from bwpredd.server import StartupError
 from bwpredd.servicer import SERVICE_NAME
-from tests.helpers import daemon_process, running_server, sample, wait_for_health
+from tests.helpers import daemon_process, free_port, running_server, sample, wait_for_health
 
 REPO = Path(__file__).resolve().parents[2]
 NOBODY = 65534
@@ -301,12 +301,6 @@ def _log_events(out: str) -> list[dict[str, Any]]:
     return [e for e in events if isinstance(e, dict) and "event" in e]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class TestSharedSocketDirectory:
     """A socket in a shared sticky directory (/tmp, /dev/shm) leaves the
     directory alone and is guarded by its own mode (issue 14, item 3)."""
@@ -421,7 +415,7 @@ class TestTcp:
     def test_insecure_tcp_warned_at_startup(self, tmp_path: Path) -> None:
         """With allow_insecure_tcp a plaintext TCP daemon serves and says so in
         one warning line naming the address."""
-        port = _free_port()
+        port = free_port()
         env = {
             "BWPREDD_LISTEN": f"127.0.0.1:{port}",
             "BWPREDD_ALLOW_INSECURE_TCP": "true",

@@ -130,10 +130,12 @@ class TestInstallUnderUmask077:
         assert load.stdout.strip()  # the model's version, read from the venv (cwd is /)
 
     def test_no_torch(self, staged: Path) -> None:
-        """The daemon's venv holds its dependencies and not torch or onnx."""
+        """The daemon's venv holds its dependencies and not torch or onnx,
+        nor the offline tools (bench/) or the tests."""
         (site,) = (staged / "opt/bwpredd/venv/lib").glob("python3.*/site-packages")
         assert (site / "onnxruntime").is_dir() and (site / "bwpredd").is_dir()
         assert not (site / "torch").exists() and not (site / "onnx").exists()
+        assert not (site / "bench").exists() and not (site / "tests").exists()
 
     def test_rerun_repairs_a_venv_made_under_077(self, staged: Path) -> None:
         """A venv left 0700/0600 by an earlier install is opened to the

@@ -202,18 +202,17 @@ def traced(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[str, str]]:
     a SIGHUP reload and SIGTERM, with the unit's environment."""
     if shutil.which("strace") is None:
         pytest.skip("strace is not installed")
-    from tests.helpers import sample, wait_for_health
+    from tests.helpers import sample, spawn_daemon, wait_for_health
 
     tmp = tmp_path_factory.mktemp("strace")
     trace = tmp / "trace.txt"
     sock = f"unix:{tmp}/run/bwpredd.sock"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BWPREDD_")}
+    env: dict[str, str] = {}
     for item in " ".join(directives()["Environment"]).split():
         key, _, value = item.partition("=")
         env[key] = value
     env.update(BWPREDD_LISTEN=sock, BWPREDD_METRICS_ADDR="127.0.0.1:0", BWPREDD_LOG_FORMAT="json")
-    cmd = ["strace", "-f", "-qq", "-o", str(trace), sys.executable, "-m", "bwpredd"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = spawn_daemon(env=env, wrap=["strace", "-f", "-qq", "-o", str(trace)])
     lines: list[str] = []
     assert proc.stdout is not None
     stdout = proc.stdout

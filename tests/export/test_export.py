@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from bench.harness import synthetic_windows
 from bwpredd.errors import ManifestError
 from bwpredd.manifest import Manifest, load_manifest, verify_files
 from bwpredd.modeldir import load_model
@@ -18,7 +19,7 @@ from export import ExportError, copy_model_dir, export_model_dir, publish_dir
 from export.__main__ import main as export_main
 from export.quantize import try_int8
 from export.to_onnx import export_forecaster
-from export.verify import ParityError, forecaster_parity, synthetic_windows, torch_forecast
+from export.verify import ParityError, forecaster_parity, torch_forecast
 from tests.conftest_models import make_model_dir
 from trainer.models import forecaster as fmod
 from trainer.models import qnet

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import write_csv_traces
+from tests.helpers import synthetic_windows, write_csv_traces
 from trainer.models.forecaster import (
     Forecaster,
     ForecasterConfig,
@@ -34,13 +34,8 @@ class _Trace:
 
 
 def _windows(n: int, scale: float, seed: int = 0) -> torch.Tensor:
-    rng = np.random.default_rng(seed)
-    x = np.empty((n, 10, 4), dtype=np.float32)
-    x[:, :, 0] = rng.uniform(1, 200, (n, 10))
-    x[:, :, 1] = scale * np.exp(rng.normal(0, 0.3, (n, 10)))
-    x[:, :, 2] = rng.uniform(0, 0.05, (n, 10))
-    x[:, :, 3] = rng.uniform(0.9, 1.0, (n, 10))
-    return torch.from_numpy(x)
+    """Synthetic windows whose bandwidth walks around ``scale`` Mbit/s."""
+    return torch.from_numpy(synthetic_windows(n, seed, mbps=(scale, scale)))
 
 
 def _ar_trace(source: str, n: int, seed: int, base: float) -> _Trace:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from bwpredd.bench import summarize_profile
+from bench.harness import REPO
+from bench.profile import summarize_profile
 
 # The torch comparison (onnx) imports torch in a child: slow to start, and
 # covered by its own smoke below only when torch is there.
@@ -23,14 +24,15 @@ SECTIONS = "startup,latency,batch,ingest,watchers,concurrency,memory"
 
 @pytest.mark.slow
 class TestQuickBench:
-    """``python -m bwpredd.bench --quick`` on a temporary output directory."""
+    """``python -m bench --quick`` on a temporary output directory."""
 
     def test_quick_run_writes_json_and_markdown(self, tmp_path: Path) -> None:
         """A quick run exits 0 and writes bench.json with machine info, every
         section's figures and a pass/fail per target, and a bench.md table."""
         args = ["--quick", "--only", SECTIONS, "--out", str(tmp_path)]
         proc = subprocess.run(
-            [sys.executable, "-m", "bwpredd.bench", *args],
+            [sys.executable, "-m", "bench", *args],
+            cwd=REPO,
             capture_output=True,
             text=True,
             timeout=300,
@@ -72,7 +74,7 @@ class TestQuickBench:
         assert len(names) == 6
         assert all(isinstance(t["pass"], bool) for t in report["targets"])
         md = (tmp_path / "bench.md").read_text()
-        assert "python -m bwpredd.bench --quick" in md and "| figure |" in md
+        assert "python -m bench --quick" in md and "| figure |" in md
         assert "| ingest with 1,000 idle watch-all watchers |" in md
 
 

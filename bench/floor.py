@@ -15,8 +15,8 @@ the asyncio grpcio server:
   metrics, live scoring or logging: what the Python stack costs before any of
   the daemon's features.
 
-``python -m bwpredd._bench_floor {sync,aio} unix:/path.sock`` prints
-``READY`` on stdout once it serves and runs until SIGTERM.
+``python -m bench.floor {sync,aio} unix:/path.sock`` prints ``READY`` on
+stdout once it serves and runs until SIGTERM; :class:`Floor` starts one.
 """
 
 from __future__ import annotations
@@ -24,19 +24,23 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
+import subprocess
 import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent import futures
+from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 import numpy.typing as npt
 
+from bench.harness import REPO, channel
 from bwpredd._proto.bwpred.v1 import bwpred_pb2 as pb
+from bwpredd.schema import BW, LAT, LOSS, REL, WIDTH, WINDOW
 
-__all__ = ["ECHO_METHOD", "INGEST_METHOD", "MinimalStore", "echo_request", "main"]
+__all__ = ["ECHO_METHOD", "INGEST_METHOD", "Floor", "MinimalStore", "echo_request", "main"]
 
 ECHO_METHOD = "/bench.Floor/Echo"
 INGEST_METHOD = "/bwpred.v1.BandwidthPredictorService/StreamSamples"
@@ -65,16 +69,16 @@ def _echo(request: bytes) -> bytes:
 
 
 class MinimalStore:
-    """Validate-and-write ingest into ``[capacity, W, 4]`` float32 windows.
+    """Validate-and-write ingest into ``[capacity, W, WIDTH]`` float32 windows.
 
     Args:
         capacity: peers held at most (new peers beyond it are rejected).
         window: samples per peer.
     """
 
-    def __init__(self, capacity: int = 100_000, window: int = 10) -> None:
+    def __init__(self, capacity: int = 100_000, window: int = WINDOW) -> None:
         self.window = window
-        self.data = np.zeros((capacity, window, 4), dtype=np.float32)
+        self.data = np.zeros((capacity, window, WIDTH), dtype=np.float32)
         self.head = np.zeros(capacity, dtype=np.int64)
         self.count = np.zeros(capacity, dtype=np.int64)
         self.slots: dict[str, int] = {}
@@ -94,13 +98,13 @@ class MinimalStore:
         n = len(samples)
         slot = self._slot
         slots = np.fromiter((slot(s.peer_id) for s in samples), dtype=np.int64, count=n)
-        rows = np.empty((n, 4), dtype=np.float64)
-        rows[:, 0] = [s.latency_ms for s in samples]
-        rows[:, 1] = [s.bandwidth_mbps for s in samples]
-        rows[:, 2] = [s.packet_loss for s in samples]
-        rows[:, 3] = [s.reliability for s in samples]
+        rows = np.empty((n, WIDTH), dtype=np.float64)
+        rows[:, LAT] = [s.latency_ms for s in samples]
+        rows[:, BW] = [s.bandwidth_mbps for s in samples]
+        rows[:, LOSS] = [s.packet_loss for s in samples]
+        rows[:, REL] = [s.reliability for s in samples]
         has_bw = np.fromiter((s.HasField("bandwidth_mbps") for s in samples), dtype=bool, count=n)
-        lat, bw, loss, rel = rows.T
+        lat, bw, loss, rel = rows[:, LAT], rows[:, BW], rows[:, LOSS], rows[:, REL]
         with np.errstate(invalid="ignore"):
             ok = (
                 (slots >= 0)
@@ -227,15 +231,46 @@ async def _serve_aio(address: str) -> None:
     await server.stop(0)
 
 
+class Floor:
+    """A floor server as a child process, serving once constructed.
+
+    Args:
+        workdir: where the socket goes.
+        kind: ``sync`` (thread pool) or ``aio`` (asyncio).
+    """
+
+    def __init__(self, workdir: Path, kind: str) -> None:
+        self.kind = kind
+        self.address = f"unix:{workdir / f'floor-{kind}.sock'}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.floor", kind, self.address],
+            stdout=subprocess.DEVNULL,
+            cwd=REPO,
+        )
+        with channel(self.address) as ch:
+            grpc.channel_ready_future(ch).result(timeout=30)
+
+    def stop(self) -> None:
+        """SIGTERM; SIGKILL if it outlives 10 s."""
+        if self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m bwpredd._bench_floor {sync,aio} ADDRESS``.
+    """``python -m bench.floor {sync,aio} ADDRESS``.
 
     Args:
         argv: arguments (``sys.argv[1:]`` when None).
     """
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2 or args[0] not in ("sync", "aio"):
-        print("usage: python -m bwpredd._bench_floor {sync,aio} unix:/path.sock", file=sys.stderr)
+        print("usage: python -m bench.floor {sync,aio} unix:/path.sock", file=sys.stderr)
         return 2
     kind, address = args
     if kind == "sync":
