@@ -23,16 +23,21 @@ type BandwidthPredictorServiceClient interface {
 	StreamSamples(ctx context.Context, opts ...grpc.CallOption) (BandwidthPredictorService_StreamSamplesClient, error)
 	// PushSamples ingests one batch, for simple clients.
 	PushSamples(ctx context.Context, in *PushSamplesRequest, opts ...grpc.CallOption) (*PushSamplesResponse, error)
-	// Forecast gives the next-step bandwidth of one or many peers.
+	// Forecast gives the next-step bandwidth of one or many peers, or with
+	// horizon_seconds the mean bandwidth over that horizon.
 	Forecast(ctx context.Context, in *ForecastRequest, opts ...grpc.CallOption) (*ForecastResponse, error)
 	// Allocate gives the allocation level (10% .. 100%) for one or many peers.
 	Allocate(ctx context.Context, in *AllocateRequest, opts ...grpc.CallOption) (*AllocateResponse, error)
-	// GetPeer returns one peer's window, counts and live accuracy.
+	// GetPeer returns one peer's window, counts and live accuracy. The window
+	// holds float32: each value comes back rounded to the nearest float32
+	// (relative precision 2^-24, about 6e-8; 9999999.9 reads 10000000.0).
 	GetPeer(ctx context.Context, in *GetPeerRequest, opts ...grpc.CallOption) (*GetPeerResponse, error)
 	// ListPeers lists the tracked peers, a page at a time.
 	ListPeers(ctx context.Context, in *ListPeersRequest, opts ...grpc.CallOption) (*ListPeersResponse, error)
 	// WatchForecasts pushes a peer's new forecast after each accepted sample.
 	// A slow reader gets the latest forecast per peer, never a growing queue.
+	// Past max_watchers open streams, or max_watchers_per_peer following one
+	// peer (a watcher of every peer follows each), RESOURCE_EXHAUSTED.
 	WatchForecasts(ctx context.Context, in *WatchForecastsRequest, opts ...grpc.CallOption) (BandwidthPredictorService_WatchForecastsClient, error)
 	// Advise gives DWCP transfer advice for one peer and payload.
 	Advise(ctx context.Context, in *AdviseRequest, opts ...grpc.CallOption) (*AdviseResponse, error)
@@ -184,16 +189,21 @@ type BandwidthPredictorServiceServer interface {
 	StreamSamples(BandwidthPredictorService_StreamSamplesServer) error
 	// PushSamples ingests one batch, for simple clients.
 	PushSamples(context.Context, *PushSamplesRequest) (*PushSamplesResponse, error)
-	// Forecast gives the next-step bandwidth of one or many peers.
+	// Forecast gives the next-step bandwidth of one or many peers, or with
+	// horizon_seconds the mean bandwidth over that horizon.
 	Forecast(context.Context, *ForecastRequest) (*ForecastResponse, error)
 	// Allocate gives the allocation level (10% .. 100%) for one or many peers.
 	Allocate(context.Context, *AllocateRequest) (*AllocateResponse, error)
-	// GetPeer returns one peer's window, counts and live accuracy.
+	// GetPeer returns one peer's window, counts and live accuracy. The window
+	// holds float32: each value comes back rounded to the nearest float32
+	// (relative precision 2^-24, about 6e-8; 9999999.9 reads 10000000.0).
 	GetPeer(context.Context, *GetPeerRequest) (*GetPeerResponse, error)
 	// ListPeers lists the tracked peers, a page at a time.
 	ListPeers(context.Context, *ListPeersRequest) (*ListPeersResponse, error)
 	// WatchForecasts pushes a peer's new forecast after each accepted sample.
 	// A slow reader gets the latest forecast per peer, never a growing queue.
+	// Past max_watchers open streams, or max_watchers_per_peer following one
+	// peer (a watcher of every peer follows each), RESOURCE_EXHAUSTED.
 	WatchForecasts(*WatchForecastsRequest, BandwidthPredictorService_WatchForecastsServer) error
 	// Advise gives DWCP transfer advice for one peer and payload.
 	Advise(context.Context, *AdviseRequest) (*AdviseResponse, error)
