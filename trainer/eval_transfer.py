@@ -283,10 +283,10 @@ def evaluate_points(pts: Points, methods: dict[str, TimeFn | None]) -> dict[str,
             best = min((m for m in CONSTANT if m in macro), key=lambda m: macro[m]["err"])
             entry["best_constant"] = {"method": best, "err": macro[best]["err"]}
             for name in ("model", "today"):
-                if name in macro:
-                    entry["best_constant"][f"{name}_ratio"] = (
-                        macro[name]["err"] / macro[best]["err"]
-                    )
+                if name in macro:  # None when the constant rate is exact (a flat link)
+                    base = macro[best]["err"]
+                    ratio = macro[name]["err"] / base if base > 0 else None
+                    entry["best_constant"][f"{name}_ratio"] = ratio
         out["durations"][f"{d:g}"] = entry
     return out
 
@@ -311,11 +311,15 @@ def format_table(result: dict[str, Any]) -> str:
 
         lines.append(
             f"{d:>6} {g('today', 'err'):>8.3f} {best['err']:>13.3f} ({name:<7}) "
-            f"{g('model', 'err'):>8.3f} {best.get('model_ratio', float('nan')):>6.3f}"
+            f"{g('model', 'err'):>8.3f} {_num(best.get('model_ratio')):>6.3f}"
             f" {g('today', 'coverage'):>10.3f} {g(name, 'coverage'):>10.3f}"
             f" {g('model', 'coverage'):>10.3f} {g('model', 'width'):>12.3f}"
         )
     return "\n".join(lines)
+
+
+def _num(value: float | None) -> float:
+    return float("nan") if value is None else float(value)
 
 
 def render_markdown(result: dict[str, Any], plot: str | None, command: str) -> str:
@@ -334,9 +338,13 @@ def render_markdown(result: dict[str, Any], plot: str | None, command: str) -> s
         "sources. Coverage: share of actual times inside the nominal 80% interval. "
         "Width: mean (high - low) / predicted.",
         "",
-        "| d (s) | today's rule | best constant rate | model | model / best constant "
+        "A point counts for d only when its trace goes on for 2 d seconds after it, so "
+        "short sources (Pantheon's 30 s runs, 5Gophers' 60 s series) drop out at long d; "
+        "`sources` says how many the macro averages.",
+        "",
+        "| d (s) | sources | today's rule | best constant rate | model | model / best constant "
         "| coverage: today / best constant / model | width: model |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for d, entry in result["durations"].items():
         if "macro" not in entry:
@@ -344,8 +352,8 @@ def render_markdown(result: dict[str, Any], plot: str | None, command: str) -> s
         m, best = entry["macro"], entry["best_constant"]
         name = best["method"]
         out.append(
-            f"| {d} | {m['today']['err']:.3f} | {best['err']:.3f} ({name}) "
-            f"| {m['model']['err']:.3f} | {best['model_ratio']:.3f} "
+            f"| {d} | {m['model']['sources']} | {m['today']['err']:.3f} | {best['err']:.3f} ({name}) "
+            f"| {m['model']['err']:.3f} | {_num(best.get('model_ratio')):.3f} "
             f"| {m['today']['coverage']:.2f} / {m[name]['coverage']:.2f} / "
             f"{m['model']['coverage']:.2f} | {m['model']['width']:.2f} |"
         )
