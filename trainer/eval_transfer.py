@@ -352,7 +352,8 @@ def render_markdown(result: dict[str, Any], plot: str | None, command: str) -> s
         m, best = entry["macro"], entry["best_constant"]
         name = best["method"]
         out.append(
-            f"| {d} | {m['model']['sources']} | {m['today']['err']:.3f} | {best['err']:.3f} ({name}) "
+            f"| {d} | {m['model']['sources']} | {m['today']['err']:.3f} "
+            f"| {best['err']:.3f} ({name}) "
             f"| {m['model']['err']:.3f} | {_num(best.get('model_ratio')):.3f} "
             f"| {m['today']['coverage']:.2f} / {m[name]['coverage']:.2f} / "
             f"{m['model']['coverage']:.2f} | {m['model']['width']:.2f} |"
