@@ -373,7 +373,8 @@ def render_markdown(result: dict[str, Any], plot: str | None, command: str) -> s
                 f"| {src} | {r['model']['traces']} | {r['model']['points']} "
                 f"| {r['model']['err']:.3f} | {r['today']['err']:.3f} "
                 f"| {r['last_value']['err']:.3f} | {r['ewma']['err']:.3f} | {r['mean']['err']:.3f} "
-                f"| {r['model']['err'] / max(best, 1e-12):.3f} | {r['model']['coverage']:.2f} "
+                f"| {_num(r['model']['err'] / best if best > 0 else None):.3f} "
+                f"| {r['model']['coverage']:.2f} "
                 f"| {r['today']['coverage']:.2f} |"
             )
     if plot:

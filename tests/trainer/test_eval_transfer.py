@@ -84,7 +84,7 @@ class TestEvalTransferCommand:
         # d = 60 needs 120 s of trace after the point: fewer points than d = 5.
         assert res["durations"]["60"]["points"] < res["durations"]["5"]["points"]
         md = (tmp_path / "reports" / "transfer.md").read_text()
-        assert "| d (s) | today's rule |" in md
+        assert "| d (s) | sources | today's rule |" in md
         assert (tmp_path / "reports" / "transfer_times.png").stat().st_size > 0
 
 
