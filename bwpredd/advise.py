@@ -59,6 +59,15 @@ with a hint ``random`` is read as ``memory``; speeds stay as measured.
 zstd 19 is in the table for completeness: it compresses at single-digit MB/s,
 so it only wins on links of a few Mbit/s carrying compressible data.
 
+**With horizon forecasts** (a model directory that declares horizons, and a
+peer with a full window: ``horizon`` below) the network term ``P * r / B``
+is replaced by the time the compressed payload ``P * r`` takes at the
+bandwidth forecast over its own duration (:mod:`bwpredd.transfer`): its
+median for the codec choice and ``transfer_seconds``, its 10th and 90th
+percentiles for ``transfer_seconds_low`` and ``transfer_seconds_high``. The
+RTT and the codec stages stay as above. Without them (no such model, or a
+peer still filling its window) the rule is the one below.
+
 **Transfer time** ``transfer_seconds`` is ``T`` of the chosen codec at the
 point forecast; ``transfer_seconds_low`` at the interval's high end (the
 fastest plausible) and ``transfer_seconds_high`` at its low end (the slowest).
@@ -88,6 +97,7 @@ import numpy as np
 import numpy.typing as npt
 
 from bwpredd.errors import InvalidArgument
+from bwpredd.transfer import HorizonCurves
 
 __all__ = [
     "ASSUMED_RTT_MS",
@@ -250,11 +260,11 @@ def network_mode(bw_mbps: float, rtt_ms: float | None) -> NetworkMode:
     return "unknown"
 
 
-def _times(payload: float, bw_bps: F64, rtt_s: F64, rows: tuple[F64, F64, F64]) -> F64:
-    """Pipelined transfer times ``[k, rows]`` (or ``[k]`` with per-peer rows)."""
-    ratio, c, d = rows
+def _times(payload: float, net_s: F64, rtt_s: F64, c: F64, d: F64) -> F64:
+    """Pipelined transfer times ``[k, rows]`` (or ``[k]`` with per-peer rows)
+    from the network stage's seconds."""
     with np.errstate(divide="ignore"):
-        stages = np.maximum(np.maximum(payload / c, payload * ratio / bw_bps), payload / d)
+        stages = np.maximum(np.maximum(payload / c, net_s), payload / d)
     return rtt_s + stages
 
 
@@ -327,6 +337,7 @@ def advise_many(
     live_error_ratio: ArrayLike | None = None,
     table: CodecTable | None = None,
     packet_loss: ArrayLike | None = None,
+    horizon: tuple[npt.NDArray[np.int64], HorizonCurves] | None = None,
 ) -> list[Advice]:
     """:func:`advise` for the ``k`` peers of one request, vectorised, in order.
 
@@ -345,6 +356,8 @@ def advise_many(
         live_error_ratio: ``[k]`` live normalised MAE, or None: all unscored.
         table: measured codecs; the shipped table when None.
         packet_loss: ``[k]`` loss fractions, or None: all unknown.
+        horizon: ``(rows, curves)``: horizon forecasts for those of the ``k``
+            peers at ``rows``; their network times come from the curves.
 
     Raises:
         InvalidArgument: a negative payload, an unknown data kind or a hint
@@ -378,12 +391,23 @@ def advise_many(
     payload = float(payload_bytes)
 
     # [k, rows] times at the point; argmin keeps the first of ties (none first).
-    at_point = _times(payload, (bw * 1e6 / 8)[:, None], rtt_s[:, None], (ratio, comp, decomp))
+    wire = payload * ratio[None, :]  # bytes on the wire per codec row
+    net = wire / (bw * 1e6 / 8)[:, None]
+    if horizon is not None and len(horizon[0]):
+        rows_h, curves = horizon
+        net[rows_h] = curves.seconds(np.broadcast_to(wire, (len(rows_h), len(ratio))))[0]
+    at_point = _times(payload, net, rtt_s[:, None], comp, decomp)
     best = np.argmin(at_point, axis=1)
     chosen = (ratio[best], comp[best], decomp[best])
     t_point = at_point[np.arange(k), best]
-    t_fast = _times(payload, hi * 1e6 / 8, rtt_s, chosen)
-    t_slow = _times(payload, lo * 1e6 / 8, rtt_s, chosen)
+    with np.errstate(divide="ignore"):
+        net_fast = payload * chosen[0] / (hi * 1e6 / 8)
+        net_slow = payload * chosen[0] / (lo * 1e6 / 8)
+    if horizon is not None and len(horizon[0]):
+        rows_h, curves = horizon
+        _, net_fast[rows_h], net_slow[rows_h] = curves.seconds(payload * chosen[0][rows_h])
+    t_fast = _times(payload, net_fast, rtt_s, chosen[1], chosen[2])
+    t_slow = _times(payload, net_slow, rtt_s, chosen[1], chosen[2])
 
     # Streams: the window rule, raised by the Mathis loss rule where loss > 0.
     streams = np.ceil(bdp / STREAM_WINDOW_BYTES)

@@ -86,8 +86,13 @@ class Client:
         requests = (pb.StreamSamplesRequest(samples=list(b)) for b in batches)
         return iter(self.stub.StreamSamples(requests))
 
-    def forecast(self, peer_ids: Iterable[str]) -> list[pb.PeerForecast]:
-        resp = self.stub.Forecast(pb.ForecastRequest(peer_ids=list(peer_ids)), timeout=self.timeout)
+    def forecast(
+        self, peer_ids: Iterable[str], horizon_seconds: float = 0.0
+    ) -> list[pb.PeerForecast]:
+        """Forecasts of the next step, or (``horizon_seconds`` > 0) of the mean
+        bandwidth over that horizon."""
+        request = pb.ForecastRequest(peer_ids=list(peer_ids), horizon_seconds=horizon_seconds)
+        resp = self.stub.Forecast(request, timeout=self.timeout)
         return list(resp.forecasts)
 
     def allocate(self, peer_ids: Iterable[str]) -> list[pb.PeerAllocation]:

@@ -7,9 +7,10 @@ servicer maps to status codes.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -17,13 +18,15 @@ import numpy.typing as npt
 from bwpredd.advise import Advice, CodecTable, advise_many, rank
 from bwpredd.config import Config
 from bwpredd.engine import SOURCE_LABELS as _SOURCE_NAMES
-from bwpredd.engine import Allocations, Engine, Forecasts
+from bwpredd.engine import Allocations, Engine, Forecasts, Source
 from bwpredd.errors import InvalidArgument, PeerNotFound
 from bwpredd.livescore import Accuracy, LiveScores
 from bwpredd.logging import get_logger
+from bwpredd.manifest import MAX_HORIZON_S
 from bwpredd.metrics import Metrics
 from bwpredd.modeldir import LoadedModel
 from bwpredd.schema import BW, LAT, LOSS
+from bwpredd.transfer import HorizonCurves
 from bwpredd.validate import SampleBatch, check_peer_id, check_peer_ids, validate_batch
 from bwpredd.watch import WatchHub
 from bwpredd.windows import PeerView, WindowStore
@@ -318,6 +321,49 @@ class Core:
         slots = np.array([self.store.slot(p) for p in kept], dtype=np.int64)
         return kept, self._forecast_slots(slots)
 
+    def _horizon_curves(
+        self, slots: I64, windows: F32, counts: I64
+    ) -> tuple[I64, HorizonCurves] | None:
+        """Horizon forecasts of the full windows among ``slots`` (rows into
+        them), or None when the model declares no horizons or none is full."""
+        full = np.flatnonzero(counts >= windows.shape[1])
+        if not full.size:
+            return None
+        curves = self.engine.horizon_curves(windows[full], self.store.step_s(slots[full]))
+        return None if curves is None else (full, curves)
+
+    def forecast_horizon(
+        self, peer_ids: list[str], horizon_s: float
+    ) -> tuple[Forecasts, npt.NDArray[np.float64]]:
+        """Mean bandwidth over the next ``horizon_s`` seconds per peer, in
+        request order, and the horizon each answer covers (0 where the
+        next-step forecast stands for it: no horizons in the model, or a
+        window still filling).
+
+        Raises:
+            InvalidArgument: a bad horizon, or a bad, duplicate or missing
+                peer id, or too many.
+            PeerNotFound: a peer with no window.
+        """
+        if not (math.isfinite(horizon_s) and 0 < horizon_s <= MAX_HORIZON_S):
+            raise InvalidArgument(
+                "horizon_seconds", f"must be finite, > 0 and <= {MAX_HORIZON_S:g}, got {horizon_s}"
+            )
+        slots = self._slots(peer_ids)
+        fc = self._forecast_slots(slots)
+        windows, counts = self.store.gather(slots)
+        covered = np.zeros(len(slots))
+        found = self._horizon_curves(slots, windows, counts)
+        if found is None:
+            return fc, covered
+        rows, curves = found
+        point, low, high = fc.point.copy(), fc.low.copy(), fc.high.copy()
+        source = fc.source.copy()
+        point[rows], low[rows], high[rows] = curves.at(horizon_s)
+        source[rows] = Source.MODEL
+        covered[rows] = horizon_s
+        return replace(fc, point=point, low=low, high=high, source=source), covered
+
     def advise(
         self,
         peer_ids: list[str],
@@ -326,14 +372,16 @@ class Core:
         compressibility: float | None,
     ) -> tuple[list[Advice], Forecasts]:
         """Transfer advice per peer, in request order (see bwpredd.advise),
-        with the forecasts it rests on.
+        with the (next-step) forecasts it rests on; peers with a full window
+        under a model that declares horizons get their transfer times from
+        the horizon forecasts.
 
         Raises:
             InvalidArgument: a bad peer id, payload or hint.
             PeerNotFound: a peer with no window.
         """
         slots = self._slots(peer_ids)
-        windows, _ = self.store.gather(slots)
+        windows, counts = self.store.gather(slots)
         fc = self._forecast_slots(slots)
         advice = advise_many(
             peer_ids,
@@ -347,6 +395,7 @@ class Core:
             live_error_ratio=self.scores.error_ratio(slots),
             table=self.codecs,
             packet_loss=windows[:, -1, LOSS],
+            horizon=self._horizon_curves(slots, windows, counts),
         )
         return advice, fc
 

@@ -1,6 +1,6 @@
 """``bwpredctl``: a command-line client of the daemon on the generated stubs.
 
-Commands: ``health``, ``push FILE|-``, ``forecast PEER...``, ``allocate
+Commands: ``health``, ``push FILE|-``, ``forecast [--horizon SECONDS] PEER...``, ``allocate
 PEER...``, ``peers``, ``peer PEER``, ``advise PEER BYTES``, ``replay TRACE...``.
 """
 
@@ -140,13 +140,14 @@ def _push(client: Client, args: argparse.Namespace) -> int:
 
 
 def _forecast(client: Client, args: argparse.Namespace) -> int:
-    for fc in client.forecast(args.peers):
+    for fc in client.forecast(args.peers, args.horizon):
         if args.json:
             _show(fc, True)
         else:
             source = pb.ForecastSource.Name(fc.source).removeprefix("FORECAST_SOURCE_")
+            over = f"mean over {fc.horizon_seconds:g} s: " if fc.horizon_seconds else ""
             print(
-                f"{fc.peer_id}: {fc.bandwidth_mbps:.3f} Mbit/s "
+                f"{fc.peer_id}: {over}{fc.bandwidth_mbps:.3f} Mbit/s "
                 f"[{fc.low_mbps:.3f}, {fc.high_mbps:.3f}] {source} "
                 f"({fc.samples_in_window} samples, model {fc.model_version or '-'})"
             )
@@ -233,6 +234,13 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_push)
     p = sub.add_parser("forecast", help="forecast peers")
     p.add_argument("peers", nargs="+")
+    p.add_argument(
+        "--horizon",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="the mean bandwidth over the next SECONDS instead of the next step",
+    )
     p.set_defaults(func=_forecast)
     p = sub.add_parser("allocate", help="allocation levels of peers")
     p.add_argument("peers", nargs="+")

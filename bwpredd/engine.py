@@ -21,6 +21,7 @@ from bwpredd import baselines
 from bwpredd.modeldir import LoadedModel
 from bwpredd.schema import default_vector
 from bwpredd.state import LEVELS, build_state, reference_capacity
+from bwpredd.transfer import HorizonCurves
 
 __all__ = [
     "FALLBACK_DEFAULTS",
@@ -185,6 +186,21 @@ class Engine:
         return Forecasts(
             point, low, high, source, base, model_point, counts, model.version if model else ""
         )
+
+    def horizon_curves(self, windows: F32, step_s: F32 | float) -> HorizonCurves | None:
+        """Horizon forecasts of full windows (:mod:`bwpredd.transfer`), or
+        None when no model, or one that declares no horizons, is loaded.
+
+        Args:
+            windows: ``[k, W, 4]`` full windows, oldest first.
+            step_s: ``[k]`` (or one) seconds between samples.
+        """
+        model = self._model  # one read: the whole call uses one model
+        if model is None or model.horizon is None:
+            return None
+        step = np.broadcast_to(np.asarray(step_s, np.float32), (len(windows),))
+        mean, low, high = model.run_horizon(np.ascontiguousarray(windows, dtype=np.float32), step)
+        return HorizonCurves.from_outputs(model.manifest.horizons, mean, low, high)
 
     def allocate(
         self, windows: F32, counts: I64, fc: Forecasts, step_s: F32 | float

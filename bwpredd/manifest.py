@@ -10,6 +10,7 @@ It imports nothing but the standard library and the feature schema
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import re
@@ -23,6 +24,8 @@ from bwpredd.errors import ManifestError
 
 __all__ = [
     "FORMAT_VERSION",
+    "HORIZON_INPUTS",
+    "HORIZON_OUTPUTS",
     "MANIFEST_NAME",
     "Manifest",
     "ModelFile",
@@ -41,6 +44,12 @@ FORECASTER_OUTPUTS: tuple[str, ...] = ("bandwidth_mbps", "low_mbps", "high_mbps"
 ALLOCATOR_INPUT = "state"
 ALLOCATOR_OUTPUT = "q_values"
 N_ACTIONS = 10
+# The optional horizon graph (``horizon`` + ``horizons`` in the manifest): the
+# mean bandwidth over each declared horizon, with its interval, per window.
+HORIZON_INPUTS: tuple[str, ...] = ("window", "step_s")
+HORIZON_OUTPUTS: tuple[str, ...] = ("mean_mbps", "low_mbps", "high_mbps")
+MAX_HORIZONS = 64
+MAX_HORIZON_S = 86_400.0
 # A model file is named by a plain name inside the directory.
 _FILE_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 
@@ -112,6 +121,15 @@ class Manifest:
     ``bandwidth_mbps``, ``low_mbps`` and ``high_mbps`` float32[N,1];
     ``allocator`` must take ``state`` float32[N,S] with S =
     ``len(state_layout)`` and give ``q_values`` float32[N,10].
+
+    ``horizon`` and ``horizons`` are optional and come together: ``horizons``
+    lists H horizons in seconds (strictly increasing, in (0, 86400]) and the
+    ``horizon`` graph takes ``window`` float32[N,10,4] and ``step_s``
+    float32[N,1] (seconds between the window's samples) and gives
+    ``mean_mbps``, ``low_mbps`` and ``high_mbps`` float32[N,H]: the median and
+    the interval (``interval``'s quantiles) of the mean bandwidth over the
+    next ``horizons[j]`` seconds. A directory without them serves the next
+    step only.
     """
 
     format: int
@@ -130,6 +148,8 @@ class Manifest:
     evaluation: dict[str, Any] = field(default_factory=dict)
     training_data: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    horizon: ModelFile | None = None
+    horizons: tuple[float, ...] = ()
 
     @classmethod
     def from_json(cls, raw: Any) -> Manifest:
@@ -188,6 +208,9 @@ class Manifest:
             raise ManifestError(
                 f"manifest.version: must be at most 128 printable characters, got {_show(version)}"
             )
+        horizon, horizons = _horizon(obj)
+        if horizon is not None and horizon.file in (forecaster.file, allocator.file):
+            raise ManifestError("horizon.file: must differ from the other graphs' files")
         known = {f.name for f in cls.__dataclass_fields__.values()}
         return cls(
             format=FORMAT_VERSION,
@@ -206,13 +229,19 @@ class Manifest:
             evaluation=dict(_obj(obj.get("evaluation", {}), "evaluation")),
             training_data=dict(_obj(obj.get("training_data", {}), "training_data")),
             extra={k: v for k, v in obj.items() if k not in known},
+            horizon=horizon,
+            horizons=horizons,
         )
 
     def to_json(self) -> dict[str, Any]:
         """The manifest as a JSON-ready dict (the inverse of :meth:`from_json`)."""
         out = asdict(self)
         extra = out.pop("extra")
-        for key in ("forecaster", "allocator"):
+        if self.horizon is None:
+            del out["horizon"], out["horizons"]
+        else:
+            out["horizons"] = list(self.horizons)
+        for key in ("forecaster", "allocator", *(("horizon",) if self.horizon else ())):
             for io in ("inputs", "outputs"):
                 out[key][io] = [{**spec, "shape": list(spec["shape"])} for spec in out[key][io]]
         out["features"] = list(self.features)
@@ -245,6 +274,43 @@ def _check_io(forecaster: ModelFile, allocator: ModelFile, state_size: int) -> N
     a_out = [t.name for t in allocator.outputs]
     if a_out != [ALLOCATOR_OUTPUT] or allocator.outputs[0].shape[1:] != (N_ACTIONS,):
         raise ManifestError(f"allocator.outputs: expected ['q_values'] of shape [N, {N_ACTIONS}]")
+
+
+def _horizon(obj: Mapping[str, Any]) -> tuple[ModelFile | None, tuple[float, ...]]:
+    """The optional horizon graph and its horizons: both or neither."""
+    if "horizon" not in obj and "horizons" not in obj:
+        return None, ()
+    if "horizon" not in obj or "horizons" not in obj:
+        raise ManifestError("horizons: 'horizon' (the graph) and 'horizons' come together")
+    raw = _list(obj, "horizons", "manifest")
+    if not 1 <= len(raw) <= MAX_HORIZONS or not all(
+        _is_number(h) and 0 < h <= MAX_HORIZON_S for h in raw
+    ):
+        raise ManifestError(
+            f"horizons: must be 1-{MAX_HORIZONS} numbers in (0, {MAX_HORIZON_S:g}] seconds"
+        )
+    horizons = tuple(float(h) for h in raw)
+    if any(b <= a for a, b in itertools.pairwise(horizons)):
+        raise ManifestError("horizons: must be strictly increasing")
+    graph = ModelFile.from_json(obj.get("horizon"), "horizon")
+    names = [t.name for t in graph.inputs]
+    if tuple(names) != HORIZON_INPUTS:
+        raise ManifestError(f"horizon.inputs: expected {list(HORIZON_INPUTS)}, got {names}")
+    if graph.inputs[0].shape[1:] != (schema.WINDOW, schema.WIDTH) or graph.inputs[1].shape[1:] != (
+        1,
+    ):
+        raise ManifestError(
+            f"horizon.inputs: expected shapes [N, {schema.WINDOW}, {schema.WIDTH}] and [N, 1]"
+        )
+    outs = [t.name for t in graph.outputs]
+    if tuple(outs) != HORIZON_OUTPUTS:
+        raise ManifestError(f"horizon.outputs: expected {list(HORIZON_OUTPUTS)}, got {outs}")
+    for t in graph.outputs:
+        if t.shape[1:] != (len(horizons),):
+            raise ManifestError(
+                f"horizon output {t.name}: expected shape [N, {len(horizons)}] (one per horizon)"
+            )
+    return graph, horizons
 
 
 def _is_int(value: Any) -> TypeGuard[int]:
@@ -341,7 +407,10 @@ def verify_files(model_dir: Path, manifest: Manifest) -> dict[str, bytes]:
         ManifestError: a file is missing or its sha256 does not match.
     """
     out: dict[str, bytes] = {}
-    for model in (manifest.forecaster, manifest.allocator):
+    graphs = [manifest.forecaster, manifest.allocator]
+    if manifest.horizon is not None:
+        graphs.append(manifest.horizon)
+    for model in graphs:
         path = model_dir / model.file
         try:
             data = path.read_bytes()

@@ -8,12 +8,14 @@ what a valid directory is. In order, each stopping at the first failure:
 2. each file's sha256 matches, and the sessions are built from exactly the
    bytes that were checked;
 3. the allocator's ``state_layout`` is the one this bwpredd builds;
-4. both graphs load in onnxruntime, and their inputs and outputs have the
-   manifest's names (in order), dtypes and shapes;
+4. every graph (the forecaster, the allocator and, when the manifest
+   declares horizons, the horizon graph) loads in onnxruntime, and their
+   inputs and outputs have the manifest's names (in order), dtypes and shapes;
 5. a smoke run (also the warm-up) on :func:`smoke_windows`, batches of one
    and of all, gives finite float32 ``[N, 1]`` forecasts with ``low <= point
-   <= high`` and finite float32 ``[N, 10]`` ``q_values`` on states built as
-   the daemon builds them.
+   <= high``, finite float32 ``[N, 10]`` ``q_values`` on states built as
+   the daemon builds them, and (horizon graph) finite float32 ``[N, H]``
+   means with ``0 <= low <= mean <= high`` at steps of 0.5, 1 and 5 s.
 
 :func:`session` is the only place an ``onnxruntime.InferenceSession`` is made.
 """
@@ -41,6 +43,8 @@ from bwpredd.manifest import (
     ALLOCATOR_OUTPUT,
     FORECASTER_INPUT,
     FORECASTER_OUTPUTS,
+    HORIZON_INPUTS,
+    HORIZON_OUTPUTS,
     N_ACTIONS,
     Manifest,
     ModelFile,
@@ -105,10 +109,27 @@ class LoadedModel:
     sha256: dict[str, str] = field(default_factory=dict)
     sizes: dict[str, int] = field(default_factory=dict)
     timings_ms: dict[str, float] = field(default_factory=dict)
+    horizon: ort.InferenceSession | None = None  # when the manifest declares horizons
 
     @property
     def version(self) -> str:
         return self.manifest.version
+
+    def run_horizon(self, windows: F32, step_s: F32) -> tuple[F32, F32, F32]:
+        """Mean, low, high ``[k, H]`` (Mbit/s) over the manifest's horizons
+        for full windows ``[k, W, F]`` and their steps ``[k]`` (seconds).
+
+        Raises:
+            ValueError: the model declares no horizons.
+        """
+        if self.horizon is None:
+            raise ValueError("this model directory declares no horizons")
+        feed = {
+            HORIZON_INPUTS[0]: windows,
+            HORIZON_INPUTS[1]: np.ascontiguousarray(step_s, dtype=np.float32).reshape(-1, 1),
+        }
+        out = self.horizon.run(list(HORIZON_OUTPUTS), feed)
+        return out[0], out[1], out[2]
 
     def run_forecaster(self, windows: F32) -> tuple[F32, F32, F32]:
         """Point, low, high ``[k]`` for full windows ``[k, W, F]``."""
@@ -223,20 +244,29 @@ def _load(model_dir: Path, threads: int) -> LoadedModel:
     t0 = time.perf_counter()
     fsess = _session(blobs[manifest.forecaster.file], manifest.forecaster.file, threads)
     asess = _session(blobs[manifest.allocator.file], manifest.allocator.file, threads)
+    hsess = None
+    if manifest.horizon is not None:
+        hsess = _session(blobs[manifest.horizon.file], manifest.horizon.file, threads)
     timings = {"load": (time.perf_counter() - t0) * 1e3}
     _check_io(fsess, manifest.forecaster)
     _check_io(asess, manifest.allocator)
-    model = LoadedModel(manifest, model_dir, fsess, asess, 0.0)
+    if hsess is not None and manifest.horizon is not None:
+        _check_io(hsess, manifest.horizon)
+    model = LoadedModel(manifest, model_dir, fsess, asess, 0.0, horizon=hsess)
     _smoke(model, timings)
+    graphs = [manifest.forecaster, manifest.allocator]
+    if manifest.horizon is not None:
+        graphs.append(manifest.horizon)
     return LoadedModel(
         manifest=manifest,
         path=model_dir,
         forecaster=fsess,
         allocator=asess,
         load_seconds=time.perf_counter() - start,
-        sha256={m.file: m.sha256 for m in (manifest.forecaster, manifest.allocator)},
+        sha256={m.file: m.sha256 for m in graphs},
         sizes={name: len(data) for name, data in blobs.items()},
         timings_ms={k: round(v, 3) for k, v in timings.items()},
+        horizon=hsess,
     )
 
 
@@ -307,6 +337,38 @@ def _smoke(model: LoadedModel, timings: dict[str, float]) -> None:
             )
         if not np.isfinite(q).all():
             raise _Refused("smoke: q_values are not finite")
+        if model.horizon is not None:
+            _smoke_horizon(model, batch, timings)
+
+
+# Steps the horizon graph is smoke-tested at: the shortest and longest the
+# shipped traces have, and the daemon's default.
+_SMOKE_STEPS_S = (0.5, 1.0, 5.0)
+
+
+def _smoke_horizon(model: LoadedModel, batch: F32, timings: dict[str, float]) -> None:
+    n, h = len(batch), len(model.manifest.horizons)
+    for step in _SMOKE_STEPS_S:
+        t0 = time.perf_counter()
+        outs = model.run_horizon(batch, np.full(n, step, dtype=np.float32))
+        timings.setdefault(f"horizon_batch{n}", (time.perf_counter() - t0) * 1e3)
+        arrs = [np.asarray(o) for o in outs]
+        for name, arr in zip(HORIZON_OUTPUTS, arrs, strict=True):
+            if arr.shape != (n, h) or arr.dtype != np.float32:
+                raise _Refused(
+                    f"smoke: horizon {name} came out {arr.dtype}{list(arr.shape)}, "
+                    f"want float32[{n}, {h}]"
+                )
+            if not np.isfinite(arr).all():
+                raise _Refused(f"smoke: horizon {name} is not finite at step {step:g} s")
+        mean, low, high = arrs
+        slack = _ORDER_SLACK * np.maximum(np.abs(mean), 1.0)
+        bad = (low < 0) | (low > mean + slack) | (mean > high + slack)
+        if bad.any():
+            raise _Refused(
+                f"smoke: horizon interval out of order (or negative) on {int(bad.sum())} "
+                f"of {n * h} values at step {step:g} s"
+            )
 
 
 def _forecast_output(name: str, out: Any, n: int) -> F32:

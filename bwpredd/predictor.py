@@ -3,6 +3,7 @@
 >>> from bwpredd import Predictor
 >>> p = Predictor.load()            # the embedded default model
 >>> p.predict_bandwidth(window)     # one [10, 4] window or a batch [N, 10, 4], raw units
+>>> p.transfer_time(window, 8 << 30, step_s=1.0).seconds   # 8 GiB over that link
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from bwpredd.modeldir import DEFAULT_MODEL_DIR, load_model
 from bwpredd.schema import WIDTH, WINDOW
 from bwpredd.state import DEFAULT_STEP_S
 from bwpredd.state import allocation_percent as _allocation_percent
+from bwpredd.transfer import TransferTime, bits_of, next_step_seconds
 
-__all__ = ["Forecast", "Predictor"]
+__all__ = ["Forecast", "Predictor", "TransferTime"]
 
 F32 = npt.NDArray[np.float32]
 
@@ -120,7 +122,63 @@ class Predictor:
         actions = self.engine.allocate(w, counts, fc, step_s).action
         return int(actions[0]) if single else actions
 
+    def transfer_time(
+        self, window: npt.ArrayLike, payload_bytes: npt.ArrayLike, step_s: npt.ArrayLike = 1.0
+    ) -> TransferTime:
+        """How long moving ``payload_bytes`` over the link takes, and its 80%
+        interval: the payload uncompressed, without round trips or handshakes.
+
+        With a model directory that declares horizons, the times come from
+        the horizon forecasts (the bandwidth the transfer sees over its whole
+        duration; :mod:`bwpredd.transfer`); without, from today's rule
+        (payload over the next-step forecast, the interval's ends giving
+        the time's).
+
+        Args:
+            window: ``[10, 4]`` or ``[N, 10, 4]`` raw units.
+            payload_bytes: bytes to move, >= 0: a scalar or ``[N]``.
+            step_s: seconds between the window's samples, > 0: a scalar or
+                ``[N]`` (the daemon reads it from the samples' times).
+
+        Returns:
+            ``seconds``, ``low_seconds`` (10th percentile of the time) and
+            ``high_seconds`` (90th): floats for one window, float64 ``[N]``
+            for a batch.
+
+        Raises:
+            ValueError: a bad shape, or a payload or step breaking its rule.
+        """
+        w, single = self._batch(window)
+        n = len(w)
+        payload = _per_window("payload_bytes", payload_bytes, n)
+        if not (np.isfinite(payload).all() and (payload >= 0).all()):
+            raise ValueError("payload_bytes: must be finite and >= 0")
+        step = _per_window("step_s", step_s, n)
+        if not (np.isfinite(step).all() and (step > 0).all()):
+            raise ValueError("step_s: must be finite and > 0")
+        curves = self.engine.horizon_curves(w, step.astype(np.float32))
+        if curves is not None:
+            t, lo, hi = curves.seconds(payload)
+        else:
+            fc = self.forecast(w)
+            t, lo, hi = next_step_seconds(
+                fc.bandwidth_mbps, fc.low_mbps, fc.high_mbps, bits_of(payload)
+            )
+        if single:
+            return TransferTime(float(t[0]), float(lo[0]), float(hi[0]))
+        return TransferTime(t, lo, hi)
+
     @staticmethod
     def allocation_percent(action: int) -> int:
         """The level of an action in percent: (action + 1) x 10."""
         return _allocation_percent(action)
+
+
+def _per_window(name: str, value: npt.ArrayLike, n: int) -> npt.NDArray[np.float64]:
+    """A scalar or ``[n]`` argument as float64 ``[n]``."""
+    arr = np.asarray(value, dtype=np.float64)
+    if arr.ndim == 0:
+        return np.full(n, float(arr))
+    if arr.shape != (n,):
+        raise ValueError(f"{name}: expected a scalar or [{n}] values, got shape {list(arr.shape)}")
+    return arr

@@ -185,8 +185,12 @@ def _timestamp(seconds: float) -> Timestamp:
     return ts
 
 
-def forecast_messages(peer_ids: list[str], fc: Forecasts) -> list[pb.PeerForecast]:
-    """Domain forecasts -> ``PeerForecast`` messages, in ``peer_ids`` order."""
+def forecast_messages(
+    peer_ids: list[str], fc: Forecasts, horizons: npt.NDArray[np.float64] | None = None
+) -> list[pb.PeerForecast]:
+    """Domain forecasts -> ``PeerForecast`` messages, in ``peer_ids`` order
+    (``horizons``: what each covers, for a Forecast with horizon_seconds)."""
+    hz = [0.0] * len(peer_ids) if horizons is None else horizons.tolist()
     return [
         pb.PeerForecast(
             peer_id=pid,
@@ -196,14 +200,16 @@ def forecast_messages(peer_ids: list[str], fc: Forecasts) -> list[pb.PeerForecas
             source=s,
             samples_in_window=c,
             model_version=fc.model_version,
+            horizon_seconds=h,
         )
-        for pid, p, lo, hi, s, c in zip(
+        for pid, p, lo, hi, s, c, h in zip(
             peer_ids,
             fc.point.tolist(),
             fc.low.tolist(),
             fc.high.tolist(),
             fc.source.tolist(),
             fc.counts.tolist(),
+            hz,
             strict=True,
         )
     ]
@@ -462,6 +468,10 @@ class BandwidthPredictorServicer(pb_grpc.BandwidthPredictorServiceServicer):
     ) -> pb.ForecastResponse:
         key = tuple(request.peer_ids)
         detail["peers"] = len(key)
+        if request.horizon_seconds != 0:  # NaN too: the core names the rule
+            detail["horizon_seconds"] = request.horizon_seconds
+            fc, covered = self.core.forecast_horizon(list(key), request.horizon_seconds)
+            return pb.ForecastResponse(forecasts=forecast_messages(list(key), fc, covered))
         hit = self._forecasts.get(key)
         if hit is not None:
             self.core.count_served(hit.served)

@@ -77,6 +77,7 @@ class ExportResult:
     sizes: dict[str, int]
     timings_ms: dict[str, float]
     int8: dict[str, Any] = field(default_factory=dict)
+    horizon_parity: ParityReport | None = None
 
 
 def export_model_dir(
@@ -98,6 +99,7 @@ def export_model_dir(
     force: bool = False,
     timing: bool = True,
     log: Callable[[str], None] = print,
+    horizon: nn.Module | None = None,
 ) -> ExportResult:
     """Export, verify, describe and publish a model directory at ``dest``.
 
@@ -121,6 +123,8 @@ def export_model_dir(
             then deleted once the new one is in place).
         timing: measure batch-1 and batch-1000 latency (off for fast tests).
         log: where progress lines go.
+        horizon: a horizon model (:mod:`export.horizon`): shipped as a third
+            graph with its horizons declared; None: a next-step-only directory.
 
     Raises:
         ExportError: ``dest`` exists without ``force``, or a check failed.
@@ -172,6 +176,14 @@ def export_model_dir(
         f_bytes, a_bytes, int8_report = try_int8(f_bytes, a_bytes, windows, states, log=log)
 
     files = {FORECASTER_FILE: f_bytes, ALLOCATOR_FILE: a_bytes}
+    h_par = None
+    if horizon is not None:
+        from export.horizon import HORIZON_FILE, export_horizon, horizon_parity
+
+        h_bytes = export_horizon(horizon)
+        h_par = horizon_parity(horizon, h_bytes, windows)
+        log(f"verify: horizon max rel err {h_par.max_rel_err:.2e}")
+        files[HORIZON_FILE] = h_bytes
     sizes = {name: len(data) for name, data in files.items()}
     extra: dict[str, Any] = {
         "parity": {
@@ -185,7 +197,7 @@ def export_model_dir(
             "exporter": "torch.onnx legacy TorchScript (dynamo=False)"
             if exporter == "legacy"
             else "torch.onnx dynamo",
-            "op_counts": {FORECASTER_FILE: op_counts(f_bytes), ALLOCATOR_FILE: op_counts(a_bytes)},
+            "op_counts": {name: op_counts(data) for name, data in files.items()},
             "sizes_bytes": sizes,
             "timings_ms": timings,
             "provenance": dict(provenance or {}),
@@ -193,6 +205,12 @@ def export_model_dir(
     }
     if int8_report:
         extra["int8"] = int8_report
+    if horizon is not None and h_par is not None:
+        from export.horizon import HORIZON_FILE, horizon_manifest_entry
+
+        extra["parity"]["horizon"] = h_par.to_json()
+        horizons = tuple(float(h) for h in getattr(horizon, "cfg").horizons)  # noqa: B009
+        extra.update(horizon_manifest_entry(files[HORIZON_FILE], horizons))
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_sibling(dest, "building")
@@ -226,7 +244,7 @@ def export_model_dir(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log(f"export: published {dest} (version {version}, {_fmt_sizes(sizes)})")
-    return ExportResult(dest, manifest, f_par, a_par, sizes, timings, int8_report)
+    return ExportResult(dest, manifest, f_par, a_par, sizes, timings, int8_report, h_par)
 
 
 def publish_dir(src: Path, dest: Path, *, force: bool = False) -> None:

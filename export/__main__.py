@@ -1,4 +1,10 @@
-"""``python -m export``: a training run's checkpoints -> a published model directory."""
+"""``python -m export``: a training run's checkpoints -> a published model directory.
+
+The run's ``horizon.pt`` (the transfer-time model), when present, ships as a
+third graph. ``--add-horizon-to DIR`` instead adds the run's horizon graph to
+an already published directory, keeping its other graphs byte for byte (how
+the embedded default got its horizons without retraining the rest).
+"""
 
 from __future__ import annotations
 
@@ -15,9 +21,11 @@ import torch
 from bwpredd.errors import BwpreddError
 from bwpredd.state import STATE_LAYOUT
 from export import DEFAULT_MODEL_DIR, ExportError, copy_model_dir, export_model_dir
+from export.horizon import add_horizon
 from export.manifest import default_version, weights_digest
 from export.verify import ParityError, parity_windows
 from trainer.models.forecaster import load_checkpoint as load_forecaster
+from trainer.models.horizon import load_checkpoint as load_horizon
 from trainer.models.qnet import QNetConfig, QNetwork
 from trainer.models.qnet import load_checkpoint as load_qnet
 
@@ -52,7 +60,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--exporter", choices=("legacy", "dynamo"), default="legacy")
     parser.add_argument("--seed", type=int, default=0, help="seed for parity windows and init")
     parser.add_argument("--parity-windows", type=int, default=2048, help="windows to compare on")
+    parser.add_argument(
+        "--add-horizon-to",
+        type=Path,
+        metavar="DIR",
+        help="add the run's horizon.pt to the published model directory DIR (see above)",
+    )
     args = parser.parse_args(argv)
+    if args.add_horizon_to is not None:
+        return _add_horizon(args)
 
     t0 = time.perf_counter()
     try:
@@ -87,6 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             exporter=args.exporter,
             int8=args.int8,
             force=args.force,
+            horizon=_load_horizon(args.run),
         )
         if args.embed:
             copy_model_dir(result.path, DEFAULT_MODEL_DIR)
@@ -98,6 +115,49 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{result.forecaster_parity.max_rel_err:.2e} allocator "
         f"{result.allocator_parity.max_rel_err:.2e}; {time.perf_counter() - t0:.1f}s"
     )
+    return EXIT_OK
+
+
+def _load_horizon(run: Path) -> torch.nn.Module | None:
+    path = run / "horizon.pt"
+    if not path.is_file():
+        print(f"export: {path} missing; the directory serves the next step only (no horizons)")
+        return None
+    model, _ = load_horizon(str(path))
+    return model
+
+
+def _add_horizon(args: argparse.Namespace) -> int:
+    path = args.run / "horizon.pt"
+    if not path.is_file():
+        print(f"export: {path}: missing (python -m trainer train-transfer)", file=sys.stderr)
+        return EXIT_USAGE
+    model, ckpt = load_horizon(str(path))
+    src = args.add_horizon_to
+    windows, source = parity_windows(args.traces, args.parity_windows, args.seed)
+    try:
+        manifest = add_horizon(
+            src,
+            model,
+            args.out or src,
+            windows=windows,
+            windows_source=source,
+            evaluation=dict(ckpt.get("metrics", {})),
+            provenance={
+                "run": str(args.run),
+                "checkpoint_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                "seed": ckpt.get("seed"),
+            },
+            version=args.version,
+            force=args.force or args.out is None,
+        )
+        if args.embed:
+            copy_model_dir(args.out or src, DEFAULT_MODEL_DIR)
+    except (ExportError, ParityError, BwpreddError) as exc:
+        print(f"export: FAILED: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    hz = list(manifest.horizons)
+    print(f"export: OK {args.out or src} version {manifest.version} horizons {hz}")
     return EXIT_OK
 
 

@@ -18,6 +18,7 @@ from bench.harness import synthetic_windows
 from bwpredd.state import STATE_LAYOUT
 from export import export_model_dir
 from trainer.models.forecaster import Forecaster, ForecasterConfig
+from trainer.models.horizon import HorizonConfig, HorizonNet
 from trainer.models.qnet import QNetConfig, QNetwork
 
 __all__ = ["ScaledForecaster", "make_model_dir"]
@@ -44,6 +45,7 @@ def make_model_dir(
     seed: int = 0,
     version: str = "test-1",
     forecast_scale: float | None = None,
+    horizon: bool = False,
 ) -> Path:
     """Build a real model directory at ``dest`` from seeded, untrained models.
 
@@ -56,6 +58,8 @@ def make_model_dir(
         version: the manifest's ``version``.
         forecast_scale: when given, multiply the point forecast and the
             interval by this factor inside the exported graph.
+        horizon: also ship a (seeded, untrained) horizon graph with the
+            default horizons declared.
 
     Returns:
         ``dest``.
@@ -79,6 +83,7 @@ def make_model_dir(
         force=True,
         timing=False,
         log=lambda _line: None,
+        horizon=HorizonNet(HorizonConfig()) if horizon else None,
     )
     return Path(dest)
 

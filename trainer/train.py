@@ -1,5 +1,8 @@
 """``python -m trainer train``: data -> forecaster -> evaluation -> reports.
 
+Then the horizon model for transfer times (:mod:`trainer.train_transfer`,
+``transfer.md``) and the allocator, on the same split.
+
 Loads the real traces and the synthetic profiles, splits them by fold group
 (``split.json`` records the files of each split so ``trainer eval
 --split-from`` and export reuse the same test files), trains the forecaster,
@@ -104,6 +107,48 @@ def _train_agent(
         progress=not args.quiet,
     )
     return _json_safe(metrics), "trained"
+
+
+def _train_transfer(
+    parts: dict[str, list[Any]],
+    predict: Any,
+    out: Path,
+    reports: Path,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """The horizon (transfer-time) model on the same split; its report,
+    with today's rule from this run's forecaster beside it."""
+    from trainer.train_transfer import (
+        TransferTrainConfig,
+        compact,
+        report_transfer,
+        today_times,
+        train_transfer,
+    )
+
+    cfg = TransferTrainConfig(seed=args.seed)
+    if args.quick:
+        cfg.steps, cfg.eval_every, cfg.points_per_trace = 60, 30, 40
+    model, summary = train_transfer(
+        parts["train"], parts["val"], parts["test"], out, cfg=cfg, progress=not args.quiet
+    )
+    result = report_transfer(
+        model,
+        parts["test"],
+        today_times(predict),
+        reports,
+        command="make train",
+        split="the 'test' split",
+    )
+    print(f"wrote {reports}/transfer.md")
+    summary_json: dict[str, Any] = _json_safe(
+        {
+            "test": compact(result),
+            "calibration": summary["calibration"],
+            "train_seconds": summary["train_seconds"],
+        }
+    )
+    return summary_json
 
 
 def run(args: argparse.Namespace) -> int:
@@ -242,6 +287,9 @@ def run(args: argparse.Namespace) -> int:
     # Written before the agent trains, so its failure cannot lose them.
     write_reports()
     print(f"wrote {reports}/training_report.json, forecaster.md, {', '.join(plots)}")
+    if not args.skip_transfer:
+        report["transfer"] = _train_transfer(parts, predict, out, reports, args)
+        write_reports()
     if not args.skip_agent:
         ddqn_metrics, report["agent_status"] = _train_agent(parts, ckpt, out, reports, args)
         if ddqn_metrics is not None:
@@ -262,6 +310,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--quick", action="store_true", help="a tiny run of a few seconds")
     parser.add_argument("--skip-agent", action="store_true", help="train the forecaster only")
+    parser.add_argument(
+        "--skip-transfer", action="store_true", help="skip the horizon (transfer-time) model"
+    )
     parser.add_argument(
         "--ema-decay", type=float, help="keep an EMA of the weights (default: the config's)"
     )

@@ -23,7 +23,8 @@ type BandwidthPredictorServiceClient interface {
 	StreamSamples(ctx context.Context, opts ...grpc.CallOption) (BandwidthPredictorService_StreamSamplesClient, error)
 	// PushSamples ingests one batch, for simple clients.
 	PushSamples(ctx context.Context, in *PushSamplesRequest, opts ...grpc.CallOption) (*PushSamplesResponse, error)
-	// Forecast gives the next-step bandwidth of one or many peers.
+	// Forecast gives the next-step bandwidth of one or many peers, or with
+	// horizon_seconds the mean bandwidth over that horizon.
 	Forecast(ctx context.Context, in *ForecastRequest, opts ...grpc.CallOption) (*ForecastResponse, error)
 	// Allocate gives the allocation level (10% .. 100%) for one or many peers.
 	Allocate(ctx context.Context, in *AllocateRequest, opts ...grpc.CallOption) (*AllocateResponse, error)
@@ -188,7 +189,8 @@ type BandwidthPredictorServiceServer interface {
 	StreamSamples(BandwidthPredictorService_StreamSamplesServer) error
 	// PushSamples ingests one batch, for simple clients.
 	PushSamples(context.Context, *PushSamplesRequest) (*PushSamplesResponse, error)
-	// Forecast gives the next-step bandwidth of one or many peers.
+	// Forecast gives the next-step bandwidth of one or many peers, or with
+	// horizon_seconds the mean bandwidth over that horizon.
 	Forecast(context.Context, *ForecastRequest) (*ForecastResponse, error)
 	// Allocate gives the allocation level (10% .. 100%) for one or many peers.
 	Allocate(context.Context, *AllocateRequest) (*AllocateResponse, error)

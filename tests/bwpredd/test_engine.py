@@ -32,7 +32,11 @@ class TestLoad:
     def test_default_loads(self) -> None:
         """The embedded default verifies, loads and names its version."""
         model = load_model(DEFAULT_MODEL_DIR)
-        assert model.version and set(model.sha256) == {"forecaster.onnx", "allocator.onnx"}
+        assert model.version and set(model.sha256) == {
+            "forecaster.onnx",
+            "allocator.onnx",
+            "horizon.onnx",
+        }
 
     def test_flipped_byte_refused(self, tmp_path: Path) -> None:
         """One flipped byte in an ONNX file fails the sha256 check."""

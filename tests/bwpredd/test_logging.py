@@ -215,7 +215,7 @@ class TestDaemonJson:
         assert not [x for x in reader.seen if "[info" in x or "[error" in x]
 
         assert loaded["model_version"] and started["model_version"] == loaded["model_version"]
-        assert set(loaded["sha256"]) == {"forecaster.onnx", "allocator.onnx"}
+        assert set(loaded["sha256"]) == {"forecaster.onnx", "allocator.onnx", "horizon.onnx"}
         assert all(SHA256.match(h) for h in loaded["sha256"].values())
         assert started["listen"] == sock
         assert reloaded["sha256"] == loaded["sha256"]

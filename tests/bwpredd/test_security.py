@@ -695,6 +695,7 @@ class TestModelIntegrity:
         assert digests == {
             manifest["forecaster"]["sha256"],
             manifest["allocator"]["sha256"],
+            manifest["horizon"]["sha256"],
         }
 
     def test_manifest_cannot_point_outside(self, tmp_path: Path) -> None:
