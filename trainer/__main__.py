@@ -1,4 +1,4 @@
-"""``python -m trainer``: train, eval, eval-allocator."""
+"""``python -m trainer``: train, eval, eval-allocator, report-allocator, allocator-limits."""
 
 from __future__ import annotations
 
@@ -10,12 +10,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    from trainer import evaluate, evaluate_allocator, train
+    from trainer import allocator_limits, evaluate, evaluate_allocator, report_allocator, train
 
     train.add_arguments(sub.add_parser("train", help="train the forecaster and the agent"))
     evaluate.add_arguments(sub.add_parser("eval", help="evaluate a forecaster on traces"))
     evaluate_allocator.add_arguments(
         sub.add_parser("eval-allocator", help="evaluate allocation policies on traces")
+    )
+    report_allocator.add_arguments(
+        sub.add_parser(
+            "report-allocator",
+            help="re-score a shipped model directory on make train's split; rewrite allocator.md",
+        )
+    )
+    allocator_limits.add_arguments(
+        sub.add_parser(
+            "allocator-limits",
+            help="train the agent on the shipped state and with the next step known",
+        )
     )
     args = parser.parse_args(argv)
     return int(args.func(args))
