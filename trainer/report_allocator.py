@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,8 @@ def departures(config: dict[str, Any]) -> str:
 
 def _training_line(metrics: dict[str, Any]) -> str:
     """What the training run did, per network when there were several."""
+    if "members" not in metrics:
+        return "* training: not recorded (the model directory's manifest has no figures)"
     members = metrics["members"]
     head = (
         f"* training: {metrics['episodes']} episodes, {metrics['updates']} updates, "
@@ -340,8 +343,12 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         manifest = json.loads((args.model / "manifest.json").read_text())
-        metrics = manifest["evaluation"]["allocator"]
-        cfg = AgentConfig(**metrics["config"])
+        # The training figures the export recorded; a directory without them
+        # is scored with the default crops and says so.
+        metrics = manifest.get("evaluation", {}).get("allocator") or {}
+        cfg = AgentConfig(**metrics.get("config", {}))
+        metrics = {"forecast": "the model directory's forecaster", **metrics}
+        metrics["config"] = asdict(cfg)
         forecast, q, _ = load_model(args.model)
         train, val, test = training_split(args.traces, args.seed)
         limits_path = args.limits or args.reports / "allocator_limits.json"

@@ -331,3 +331,33 @@ class TestLimits:
         assert s["gap"] == pytest.approx(0.2)
         assert s["forecast_uncertainty"] + s["policy"] == pytest.approx(s["gap"])
         assert s["forecast_uncertainty_share"] == pytest.approx(0.75)
+
+
+class TestReportAllocatorCLI:
+    def test_rescores_a_model_directory(self, tmp_path: Path) -> None:
+        """`trainer report-allocator` re-scores a model directory on make train's
+        split of a traces directory and writes allocator.md and its JSON."""
+        pytest.importorskip("onnx")
+        from tests.conftest_models import make_model_dir
+        from trainer.__main__ import main
+
+        model_dir = make_model_dir(tmp_path / "published", seed=0)
+        rng = np.random.default_rng(3)
+        for source, scale in (("lab_a", 5.0), ("lab_b", 400.0)):
+            d = tmp_path / "traces" / source
+            d.mkdir(parents=True)
+            for k in range(7):
+                bw = scale * np.exp(np.cumsum(rng.normal(0, 0.2, 60)))
+                rows = [HEADER, *(f"{t}.0,{b:.4f},30,0,1" for t, b in enumerate(bw))]
+                (d / f"t{k}.csv").write_text("\n".join(rows) + "\n")
+        reports = tmp_path / "reports"
+        code = main(["report-allocator", "--traces", str(tmp_path / "traces"),
+                     "--model", str(model_dir), "--reports", str(reports)])  # fmt: skip
+        assert code == 0
+        doc = json.loads((reports / "allocator_eval.json").read_text())
+        assert doc["heuristic_params"]["tuned_on"] == "the validation split"
+        assert {"lab_a", "lab_b"} <= set(doc["per_source_wins"])
+        text = (reports / "allocator.md").read_text()
+        assert f"| {doc['best_heuristic']} (strongest heuristic) |" in text
+        assert "training: not recorded" in text
+        assert (reports / "allocator_example.png").stat().st_size > 0
