@@ -29,7 +29,7 @@ GO_PROTOC  = protoc -Iproto --go_out=$(1) --go_opt=module=$(GO_PKG) \
              --go-grpc_out=$(1) --go-grpc_opt=module=$(GO_PKG) $(PROTO)
 HAVE_GO   := $(shell command -v go >/dev/null 2>&1 && echo yes)
 
-.PHONY: install gen run test lint fmt train export bench soak install-systemd clean \
+.PHONY: install gen run test lint fmt train report-allocator export bench soak install-systemd clean \
         go-apt go-gen go-check-gen go-lint go-test
 
 install: $(STAMP) $(GEN)
@@ -89,6 +89,13 @@ fmt: install
 train: install
 	$(PYTHON) -m trainer train --traces $(TRACES) --seed $(SEED) --out runs/latest \
 		--agent-gamma 0.8 --agent-episodes 3000 --members 2
+
+# The shipped model re-scored on make train's split (same seed), without
+# training: rewrites reports/allocator.md, allocator_eval.json and the example
+# plot (and includes reports/allocator_limits.json when present).
+report-allocator: install
+	$(PYTHON) -m trainer report-allocator --traces $(TRACES) --seed $(SEED) \
+		--model bwpredd/models/default
 
 export: install
 	$(PYTHON) -m export --run runs/latest --traces $(TRACES) --embed

@@ -1,4 +1,5 @@
-"""``python -m trainer``: train, eval, eval-allocator, train-transfer, eval-transfer."""
+"""``python -m trainer``: train, eval, eval-allocator, report-allocator, allocator-limits,
+train-transfer, eval-transfer."""
 
 from __future__ import annotations
 
@@ -10,7 +11,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    from trainer import eval_transfer, evaluate, evaluate_allocator, train, train_transfer
+    from trainer import (
+        allocator_limits,
+        eval_transfer,
+        evaluate,
+        evaluate_allocator,
+        report_allocator,
+        train,
+        train_transfer,
+    )
 
     train.add_arguments(sub.add_parser("train", help="train the forecaster and the agent"))
     evaluate.add_arguments(sub.add_parser("eval", help="evaluate a forecaster on traces"))
@@ -22,6 +31,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     eval_transfer.add_arguments(
         sub.add_parser("eval-transfer", help="evaluate transfer times of a model directory")
+    )
+    report_allocator.add_arguments(
+        sub.add_parser(
+            "report-allocator",
+            help="re-score a shipped model directory on make train's split; rewrite allocator.md",
+        )
+    )
+    allocator_limits.add_arguments(
+        sub.add_parser(
+            "allocator-limits",
+            help="train the agent on the shipped state and with the next step known",
+        )
     )
     args = parser.parse_args(argv)
     return int(args.func(args))

@@ -1,10 +1,28 @@
 """``python -m trainer eval-allocator``: score allocation policies on traces.
 
 One job: run the DDQN allocator (greedy, never random), every fixed level, a
-forecast-following heuristic, a conservative heuristic and a one-step oracle
-through :class:`trainer.env.LinkEnv` on a directory of traces, and report each
+forecast-following heuristic, a conservative heuristic, two one-parameter
+quantile rules, a predict-then-optimise rule and a one-step oracle through
+:class:`trainer.env.LinkEnv` on a directory of traces, and report each
 policy's mean per-step reward, link utilisation, share of steps with a queue
 and share with loss, per source and macro-averaged over sources.
+
+The heuristics (everything but ``ddqn`` and ``oracle``) are the rules a DWCP
+engineer would write without learning anything; the gap closure is measured
+against the strongest of them:
+
+* ``forecast``: the forecaster's point; ``conservative``: its interval's low
+  end; ``fixed_<p>``: always ``p``%.
+* ``quantile_mix``: ``low + a (point - low)``, the ``a`` of :data:`MIX_GRID`
+  that scores best on the tuning traces (the validation split);
+  ``scaled_low``: ``b low``, ``b`` from :data:`SCALE_GRID` likewise.
+* ``predict_then_optimise``: the level with the highest expected one-step
+  reward (:func:`trainer.env.link_step`, the environment's own reward) when
+  the link's next bandwidth follows the forecaster's predictive distribution:
+  the quantile function through its 10th, 50th and 90th percentiles,
+  piecewise linear and extended beyond them with the neighbouring slope
+  (floored at 0), read at :data:`PTO_SAMPLES` evenly spaced probabilities.
+  The queue it starts from is the one the state shows (``queue_steps``).
 
 Every step ``t >= 10`` of every trace is scored exactly once: traces are cut
 into consecutive segments of at most ``--segment`` steps that run side by side
@@ -29,12 +47,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from bwpredd.state import STATE_LAYOUT
 from trainer.env import (
     LEVEL_ARRAY,
     QUEUE_EPS_STEPS,
     EnvConfig,
     LinkEnv,
     PreparedTrace,
+    link_step,
     prepare_traces,
     segment_lanes,
 )
@@ -42,22 +62,47 @@ from trainer.predict import ForecastFn
 
 __all__ = [
     "HEURISTICS",
+    "MIX_GRID",
+    "ORIGINAL_HEURISTICS",
+    "SCALE_GRID",
     "Policy",
     "add_arguments",
+    "bootstrap_margin",
     "evaluate_policies",
+    "expected_rewards",
     "gap_closure",
     "greedy_policy",
     "heuristic_policies",
+    "predict_then_optimise",
+    "predictive_samples",
+    "quantile_mix",
     "run",
     "run_policy",
+    "scaled_low",
+    "tune_heuristics",
+    "tuned_policies",
 ]
 
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
 # (env, states [K, S]) -> actions [K]
 Policy = Callable[[LinkEnv, F32], I64]
-# The policies a DWCP engineer would write without learning anything.
-HEURISTICS = ("forecast", "conservative", *(f"fixed_{p}" for p in range(10, 101, 10)))
+# The policies a DWCP engineer would write without learning anything: the
+# first report's set, and the stronger rules added beside them.
+ORIGINAL_HEURISTICS = ("forecast", "conservative", *(f"fixed_{p}" for p in range(10, 101, 10)))
+TUNED_RULES = ("quantile_mix", "scaled_low")
+HEURISTICS = (*ORIGINAL_HEURISTICS, *TUNED_RULES, "predict_then_optimise")
+# quantile_mix's a (0 is conservative, 1 forecast-following, above 1 beyond
+# the point) and scaled_low's b, each chosen on the tuning traces.
+MIX_GRID: tuple[float, ...] = tuple(round(0.1 * i, 2) for i in range(13))
+SCALE_GRID: tuple[float, ...] = tuple(round(0.5 + 0.05 * i, 2) for i in range(17))
+# Resamples of the traces behind the DDQN's margin over the best heuristic.
+BOOTSTRAP_REPS = 1000
+# Evenly spaced probabilities the predictive distribution is read at.
+PTO_SAMPLES = 20
+# The forecaster's interval: its 10th and 90th percentiles (manifest "interval").
+LOW_Q, HIGH_Q = 0.1, 0.9
+QUEUE_COLUMN = STATE_LAYOUT.index("queue_steps")
 DEFAULT_SEGMENT = 500
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
@@ -92,6 +137,118 @@ def heuristic_policies() -> dict[str, Policy]:
     out: dict[str, Policy] = {"forecast": forecast, "conservative": conservative}
     out.update({f"fixed_{(a + 1) * 10}": fixed(a) for a in range(10)})
     out["oracle"] = oracle
+    return out
+
+
+def quantile_mix(a: float) -> Policy:
+    """Send at ``low + a (point - low)`` of the forecaster's quantiles."""
+
+    def act(env: LinkEnv, states: F32) -> I64:
+        cap, point, low, _ = env.forecasts()
+        return nearest_level((low + a * (point - low)) / cap)
+
+    return act
+
+
+def scaled_low(b: float) -> Policy:
+    """Send at ``b`` times the forecaster's interval low end."""
+
+    def act(env: LinkEnv, states: F32) -> I64:
+        cap, _, low, _ = env.forecasts()
+        return nearest_level(b * low / cap)
+
+    return act
+
+
+def predictive_samples(
+    point: npt.NDArray[np.floating],
+    low: npt.NDArray[np.floating],
+    high: npt.NDArray[np.floating],
+    n: int = PTO_SAMPLES,
+) -> npt.NDArray[np.float64]:
+    """``[K, n]`` equally likely next bandwidths under the forecaster's
+    predictive distribution: its quantile function through ``(0.1, low)``,
+    ``(0.5, point)``, ``(0.9, high)``, piecewise linear, extended beyond the
+    interval with the neighbouring slope and floored at 0, read at the
+    probabilities ``(j + 0.5) / n``."""
+    p = np.asarray(point, np.float64)[:, None]
+    lo = np.minimum(np.asarray(low, np.float64)[:, None], p)
+    hi = np.maximum(np.asarray(high, np.float64)[:, None], p)
+    u = ((np.arange(n) + 0.5) / n)[None, :]
+    below = p + (u - 0.5) * (p - lo) / (0.5 - LOW_Q)
+    above = p + (u - 0.5) * (hi - p) / (HIGH_Q - 0.5)
+    samples: npt.NDArray[np.float64] = np.maximum(np.where(u < 0.5, below, above), 0.0)
+    return samples
+
+
+def expected_rewards(
+    queue: npt.NDArray[np.floating],
+    capacity: npt.NDArray[np.floating],
+    samples: npt.NDArray[np.floating],
+    step_s: npt.NDArray[np.floating],
+    cfg: EnvConfig,
+) -> npt.NDArray[np.float64]:
+    """``[K, 10]`` mean one-step reward of each level over the bandwidth
+    ``samples [K, n]``, from ``queue`` Mbit, by the environment's reward."""
+    r = link_step(
+        np.asarray(queue, np.float64)[:, None, None],
+        LEVEL_ARRAY[None, :, None],
+        np.asarray(capacity, np.float64)[:, None, None],
+        np.asarray(samples, np.float64)[:, None, :],
+        np.asarray(step_s, np.float64)[:, None, None],
+        cfg=cfg,
+    )["reward"]
+    mean: npt.NDArray[np.float64] = r.mean(axis=2)
+    return mean
+
+
+def predict_then_optimise(env: LinkEnv, states: F32) -> I64:
+    """The level maximising the expected one-step reward under the
+    forecaster's predictive distribution, from the queue the state shows."""
+    cap, point, low, high = env.forecasts()
+    cap = np.maximum(cap, 1e-3)
+    queue = np.maximum(states[:, QUEUE_COLUMN].astype(np.float64), 0.0) * cap * env.step_s
+    er = expected_rewards(queue, cap, predictive_samples(point, low, high), env.step_s, env.cfg)
+    best: I64 = er.argmax(axis=1).astype(np.int64)
+    return best
+
+
+def tuned_policies(params: dict[str, Any]) -> dict[str, Policy]:
+    """The quantile rules at their tuned parameters, and predict-then-optimise.
+
+    Args:
+        params: :func:`tune_heuristics`'s result (``quantile_mix.a``,
+            ``scaled_low.b``).
+    """
+    return {
+        "quantile_mix": quantile_mix(float(params["quantile_mix"]["a"])),
+        "scaled_low": scaled_low(float(params["scaled_low"]["b"])),
+        "predict_then_optimise": predict_then_optimise,
+    }
+
+
+def tune_heuristics(
+    traces: Sequence[PreparedTrace],
+    segment: int = DEFAULT_SEGMENT,
+    cfg: EnvConfig | None = None,
+) -> dict[str, Any]:
+    """Choose ``quantile_mix``'s ``a`` and ``scaled_low``'s ``b`` on ``traces``
+    (the validation split): the grid value with the best macro reward.
+
+    Returns:
+        ``{"quantile_mix": {"a", "grid"}, "scaled_low": {"b", "grid"}}``, each
+        grid mapping the parameter (as a string) to its macro reward.
+    """
+    grids = {
+        ("quantile_mix", "a"): {a: quantile_mix(a) for a in MIX_GRID},
+        ("scaled_low", "b"): {b: scaled_low(b) for b in SCALE_GRID},
+    }
+    out: dict[str, Any] = {}
+    for (name, param), pols in grids.items():
+        res = evaluate_policies(traces, {f"{v:g}": p for v, p in pols.items()}, segment, cfg)
+        scores = {k: r["macro"]["reward"] for k, r in res.items()}
+        best = max(pols, key=lambda v: scores[f"{v:g}"])
+        out[name] = {param: best, "grid": scores}
     return out
 
 
@@ -193,7 +350,41 @@ def summarise(traces: Sequence[PreparedTrace], sums: dict[str, Any]) -> dict[str
         }
     keys = ("reward", "utilisation", "queue_share", "loss_share")
     macro = {k: float(np.mean([v[k] for v in per_source.values()])) for k in keys}
-    return {"macro": macro, "per_source": per_source}
+    # Per-trace sums for the bootstrap in report(); not written to JSON.
+    traces_sums = {"source": src, "reward": sums["reward"], "steps": sums["steps"]}
+    return {"macro": macro, "per_source": per_source, "_traces": traces_sums}
+
+
+def bootstrap_margin(
+    results: dict[str, dict[str, Any]],
+    a: str,
+    b: str,
+    sources: Sequence[str] | None = None,
+    *,
+    reps: int = BOOTSTRAP_REPS,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """A 90% interval of the macro reward of ``a`` minus that of ``b``,
+    resampling whole traces within each source (paired: the same traces for
+    both policies), over ``sources`` (default: all).
+
+    Returns:
+        ``(5th, 95th percentile)``.
+    """
+    ta, tb = results[a]["_traces"], results[b]["_traces"]
+    src = ta["source"]
+    rng = np.random.default_rng(seed)
+    per_source = []
+    for s in sources if sources is not None else sorted(set(src.tolist())):
+        idx = np.nonzero((src == s) & (ta["steps"] > 0))[0]
+        if len(idx) == 0:
+            continue
+        pick = idx[rng.integers(0, len(idx), (reps, len(idx)))]
+        steps = ta["steps"][pick].sum(axis=1)
+        per_source.append((ta["reward"][pick].sum(axis=1) - tb["reward"][pick].sum(axis=1)) / steps)
+    diff = np.mean(per_source, axis=0)
+    lo, hi = np.percentile(diff, [5, 95])
+    return float(lo), float(hi)
 
 
 def evaluate_policies(
@@ -209,13 +400,16 @@ def evaluate_policies(
     }
 
 
-def gap_closure(policies: dict[str, float]) -> tuple[str, float]:
+def gap_closure(
+    policies: dict[str, float], heuristics: Sequence[str] = HEURISTICS
+) -> tuple[str, float]:
     """The best heuristic and ``(ddqn - best) / (oracle - best)``.
 
     Args:
         policies: macro reward per policy, with ``ddqn`` and ``oracle``.
+        heuristics: the policies that count as heuristics.
     """
-    best = max((n for n in policies if n in HEURISTICS), key=lambda n: policies[n])
+    best = max((n for n in policies if n in heuristics), key=lambda n: policies[n])
     denom = policies["oracle"] - policies[best]
     ratio = (policies["ddqn"] - policies[best]) / denom if denom > 1e-12 else 0.0
     return best, float(ratio)
@@ -229,9 +423,28 @@ def report(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         best, ratio = gap_closure(policies)
         out["best_heuristic"] = best
         out["gap_closure"] = ratio
+        # Against the first report's heuristics only (fixed, forecast, conservative).
+        out["best_original_heuristic"], out["gap_closure_original"] = gap_closure(
+            policies, ORIGINAL_HEURISTICS
+        )
         out["ddqn_beats_every_heuristic"] = all(
             policies["ddqn"] >= policies[n] for n in policies if n in HEURISTICS
         )
+        # Per source: the strongest heuristic there, and whether the DDQN beats it.
+        per: dict[str, Any] = {}
+        for s in results["ddqn"]["per_source"]:
+            scores = {n: r["per_source"][s]["reward"] for n, r in results.items()}
+            top = max((n for n in scores if n in HEURISTICS), key=lambda n: scores[n])
+            per[s] = {
+                "best_heuristic": top,
+                "margin": scores["ddqn"] - scores[top],
+                "ddqn_wins": bool(scores["ddqn"] >= scores[top]),
+            }
+        out["per_source_wins"] = per
+        # Is the margin over the strongest heuristic more than noise? Resampling
+        # the traces of each source; an interval across 0 means within noise.
+        out["margin_over_best_heuristic"] = policies["ddqn"] - policies[best]
+        out["margin_over_best_heuristic_90ci"] = list(bootstrap_margin(results, "ddqn", best))
     # The blind set is real traces: also give the macro over real sources.
     real = [s for s in next(iter(results.values()))["per_source"] if not s.startswith("synthetic")]
     if real and len(real) < len(next(iter(results.values()))["per_source"]):
@@ -242,6 +455,15 @@ def report(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         out["policies_real_sources"] = pr
         if "ddqn" in pr and "oracle" in pr:
             out["best_heuristic_real_sources"], out["gap_closure_real_sources"] = gap_closure(pr)
+            (
+                out["best_original_heuristic_real_sources"],
+                out["gap_closure_original_real_sources"],
+            ) = gap_closure(pr, ORIGINAL_HEURISTICS)
+            best_real = out["best_heuristic_real_sources"]
+            out["margin_over_best_heuristic_real_sources"] = pr["ddqn"] - pr[best_real]
+            out["margin_over_best_heuristic_real_sources_90ci"] = list(
+                bootstrap_margin(results, "ddqn", best_real, real)
+            )
     out["utilisation"] = {n: r["macro"]["utilisation"] for n, r in results.items()}
     out["queue_share"] = {n: r["macro"]["queue_share"] for n, r in results.items()}
     out["loss_share"] = {n: r["macro"]["loss_share"] for n, r in results.items()}
@@ -314,7 +536,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--segment", type=int, default=DEFAULT_SEGMENT, help="longest segment, in steps"
     )
+    tune = parser.add_mutually_exclusive_group()
+    tune.add_argument(
+        "--tune-traces",
+        type=Path,
+        default=None,
+        help="traces the quantile rules' parameters are chosen on (e.g. a validation "
+        "split); default: the evaluated traces themselves (in-sample, which favours the rules)",
+    )
+    tune.add_argument(
+        "--heuristic-params",
+        type=Path,
+        default=None,
+        help="take the quantile rules' parameters from an earlier JSON's "
+        '"heuristic_params" (e.g. reports/allocator_eval.json)',
+    )
     parser.set_defaults(func=run)
+
+
+def read_heuristic_params(path: Path) -> dict[str, Any]:
+    """The ``heuristic_params`` of an earlier eval JSON, checked.
+
+    Raises:
+        ValueError: the file has no usable ``heuristic_params``.
+    """
+    try:
+        doc = json.loads(path.read_text())
+        params = doc["heuristic_params"]
+        a, b = float(params["quantile_mix"]["a"]), float(params["scaled_low"]["b"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(
+            f"{path}: heuristic_params: must hold quantile_mix.a and scaled_low.b ({exc!r})"
+        ) from exc
+    if not (np.isfinite(a) and np.isfinite(b)):
+        raise ValueError(f"{path}: heuristic_params: a and b must be finite")
+    return {
+        "quantile_mix": {"a": a},
+        "scaled_low": {"b": b},
+        "tuned_on": str(params.get("tuned_on", path)),
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -324,6 +584,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         forecast, q, desc = load_model(args.model)
         loaded = load_traces(args.traces)
+        params = read_heuristic_params(args.heuristic_params) if args.heuristic_params else None
+        tune_loaded = load_traces(args.tune_traces) if args.tune_traces else None
     except (OSError, ValueError) as exc:
         print(f"eval-allocator: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -331,9 +593,20 @@ def run(args: argparse.Namespace) -> int:
     if not traces:
         print(f"eval-allocator: no usable traces under {args.traces}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    policies = {"ddqn": greedy_policy(q), **heuristic_policies()}
+    if params is None:
+        tune_on = traces
+        where = f"{args.traces} (in-sample: the evaluated traces themselves)"
+        if tune_loaded is not None:
+            tune_on = prepare_traces(tune_loaded.traces, forecast)
+            where = str(args.tune_traces)
+            if not tune_on:
+                print(f"eval-allocator: no usable traces under {args.tune_traces}", file=sys.stderr)
+                return EXIT_BAD_INPUT
+        params = {**tune_heuristics(tune_on, args.segment), "tuned_on": where}
+    policies = {"ddqn": greedy_policy(q), **heuristic_policies(), **tuned_policies(params)}
     results = evaluate_policies(traces, policies, args.segment)
     doc = report(results)
+    doc["heuristic_params"] = params
     doc["model"] = desc
     doc["traces"] = str(args.traces)
     doc["n_traces"] = len(traces)
@@ -347,14 +620,16 @@ def run(args: argparse.Namespace) -> int:
 def format_table(doc: dict[str, Any]) -> str:
     """A plain-text table: policies by macro reward, best first."""
     pol = doc["policies"]
-    lines = [f"{'policy':<14}{'reward':>9}{'util':>8}{'queue':>8}{'loss':>8}"]
+    lines = [f"{'policy':<22}{'reward':>9}{'util':>8}{'queue':>8}{'loss':>8}"]
     for name in sorted(pol, key=lambda n: -pol[n]):
         lines.append(
-            f"{name:<14}{pol[name]:>9.4f}{doc['utilisation'][name]:>8.3f}"
+            f"{name:<22}{pol[name]:>9.4f}{doc['utilisation'][name]:>8.3f}"
             f"{doc['queue_share'][name]:>8.3f}{doc['loss_share'][name]:>8.3f}"
         )
     if "gap_closure" in doc:
         lines.append(
-            f"best heuristic {doc['best_heuristic']}; gap closure {doc['gap_closure']:.3f}"
+            f"best heuristic {doc['best_heuristic']}; gap closure {doc['gap_closure']:.3f} "
+            f"(against the original heuristics, best {doc['best_original_heuristic']}: "
+            f"{doc['gap_closure_original']:.3f})"
         )
     return "\n".join(lines)

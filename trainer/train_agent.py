@@ -32,14 +32,65 @@ from trainer.evaluate_allocator import (
     heuristic_policies,
     report,
     torch_q_values,
+    tune_heuristics,
+    tuned_policies,
 )
 from trainer.members import train_members
 from trainer.models.qnet import QNetwork, save_checkpoint
 from trainer.predict import ForecastFn, forecast_fn
 
-__all__ = ["train_agent"]
+__all__ = ["crop_splits", "train_agent", "training_split"]
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def training_split(traces_dir: Path, seed: int) -> tuple[list[Any], list[Any], list[Any]]:
+    """``make train``'s (``trainer train``, not ``--quick``) train, validation
+    and test traces for ``seed``: the real traces of ``traces_dir`` and the
+    synthetic profiles, split by fold group exactly as that run split them.
+
+    Raises:
+        OSError: ``traces_dir`` cannot be read.
+        ValueError: it holds no trace.
+    """
+    from bwpredd.traces import load_traces
+    from trainer.data.synthetic import synthetic_traces
+    from trainer.data.windows import split_traces
+    from trainer.train import N_SYNTHETIC, SPLIT_FRACTIONS, SYNTHETIC_LENGTH
+
+    real = list(load_traces(Path(traces_dir)).traces)
+    if not real:
+        raise ValueError(f"{traces_dir}: no usable traces")
+    synthetic = synthetic_traces(seed, n_traces=N_SYNTHETIC, length=SYNTHETIC_LENGTH)
+    train, val, test = split_traces(real + synthetic, SPLIT_FRACTIONS, seed=seed)
+    return train, val, test
+
+
+def crop_splits(  # noqa: PLR0917 (the three splits, as train_agent takes them)
+    train_traces: Sequence[Any],
+    val_traces: Sequence[Any],
+    test_traces: Sequence[Any],
+    cfg: AgentConfig,
+    seed: int,
+    quick: bool = False,
+) -> tuple[list[Any], list[Any], list[Any]]:
+    """The train, validation and test traces of a training run, as the
+    environment sees them (before the forecaster runs over them).
+
+    The forecaster runs once over every window of every trace it is given;
+    on 2 cores that is most of the budget for the long traces (puffer alone
+    is half the steps), so train and validation see a seeded crop of at most
+    ``cfg.crop_steps`` steps of each trace (the synthetic profiles join train
+    unless ``quick``). The test split is scored whole (cropped too when
+    ``quick``). The same ``seed`` gives the same crops.
+    """
+    crop_rng = np.random.default_rng([seed, 1])
+    train_in = with_synthetic(list(train_traces), seed, quick)
+    train_c = crop_traces(train_in, cfg.crop_steps, crop_rng, cfg.latency_jitter)
+    val_c = crop_traces(list(val_traces), cfg.crop_steps, crop_rng)
+    test_in = list(test_traces)
+    test_c = crop_traces(test_in, cfg.crop_steps, crop_rng) if quick else test_in
+    return train_c, val_c, test_c
 
 
 def train_agent(  # noqa: PLR0917 (the orchestrator's contract)
@@ -90,19 +141,9 @@ def train_agent(  # noqa: PLR0917 (the orchestrator's contract)
         fmodel, _ = load_forecaster(str(forecaster_path))
         forecast = forecast_fn(fmodel)
         forecast_desc = f"forecaster {forecaster_path}"
-    # The forecaster runs once over every window of every trace it is given;
-    # on 2 cores that is most of the budget for the long traces (puffer alone
-    # is half the steps), so train and validation see a seeded crop of at
-    # most `crop_steps` steps of each trace. The test split is scored whole.
-    crop_rng = np.random.default_rng([seed, 1])
-    train_in = with_synthetic(list(train_traces), seed, quick)
-    train_p = prepare_traces(
-        crop_traces(train_in, cfg.crop_steps, crop_rng, cfg.latency_jitter), forecast
-    )
-    val_p = prepare_traces(crop_traces(list(val_traces), cfg.crop_steps, crop_rng), forecast)
-    test_in = list(test_traces)
-    test_p = prepare_traces(
-        crop_traces(test_in, cfg.crop_steps, crop_rng) if quick else test_in, forecast
+    train_p, val_p, test_p = (
+        prepare_traces(part, forecast)
+        for part in crop_splits(train_traces, val_traces, test_traces, cfg, seed, quick)
     )
     prep_s = time.perf_counter() - t0
 
@@ -125,9 +166,20 @@ def train_agent(  # noqa: PLR0917 (the orchestrator's contract)
     train_cpu = sum(h["cpu_seconds"] for h in hists)
 
     q = torch_q_values(model)
-    policies = {"ddqn": greedy_policy(q), **heuristic_policies()}
+    # The quantile rules' parameters are chosen on validation, like the checkpoint.
+    tune_on = val_p or test_p
+    params: dict[str, Any] = (
+        {**tune_heuristics(tune_on), "tuned_on": "the validation split"}
+        if tune_on
+        else {"quantile_mix": {"a": 0.5}, "scaled_low": {"b": 1.0}, "tuned_on": "nothing"}
+    )
+    if tune_on and not val_p:
+        params["tuned_on"] = "the test split (no validation split)"
+    policies = {"ddqn": greedy_policy(q), **heuristic_policies(), **tuned_policies(params)}
     val_doc = report(evaluate_policies(val_p, policies)) if val_p else {}
     test_doc = report(evaluate_policies(test_p, policies)) if test_p else {}
+    if test_doc:
+        test_doc["heuristic_params"] = params
     members = [
         {
             "seed": int(h["seed"]),
@@ -187,7 +239,9 @@ def train_agent(  # noqa: PLR0917 (the orchestrator's contract)
             }
         plot_reward_curves(hists, heur_val, reports_dir / "allocator_reward.png")
         shown = {
-            k: v for k, v in policies.items() if k in ("ddqn", "oracle", "forecast", "conservative")
+            k: v
+            for k, v in policies.items()
+            if k in ("ddqn", "oracle", "conservative", "predict_then_optimise")
         }
         example = plot_allocation_example(test_p, shown, reports_dir / "allocator_example.png")
         if val_doc:
