@@ -37,10 +37,9 @@ from bwpredd.safefs import dir_stat, open_new, private_dir, temp_name
 from bwpredd.servicer import SERVICE_NAME, BandwidthPredictorServicer, add_to_server
 from bwpredd.systemd import Notifier
 
-__all__ = ["MODEL_HEALTH_SERVICE", "STARTUP_FAILURE", "Server", "StartupError", "create_server"]
+__all__ = ["MODEL_HEALTH_SERVICE", "Server", "StartupError", "create_server"]
 
 log = get_logger(__name__)
-STARTUP_FAILURE = 3
 # Health "service" that is SERVING only while a verified model is loaded, so
 # probes and operators can tell MODEL answers from BASELINE_FALLBACK.
 MODEL_HEALTH_SERVICE = "bwpredd.model"
