@@ -161,14 +161,7 @@ class Core:
         self._source_counters = {
             v: metrics.forecasts.labels(source=name) for v, name in _SOURCE_NAMES.items()
         }
-        summary = self.scores.summary
-        metrics.live_error.labels(predictor="model").set_function(
-            lambda: float(summary()["model_nmae"])
-        )
-        metrics.live_error.labels(predictor="baseline").set_function(
-            lambda: float(summary()["baseline_nmae"])
-        )
-        metrics.guardrail_peers.set_function(lambda: float(summary()["peers_in_fallback"]))
+        metrics.live_scores_from(self.scores.summary)
 
     # -- ingest -------------------------------------------------------------------
 

@@ -299,7 +299,7 @@ class Server:
         await self._server.start()
         if config.metrics_addr:
             self._start_metrics()
-        self.metrics.snapshot_age.set_function(
+        self.metrics.snapshot_age_from(
             lambda: time.monotonic() - self._last_snapshot if self._last_snapshot else -1.0
         )
         await self._set_health()
