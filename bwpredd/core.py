@@ -1,15 +1,19 @@
 """Core: the daemon's domain logic behind the RPCs, free of protobuf.
 
-It owns the WindowStore and the Engine and turns requests (peer ids, sample
-batches) into domain answers, raising :mod:`bwpredd.errors` exceptions that the
-servicer maps to status codes.
+It owns the WindowStore, the Engine and the caches of their answers (per
+peer, and per small request: :mod:`bwpredd.replies`), the WatchHub and the
+stream admission count, and turns requests (peer ids, sample batches) into
+domain answers, raising :mod:`bwpredd.errors` exceptions that the servicer
+maps to status codes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -17,22 +21,25 @@ import numpy.typing as npt
 from bwpredd.advise import Advice, CodecTable, advise_many, rank
 from bwpredd.config import Config
 from bwpredd.engine import Allocations, Engine, Forecasts
-from bwpredd.errors import InvalidArgument, PeerNotFound
+from bwpredd.errors import InvalidArgument, PeerNotFound, ResourceExhausted
 from bwpredd.livescore import Accuracy, LiveScores
 from bwpredd.logging import get_logger
 from bwpredd.metrics import Metrics
 from bwpredd.modeldir import LoadedModel
+from bwpredd.replies import Replies, Reply, served
 from bwpredd.validate import SampleBatch, check_peer_id, check_peer_ids, validate_batch
-from bwpredd.watch import WatchHub
+from bwpredd.watch import Watcher, WatchHub
 from bwpredd.windows import PeerView, WindowStore
 
-__all__ = ["Core", "IngestOutcome", "PeerSummary", "Stamp"]
+__all__ = ["WATCH_CHUNK", "Core", "IngestOutcome", "PeerSummary", "Stamp"]
 
 I64 = npt.NDArray[np.int64]
 F32 = npt.NDArray[np.float32]
 # (model epoch, slots, their WindowStore versions): see Core.stamp.
 Stamp = tuple[int, list[int], list[int]]
 MAX_PAGE = 1000
+WATCH_CHUNK = 512  # peers forecast per step of a WatchForecasts stream
+M = TypeVar("M")
 log = get_logger(__name__)
 
 
@@ -157,11 +164,23 @@ class Core:
         self.answers = _Answers(self.store)
         self.watch = WatchHub(config.max_peers, config.max_watchers, config.max_watchers_per_peer)
         self.codecs = CodecTable.load()
+        self._forecast_replies: Replies[Any] = Replies(self)
+        self._allocation_replies: Replies[Any] = Replies(self)
+        # StreamSamples streams open: grpc's max_concurrent_streams is per
+        # HTTP/2 connection; this caps them across all connections
+        # (WatchForecasts streams are bounded by the WatchHub, so neither kind
+        # can take the other's slots).
+        self._open_streams = 0
         # Bound once: a labels() look-up per call costs more than the count.
         self._source_counters = {
             v: metrics.forecasts.labels(source=name) for v, name in _SOURCE_NAMES.items()
         }
         metrics.live_scores_from(self.scores.summary)
+
+    @property
+    def model_version(self) -> str:
+        """The version of the model serving now (empty: none)."""
+        return self.engine.version
 
     # -- ingest -------------------------------------------------------------------
 
@@ -203,6 +222,35 @@ class Core:
             self.metrics.rejected.labels(field=field).inc()
         self.metrics.peers.set(len(self.store))
         return IngestOutcome(accepted, rejections)
+
+    def ingest_or_reject(self, batch: SampleBatch) -> IngestOutcome:
+        """:meth:`ingest`, but a batch that breaks a batch-level rule (too
+        many samples) has every sample rejected instead of raising, so the
+        stream it came on goes on."""
+        try:
+            return self.ingest(batch)
+        except InvalidArgument as exc:
+            n = len(batch)
+            self.metrics.rejected.labels(field=exc.field).inc(n)
+            return IngestOutcome(0, [(i, exc.field, str(exc)) for i in range(n)])
+
+    @contextlib.contextmanager
+    def sample_stream(self) -> Iterator[None]:
+        """Admit one StreamSamples stream for as long as the block runs.
+
+        Raises:
+            ResourceExhausted: ``max_concurrent_streams`` streams are open.
+        """
+        limit = self.config.max_concurrent_streams
+        if self._open_streams >= limit:
+            raise ResourceExhausted(
+                "max_concurrent_streams", f"{limit} StreamSamples streams already open"
+            )
+        self._open_streams += 1
+        try:
+            yield
+        finally:
+            self._open_streams -= 1
 
     def _score(self, slots: I64, bandwidth: npt.NDArray[np.float64]) -> None:
         """Score pending forecasts against the newly arrived bandwidths and
@@ -300,7 +348,79 @@ class Core:
         version = self.store.version
         return all(version[s] == v for s, v in zip(slots, versions, strict=True))
 
-    def forecast_tracked(self, peer_ids: list[str]) -> tuple[list[str], Forecasts | None]:
+    def forecast_reply(
+        self, peer_ids: Iterable[str], build: Callable[[list[str], Forecasts], M]
+    ) -> Reply[M]:
+        """The reply to a Forecast of ``peer_ids``: the one built last time
+        while nothing behind it has changed, else ``build(peer_ids,
+        forecasts)``. Counted as served either way.
+
+        Raises:
+            InvalidArgument: a bad, duplicate or missing peer id, or too many.
+            PeerNotFound: a peer with no window.
+        """
+        key = tuple(peer_ids)
+        replies = self._forecast_replies
+        reply: Reply[M] | None = replies.get(key)
+        if reply is None:
+            ids = list(key)
+            fc = self._forecast_slots(self._slots(ids), count=False)
+            reply = replies.put(key, build(ids, fc), fc.source)
+        self._count_served(reply.served)
+        return reply
+
+    def allocation_reply(
+        self, peer_ids: Iterable[str], build: Callable[[list[str], Allocations], M]
+    ) -> Reply[M]:
+        """The reply to an Allocate of ``peer_ids``: the one built last time
+        while nothing behind it has changed, else ``build(peer_ids,
+        allocations)``.
+
+        Raises:
+            InvalidArgument: a bad, duplicate or missing peer id, or too many.
+            PeerNotFound: a peer with no window.
+        """
+        key = tuple(peer_ids)
+        replies = self._allocation_replies
+        reply: Reply[M] | None = replies.get(key)
+        if reply is None:
+            ids = list(key)
+            al = self.allocate(ids)
+            reply = replies.put(key, build(ids, al), al.source)
+        return reply
+
+    @contextlib.contextmanager
+    def watching(self, peer_ids: list[str]) -> Iterator[AsyncIterator[tuple[list[str], Forecasts]]]:
+        """Subscribe to forecast changes of ``peer_ids`` (empty: every peer)
+        for as long as the block runs. The block iterates ``(peer ids,
+        their forecasts)``: first every watched peer held now, then the peers
+        that changed, in chunks of at most ``WATCH_CHUNK`` peers, so a
+        watcher of every peer never holds the event loop for one model run
+        over all of them.
+
+        Raises:
+            InvalidArgument: a bad or duplicate peer id, or too many.
+            ResourceExhausted: too many watchers, in all or of one peer.
+        """
+        if peer_ids:
+            check_peer_ids(peer_ids, self.config.max_batch_peers)
+        watcher = self.watch.subscribe(peer_ids or None)
+        self.metrics.watchers.inc()
+        try:
+            watcher.push(peer_ids or self.store.peer_ids())
+            yield self._chunks(watcher)
+        finally:
+            watcher.close()
+            self.metrics.watchers.dec()
+
+    async def _chunks(self, watcher: Watcher) -> AsyncIterator[tuple[list[str], Forecasts]]:
+        async for ids in watcher:
+            for i in range(0, len(ids), WATCH_CHUNK):
+                kept, fc = self._forecast_tracked(ids[i : i + WATCH_CHUNK])
+                if fc is not None:
+                    yield kept, fc
+
+    def _forecast_tracked(self, peer_ids: list[str]) -> tuple[list[str], Forecasts | None]:
         """Forecasts of the peers still tracked among ``peer_ids`` (watchers:
         a peer evicted since it changed is skipped, not an error)."""
         kept = [p for p in peer_ids if p in self.store]
@@ -353,8 +473,8 @@ class Core:
         advice, fc = self.advise(peer_ids, payload_bytes, data_kind, compressibility)
         return rank(advice), fc
 
-    def count_served(self, counts: list[tuple[int, int]]) -> None:
-        """Count forecasts served again (a cached reply): ``(source, n)`` pairs."""
+    def _count_served(self, counts: list[tuple[int, int]]) -> None:
+        """Count forecasts served: ``(source, n)`` pairs."""
         counters = self._source_counters
         for source, n in counts:
             counters[source].inc(n)
@@ -363,9 +483,7 @@ class Core:
         if len(source) == 1:
             self._source_counters[int(source[0])].inc()
             return
-        for v, c in enumerate(np.bincount(source, minlength=4).tolist()):
-            if c and v in self._source_counters:
-                self._source_counters[v].inc(c)
+        self._count_served(served(source))
 
     def peer(self, peer_id: str) -> tuple[PeerView, Accuracy]:
         """One peer's window, counts and live accuracy.
