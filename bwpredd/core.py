@@ -362,12 +362,12 @@ class Core:
         key = tuple(peer_ids)
         replies = self._forecast_replies
         reply: Reply[M] | None = replies.get(key)
-        if reply is None:
-            ids = list(key)
-            fc = self._forecast_slots(self._slots(ids), count=False)
-            reply = replies.put(key, build(ids, fc), fc.source)
-        self._count_served(reply.served)
-        return reply
+        if reply is not None:
+            self._count_served(reply.served)
+            return reply
+        ids = list(key)
+        fc = self.forecast(ids)
+        return replies.put(key, build(ids, fc), fc.source)
 
     def allocation_reply(
         self, peer_ids: Iterable[str], build: Callable[[list[str], Allocations], M]
