@@ -1,7 +1,7 @@
 """Core: the daemon's domain logic behind the RPCs, free of protobuf.
 
 It owns the WindowStore, the Engine and the caches of their answers (per
-peer, and per small request: :mod:`bwpredd.replies`), the WatchHub and the
+peer, and per small request: :mod:`bwpredd.answers`), the WatchHub and the
 stream admission count, and turns requests (peer ids, sample batches) into
 domain answers, raising :mod:`bwpredd.errors` exceptions that the servicer
 maps to status codes.
@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from bwpredd.advise import Advice, CodecTable, advise_many, rank
+from bwpredd.answers import Answers, Replies, Reply, served
 from bwpredd.config import Config
 from bwpredd.engine import Allocations, Engine, Forecasts
 from bwpredd.errors import InvalidArgument, PeerNotFound, ResourceExhausted
@@ -26,7 +27,6 @@ from bwpredd.livescore import Accuracy, LiveScores
 from bwpredd.logging import get_logger
 from bwpredd.metrics import Metrics
 from bwpredd.modeldir import LoadedModel
-from bwpredd.replies import Replies, Reply, served
 from bwpredd.validate import SampleBatch, check_peer_id, check_peer_ids, validate_batch
 from bwpredd.watch import Watcher, WatchHub
 from bwpredd.windows import PeerView, WindowStore
@@ -41,80 +41,6 @@ MAX_PAGE = 1000
 WATCH_CHUNK = 512  # peers forecast per step of a WatchForecasts stream
 M = TypeVar("M")
 log = get_logger(__name__)
-
-
-class _Answers:
-    """The last forecast and allocation computed for each slot, each valid
-    while the slot's window is the one it was computed from and the model is
-    the one that computed it.
-
-    A forecast depends only on the window, the model and the guardrail state,
-    and the guardrail only moves when samples arrive, so repeated Forecast
-    and Allocate calls between samples reuse the answer instead of running
-    the model again. Validity is not kept by invalidation hooks, which each
-    new way of changing a window would have to remember: an answer records
-    the store's slot version it was computed at (:attr:`WindowStore.version`,
-    bumped by every change to a slot: samples, assignment, eviction, expiry,
-    restore), and ``epoch`` counts model swaps.
-    """
-
-    def __init__(self, store: WindowStore) -> None:
-        capacity = store.capacity
-        self.store = store
-        self.epoch = 0
-        # Slot version each answer was computed at; -1: none.
-        self.at = np.full(capacity, -1, dtype=np.int64)
-        self.alloc_at = np.full(capacity, -1, dtype=np.int64)
-        self.point = np.zeros(capacity, dtype=np.float32)
-        self.low = np.zeros(capacity, dtype=np.float32)
-        self.high = np.zeros(capacity, dtype=np.float32)
-        self.baseline = np.zeros(capacity, dtype=np.float32)
-        self.model_point = np.zeros(capacity, dtype=np.float32)
-        self.source = np.zeros(capacity, dtype=np.int8)
-        self.counts = np.zeros(capacity, dtype=np.int64)
-        self.action = np.zeros(capacity, dtype=np.int64)
-        self.capacity = np.zeros(capacity, dtype=np.float32)
-
-    def forget_all(self) -> None:
-        """The model changed: every answer is stale."""
-        self.epoch += 1
-        self.at[:] = -1
-        self.alloc_at[:] = -1
-
-    def stale(self, slots: I64) -> npt.NDArray[np.bool_]:
-        out: npt.NDArray[np.bool_] = self.at[slots] != self.store.versions[slots]
-        return out
-
-    def alloc_stale(self, slots: I64) -> npt.NDArray[np.bool_]:
-        out: npt.NDArray[np.bool_] = self.alloc_at[slots] != self.store.versions[slots]
-        return out
-
-    def put(self, slots: I64, fc: Forecasts) -> None:
-        self.point[slots] = fc.point
-        self.low[slots] = fc.low
-        self.high[slots] = fc.high
-        self.baseline[slots] = fc.baseline
-        self.model_point[slots] = fc.model_point
-        self.source[slots] = fc.source
-        self.counts[slots] = fc.counts
-        self.at[slots] = self.store.versions[slots]
-
-    def put_allocations(self, slots: I64, action: I64, capacity: F32) -> None:
-        self.action[slots] = action
-        self.capacity[slots] = capacity
-        self.alloc_at[slots] = self.store.versions[slots]
-
-    def get(self, slots: I64, version: str) -> Forecasts:
-        return Forecasts(
-            self.point[slots],
-            self.low[slots],
-            self.high[slots],
-            self.source[slots],
-            self.baseline[slots],
-            self.model_point[slots],
-            self.counts[slots],
-            version,
-        )
 
 
 @dataclass(frozen=True)
@@ -161,7 +87,7 @@ class Core:
             config.max_peers, config.guardrail_steps, config.guardrail_margin, config.guardrail
         )
         self.store.on_reset(self.scores.reset)
-        self.answers = _Answers(self.store)
+        self.answers = Answers(self.store)
         self.watch = WatchHub(config.max_peers, config.max_watchers, config.max_watchers_per_peer)
         self.codecs = CodecTable.load()
         self._forecast_replies: Replies[Any] = Replies(self)

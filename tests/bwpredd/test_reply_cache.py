@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from bwpredd import replies as replies_mod
+from bwpredd import answers as answers_mod
 from bwpredd._proto.bwpred.v1 import bwpred_pb2 as pb
+from bwpredd.answers import REPLY_CACHE_PEERS, Replies
 from bwpredd.config import Config
 from bwpredd.core import Core
 from bwpredd.engine import Engine
 from bwpredd.metrics import Metrics
 from bwpredd.modeldir import DEFAULT_MODEL_DIR, load_model
-from bwpredd.replies import REPLY_CACHE_PEERS, Replies
 from bwpredd.servicer import extract_batch
 from tests.helpers import running_server, sample
 
@@ -147,7 +147,7 @@ class TestReplies:
 
     def test_bounded(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """At most REPLY_CACHE_ENTRIES replies are held."""
-        monkeypatch.setattr(replies_mod, "REPLY_CACHE_ENTRIES", 3)
+        monkeypatch.setattr(answers_mod, "REPLY_CACHE_ENTRIES", 3)
         core = _core()
         replies = Replies(core)
         for i in range(10):
