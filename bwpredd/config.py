@@ -6,7 +6,6 @@ This is the only module that reads the environment.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import tomllib
@@ -241,10 +240,6 @@ class Config:
             return cls(**merged)
         except TypeError as exc:  # pragma: no cover - keys are checked above
             raise ConfigError(str(exc)) from None
-
-    def as_dict(self) -> dict[str, Any]:
-        """The configuration as plain values (for the start-up log line)."""
-        return dataclasses.asdict(self)
 
 
 # Annotations are strings under `from __future__ import annotations`.

@@ -1,25 +1,30 @@
 """Core: the daemon's domain logic behind the RPCs, free of protobuf.
 
-It owns the WindowStore and the Engine and turns requests (peer ids, sample
-batches) into domain answers, raising :mod:`bwpredd.errors` exceptions that the
-servicer maps to status codes.
+It owns the WindowStore, the Engine and the caches of their answers (per
+peer, and per small request: :mod:`bwpredd.answers`), the WatchHub and the
+stream admission count, and turns requests (peer ids, sample batches) into
+domain answers, raising :mod:`bwpredd.errors` exceptions that the servicer
+maps to status codes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
 from bwpredd.advise import Advice, CodecTable, advise_many, rank
+from bwpredd.answers import Answers, Replies, Reply, served
 from bwpredd.config import Config
 from bwpredd.engine import SOURCE_LABELS as _SOURCE_NAMES
 from bwpredd.engine import Allocations, Engine, Forecasts, Source
-from bwpredd.errors import InvalidArgument, PeerNotFound
+from bwpredd.errors import InvalidArgument, PeerNotFound, ResourceExhausted
 from bwpredd.livescore import Accuracy, LiveScores
 from bwpredd.logging import get_logger
 from bwpredd.manifest import MAX_HORIZON_S
@@ -28,91 +33,19 @@ from bwpredd.modeldir import LoadedModel
 from bwpredd.schema import BW, LAT, LOSS
 from bwpredd.transfer import HorizonCurves
 from bwpredd.validate import SampleBatch, check_peer_id, check_peer_ids, validate_batch
-from bwpredd.watch import WatchHub
+from bwpredd.watch import Watcher, WatchHub
 from bwpredd.windows import PeerView, WindowStore
 
-__all__ = ["Core", "IngestOutcome", "PeerSummary", "Stamp"]
+__all__ = ["WATCH_CHUNK", "Core", "IngestOutcome", "PeerSummary", "Stamp"]
 
 I64 = npt.NDArray[np.int64]
 F32 = npt.NDArray[np.float32]
 # (model epoch, slots, their WindowStore versions): see Core.stamp.
 Stamp = tuple[int, list[int], list[int]]
 MAX_PAGE = 1000
+WATCH_CHUNK = 512  # peers forecast per step of a WatchForecasts stream
+M = TypeVar("M")
 log = get_logger(__name__)
-
-
-class _Answers:
-    """The last forecast and allocation computed for each slot, each valid
-    while the slot's window is the one it was computed from and the model is
-    the one that computed it.
-
-    A forecast depends only on the window, the model and the guardrail state,
-    and the guardrail only moves when samples arrive, so repeated Forecast
-    and Allocate calls between samples reuse the answer instead of running
-    the model again. Validity is not kept by invalidation hooks, which each
-    new way of changing a window would have to remember: an answer records
-    the store's slot version it was computed at (:attr:`WindowStore.version`,
-    bumped by every change to a slot: samples, assignment, eviction, expiry,
-    restore), and ``epoch`` counts model swaps.
-    """
-
-    def __init__(self, store: WindowStore) -> None:
-        capacity = store.capacity
-        self.store = store
-        self.epoch = 0
-        # Slot version each answer was computed at; -1: none.
-        self.at = np.full(capacity, -1, dtype=np.int64)
-        self.alloc_at = np.full(capacity, -1, dtype=np.int64)
-        self.point = np.zeros(capacity, dtype=np.float32)
-        self.low = np.zeros(capacity, dtype=np.float32)
-        self.high = np.zeros(capacity, dtype=np.float32)
-        self.baseline = np.zeros(capacity, dtype=np.float32)
-        self.model_point = np.zeros(capacity, dtype=np.float32)
-        self.source = np.zeros(capacity, dtype=np.int8)
-        self.counts = np.zeros(capacity, dtype=np.int64)
-        self.action = np.zeros(capacity, dtype=np.int64)
-        self.capacity = np.zeros(capacity, dtype=np.float32)
-
-    def forget_all(self) -> None:
-        """The model changed: every answer is stale."""
-        self.epoch += 1
-        self.at[:] = -1
-        self.alloc_at[:] = -1
-
-    def stale(self, slots: I64) -> npt.NDArray[np.bool_]:
-        out: npt.NDArray[np.bool_] = self.at[slots] != self.store.versions[slots]
-        return out
-
-    def alloc_stale(self, slots: I64) -> npt.NDArray[np.bool_]:
-        out: npt.NDArray[np.bool_] = self.alloc_at[slots] != self.store.versions[slots]
-        return out
-
-    def put(self, slots: I64, fc: Forecasts) -> None:
-        self.point[slots] = fc.point
-        self.low[slots] = fc.low
-        self.high[slots] = fc.high
-        self.baseline[slots] = fc.baseline
-        self.model_point[slots] = fc.model_point
-        self.source[slots] = fc.source
-        self.counts[slots] = fc.counts
-        self.at[slots] = self.store.versions[slots]
-
-    def put_allocations(self, slots: I64, action: I64, capacity: F32) -> None:
-        self.action[slots] = action
-        self.capacity[slots] = capacity
-        self.alloc_at[slots] = self.store.versions[slots]
-
-    def get(self, slots: I64, version: str) -> Forecasts:
-        return Forecasts(
-            self.point[slots],
-            self.low[slots],
-            self.high[slots],
-            self.source[slots],
-            self.baseline[slots],
-            self.model_point[slots],
-            self.counts[slots],
-            version,
-        )
 
 
 @dataclass(frozen=True)
@@ -159,21 +92,26 @@ class Core:
             config.max_peers, config.guardrail_steps, config.guardrail_margin, config.guardrail
         )
         self.store.on_reset(self.scores.reset)
-        self.answers = _Answers(self.store)
+        self.answers = Answers(self.store)
         self.watch = WatchHub(config.max_peers, config.max_watchers, config.max_watchers_per_peer)
         self.codecs = CodecTable.load()
+        self._forecast_replies: Replies[Any] = Replies(self)
+        self._allocation_replies: Replies[Any] = Replies(self)
+        # StreamSamples streams open: grpc's max_concurrent_streams is per
+        # HTTP/2 connection; this caps them across all connections
+        # (WatchForecasts streams are bounded by the WatchHub, so neither kind
+        # can take the other's slots).
+        self._open_streams = 0
         # Bound once: a labels() look-up per call costs more than the count.
         self._source_counters = {
             v: metrics.forecasts.labels(source=name) for v, name in _SOURCE_NAMES.items()
         }
-        summary = self.scores.summary
-        metrics.live_error.labels(predictor="model").set_function(
-            lambda: float(summary()["model_nmae"])
-        )
-        metrics.live_error.labels(predictor="baseline").set_function(
-            lambda: float(summary()["baseline_nmae"])
-        )
-        metrics.guardrail_peers.set_function(lambda: float(summary()["peers_in_fallback"]))
+        metrics.live_scores_from(self.scores.summary)
+
+    @property
+    def model_version(self) -> str:
+        """The version of the model serving now (empty: none)."""
+        return self.engine.version
 
     # -- ingest -------------------------------------------------------------------
 
@@ -215,6 +153,35 @@ class Core:
             self.metrics.rejected.labels(field=field).inc()
         self.metrics.peers.set(len(self.store))
         return IngestOutcome(accepted, rejections)
+
+    def ingest_or_reject(self, batch: SampleBatch) -> IngestOutcome:
+        """:meth:`ingest`, but a batch that breaks a batch-level rule (too
+        many samples) has every sample rejected instead of raising, so the
+        stream it came on goes on."""
+        try:
+            return self.ingest(batch)
+        except InvalidArgument as exc:
+            n = len(batch)
+            self.metrics.rejected.labels(field=exc.field).inc(n)
+            return IngestOutcome(0, [(i, exc.field, str(exc)) for i in range(n)])
+
+    @contextlib.contextmanager
+    def sample_stream(self) -> Iterator[None]:
+        """Admit one StreamSamples stream for as long as the block runs.
+
+        Raises:
+            ResourceExhausted: ``max_concurrent_streams`` streams are open.
+        """
+        limit = self.config.max_concurrent_streams
+        if self._open_streams >= limit:
+            raise ResourceExhausted(
+                "max_concurrent_streams", f"{limit} StreamSamples streams already open"
+            )
+        self._open_streams += 1
+        try:
+            yield
+        finally:
+            self._open_streams -= 1
 
     def _score(self, slots: I64, bandwidth: npt.NDArray[np.float64]) -> None:
         """Score pending forecasts against the newly arrived bandwidths and
@@ -312,7 +279,79 @@ class Core:
         version = self.store.version
         return all(version[s] == v for s, v in zip(slots, versions, strict=True))
 
-    def forecast_tracked(self, peer_ids: list[str]) -> tuple[list[str], Forecasts | None]:
+    def forecast_reply(
+        self, peer_ids: Iterable[str], build: Callable[[list[str], Forecasts], M]
+    ) -> Reply[M]:
+        """The reply to a Forecast of ``peer_ids``: the one built last time
+        while nothing behind it has changed, else ``build(peer_ids,
+        forecasts)``. Counted as served either way.
+
+        Raises:
+            InvalidArgument: a bad, duplicate or missing peer id, or too many.
+            PeerNotFound: a peer with no window.
+        """
+        key = tuple(peer_ids)
+        replies = self._forecast_replies
+        reply: Reply[M] | None = replies.get(key)
+        if reply is not None:
+            self._count_served(reply.served)
+            return reply
+        ids = list(key)
+        fc = self.forecast(ids)
+        return replies.put(key, build(ids, fc), fc.source)
+
+    def allocation_reply(
+        self, peer_ids: Iterable[str], build: Callable[[list[str], Allocations], M]
+    ) -> Reply[M]:
+        """The reply to an Allocate of ``peer_ids``: the one built last time
+        while nothing behind it has changed, else ``build(peer_ids,
+        allocations)``.
+
+        Raises:
+            InvalidArgument: a bad, duplicate or missing peer id, or too many.
+            PeerNotFound: a peer with no window.
+        """
+        key = tuple(peer_ids)
+        replies = self._allocation_replies
+        reply: Reply[M] | None = replies.get(key)
+        if reply is None:
+            ids = list(key)
+            al = self.allocate(ids)
+            reply = replies.put(key, build(ids, al), al.source)
+        return reply
+
+    @contextlib.contextmanager
+    def watching(self, peer_ids: list[str]) -> Iterator[AsyncIterator[tuple[list[str], Forecasts]]]:
+        """Subscribe to forecast changes of ``peer_ids`` (empty: every peer)
+        for as long as the block runs. The block iterates ``(peer ids,
+        their forecasts)``: first every watched peer held now, then the peers
+        that changed, in chunks of at most ``WATCH_CHUNK`` peers, so a
+        watcher of every peer never holds the event loop for one model run
+        over all of them.
+
+        Raises:
+            InvalidArgument: a bad or duplicate peer id, or too many.
+            ResourceExhausted: too many watchers, in all or of one peer.
+        """
+        if peer_ids:
+            check_peer_ids(peer_ids, self.config.max_batch_peers)
+        watcher = self.watch.subscribe(peer_ids or None)
+        self.metrics.watchers.inc()
+        try:
+            watcher.push(peer_ids or self.store.peer_ids())
+            yield self._chunks(watcher)
+        finally:
+            watcher.close()
+            self.metrics.watchers.dec()
+
+    async def _chunks(self, watcher: Watcher) -> AsyncIterator[tuple[list[str], Forecasts]]:
+        async for ids in watcher:
+            for i in range(0, len(ids), WATCH_CHUNK):
+                kept, fc = self._forecast_tracked(ids[i : i + WATCH_CHUNK])
+                if fc is not None:
+                    yield kept, fc
+
+    def _forecast_tracked(self, peer_ids: list[str]) -> tuple[list[str], Forecasts | None]:
         """Forecasts of the peers still tracked among ``peer_ids`` (watchers:
         a peer evicted since it changed is skipped, not an error)."""
         kept = [p for p in peer_ids if p in self.store]
@@ -411,8 +450,8 @@ class Core:
         advice, fc = self.advise(peer_ids, payload_bytes, data_kind, compressibility)
         return rank(advice), fc
 
-    def count_served(self, counts: list[tuple[int, int]]) -> None:
-        """Count forecasts served again (a cached reply): ``(source, n)`` pairs."""
+    def _count_served(self, counts: list[tuple[int, int]]) -> None:
+        """Count forecasts served: ``(source, n)`` pairs."""
         counters = self._source_counters
         for source, n in counts:
             counters[source].inc(n)
@@ -421,9 +460,7 @@ class Core:
         if len(source) == 1:
             self._source_counters[int(source[0])].inc()
             return
-        for v, c in enumerate(np.bincount(source, minlength=4).tolist()):
-            if c and v in self._source_counters:
-                self._source_counters[v].inc(c)
+        self._count_served(served(source))
 
     def peer(self, peer_id: str) -> tuple[PeerView, Accuracy]:
         """One peer's window, counts and live accuracy.

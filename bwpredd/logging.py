@@ -1,8 +1,8 @@
 """Logging set-up, done once at the process edge: structlog to stdout, JSON
 when stdout is not a terminal (systemd, Kubernetes), readable on a TTY.
 
-Request-scoped values (``rpc``, ``peer_id``, ``model_version``) are bound
-through context variables so one canonical line per RPC carries them.
+One canonical line per RPC (:class:`DeferredLines`) carries the call's
+fields (``rpc``, ``code``, ``model_version``, ...) as keywords.
 """
 
 from __future__ import annotations
@@ -261,7 +261,6 @@ def configure_logging(fmt: str = "auto", level: str = "info") -> None:
         raise ValueError(f"log level must be one of {', '.join(_LEVELS)}, got {level!r}")
     json_out = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
     chain: list[Any] = [
-        structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         _timestamp,
     ]

@@ -3,7 +3,9 @@ and the HTTP endpoint that serves them.
 
 gRPC call metrics follow the ``grpc_server_handled_total`` /
 ``grpc_server_handling_seconds`` conventions of go-grpc-prometheus; the
-daemon's own metrics live in the ``bwpredd`` namespace.
+daemon's own metrics live in the ``bwpredd`` namespace. Values computed at
+scrape time (live accuracy, guardrail peers, snapshot age) come from one
+collector that reads each source once per scrape.
 """
 
 from __future__ import annotations
@@ -13,9 +15,12 @@ import contextlib
 import gzip
 import socket
 import threading
+from collections.abc import Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 __all__ = ["Metrics", "MetricsServer"]
 
@@ -112,26 +117,8 @@ class Metrics:
             namespace=namespace,
             registry=registry,
         )
-        self.snapshot_age = Gauge(
-            "snapshot_age_seconds",
-            "Seconds since the last successful snapshot (-1: none yet).",
-            namespace=namespace,
-            registry=registry,
-        )
-        self.snapshot_age.set(-1)
-        self.live_error = Gauge(
-            "live_mean_abs_error_ratio",
-            "Mean over peers of rolling absolute error / rolling mean actual, by predictor.",
-            ["predictor"],
-            namespace=namespace,
-            registry=registry,
-        )
-        self.guardrail_peers = Gauge(
-            "guardrail_peers",
-            "Peers currently answered from the baseline by the guardrail.",
-            namespace=namespace,
-            registry=registry,
-        )
+        self._scraped = _ScrapeTime(namespace)
+        registry.register(self._scraped)
         self.watchers = Gauge(
             "watchers", "Open WatchForecasts streams.", namespace=namespace, registry=registry
         )
@@ -140,6 +127,62 @@ class Metrics:
         """Point ``model_info`` at ``version`` (empty: no model)."""
         self.model_info.clear()
         self.model_info.labels(version=version or "none").set(1)
+
+    def live_scores_from(self, summary: Callable[[], Mapping[str, float]]) -> None:
+        """Read ``live_mean_abs_error_ratio`` and ``guardrail_peers`` from
+        ``summary()`` (``LiveScores.summary``: ``model_nmae``,
+        ``baseline_nmae``, ``peers_in_fallback``), called once per scrape."""
+        self._scraped.live_scores = summary
+
+    def snapshot_age_from(self, age: Callable[[], float]) -> None:
+        """Read ``snapshot_age_seconds`` from ``age()`` at each scrape."""
+        self._scraped.snapshot_age = age
+
+
+class _ScrapeTime(Collector):
+    """The gauges computed when scraped, in one pass: ``summary()`` is
+    O(capacity), so it runs once per scrape for all the gauges it feeds.
+    Until a source is set they read as a fresh gauge would: no live error
+    sample, 0 guardrail peers, a snapshot age of -1 (none yet)."""
+
+    def __init__(self, namespace: str) -> None:
+        self.live_error = f"{namespace}_live_mean_abs_error_ratio"
+        self.guardrail_peers = f"{namespace}_guardrail_peers"
+        self.snapshot_age_seconds = f"{namespace}_snapshot_age_seconds"
+        self.live_scores: Callable[[], Mapping[str, float]] | None = None
+        self.snapshot_age: Callable[[], float] | None = None
+
+    def _families(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
+        return (
+            GaugeMetricFamily(
+                self.live_error,
+                "Mean over peers of rolling absolute error / rolling mean actual, by predictor.",
+                labels=["predictor"],
+            ),
+            GaugeMetricFamily(
+                self.guardrail_peers,
+                "Peers currently answered from the baseline by the guardrail.",
+            ),
+            GaugeMetricFamily(
+                self.snapshot_age_seconds,
+                "Seconds since the last successful snapshot (-1: none yet).",
+            ),
+        )
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families()
+
+    def collect(self) -> Iterable[Metric]:
+        live, guard, age = self._families()
+        if self.live_scores is not None:
+            summary = self.live_scores()
+            live.add_metric(["model"], float(summary["model_nmae"]))
+            live.add_metric(["baseline"], float(summary["baseline_nmae"]))
+            guard.add_metric([], float(summary["peers_in_fallback"]))
+        else:
+            guard.add_metric([], 0.0)
+        age.add_metric([], -1.0 if self.snapshot_age is None else float(self.snapshot_age()))
+        return (live, guard, age)
 
 
 class MetricsServer:

@@ -37,10 +37,9 @@ from bwpredd.safefs import dir_stat, open_new, private_dir, temp_name
 from bwpredd.servicer import SERVICE_NAME, BandwidthPredictorServicer, add_to_server
 from bwpredd.systemd import Notifier
 
-__all__ = ["MODEL_HEALTH_SERVICE", "STARTUP_FAILURE", "Server", "StartupError", "create_server"]
+__all__ = ["MODEL_HEALTH_SERVICE", "Server", "StartupError", "create_server"]
 
 log = get_logger(__name__)
-STARTUP_FAILURE = 3
 # Health "service" that is SERVING only while a verified model is loaded, so
 # probes and operators can tell MODEL answers from BASELINE_FALLBACK.
 MODEL_HEALTH_SERVICE = "bwpredd.model"
@@ -300,7 +299,7 @@ class Server:
         await self._server.start()
         if config.metrics_addr:
             self._start_metrics()
-        self.metrics.snapshot_age.set_function(
+        self.metrics.snapshot_age_from(
             lambda: time.monotonic() - self._last_snapshot if self._last_snapshot else -1.0
         )
         await self._set_health()

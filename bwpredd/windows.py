@@ -100,16 +100,14 @@ class WindowStore:
         self._used = np.zeros(capacity, dtype=np.bool_)  # slot holds a peer
         self._reset_hooks: list[Callable[[I64], None]] = []
         # Per-slot version, bumped by every change to what a slot holds: a
-        # sample, the slot (re)assigned, the peer released (evicted, expired,
-        # forgotten), a restore. Anything computed from a window is current
+        # sample, the slot (re)assigned, the peer released (evicted or
+        # expired), a restore. Anything computed from a window is current
         # while its slot's version is unchanged. ``version`` is a plain-Python
         # view for callers that read single slots (a NumPy scalar read costs
         # more in the request path); ``versions`` is a NumPy view of the same
         # memory.
         self.version = array("q", bytes(8 * capacity))
         self.versions: I64 = np.frombuffer(self.version, dtype=np.int64)
-        self.evictions = 0
-        self.expirations = 0
 
     # -- lookup -----------------------------------------------------------------
 
@@ -284,7 +282,6 @@ class WindowStore:
         seen = self._last_seen[used]
         victims = used[np.argpartition(seen, n - 1)[:n]] if n < used.size else used
         self._release(victims.tolist())
-        self.evictions += int(victims.size)
         return int(victims.size)
 
     def expire_idle(self, now: float, max_idle_s: float) -> int:
@@ -299,16 +296,7 @@ class WindowStore:
         used = np.fromiter(self._slots.values(), dtype=np.int64, count=len(self._slots))
         stale = used[self._last_seen[used] < now - max_idle_s]
         self._release(stale.tolist())
-        self.expirations += int(stale.size)
         return int(stale.size)
-
-    def forget(self, peer_id: str) -> bool:
-        """Drop one peer; True if it was tracked."""
-        slot = self._slots.get(peer_id)
-        if slot is None:
-            return False
-        self._release([slot])
-        return True
 
     # -- reads ------------------------------------------------------------------
 

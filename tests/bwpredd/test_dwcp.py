@@ -123,7 +123,7 @@ class TestWatchAll:
     def test_all_peers_in_chunks(self, tmp_path: Path) -> None:
         """An empty peer list watches everyone: the first pushes cover every
         tracked peer, more than one chunk of them, each exactly once."""
-        from bwpredd.servicer import WATCH_CHUNK
+        from bwpredd.core import WATCH_CHUNK
 
         n = WATCH_CHUNK + 40
         with running_server(tmp_path) as (_, client):

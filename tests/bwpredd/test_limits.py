@@ -33,6 +33,17 @@ def metric(server: Server, name: str, labels: dict[str, str] | None = None) -> f
     return server.registry.get_sample_value(name, labels or {}) or 0.0
 
 
+def handled(server: Server, method: str, kind: str, code: str) -> float:
+    """grpc_server_handled_total of one method, type and code."""
+    labels = {
+        "grpc_service": "bwpred.v1.BandwidthPredictorService",
+        "grpc_method": method,
+        "grpc_type": kind,
+        "grpc_code": code,
+    }
+    return metric(server, "grpc_server_handled_total", labels)
+
+
 def missing(client: Client, peer: str) -> bool:
     try:
         client.peer(peer)
@@ -172,7 +183,9 @@ class TestConcurrentStreams:
         """With a limit of 2, three clients on three connections cannot hold three
         streams open at once: one is refused with RESOURCE_EXHAUSTED. Which one
         is the order the three calls reach the server in, not the order they
-        were made in (each call starts on its own connection at once)."""
+        were made in (each call starts on its own connection at once). The
+        refusal names the limit and is counted as a bidi_stream call; once
+        the streams end, their slots are free again."""
         with running_server(tmp_path, max_concurrent_streams=2) as (server, _):
             clients = [own_connection(server) for _ in range(3)]
             streams = [Stream(c) for c in clients]
@@ -183,7 +196,23 @@ class TestConcurrentStreams:
                 refused = [s.error for s in streams if s.error is not None]
                 assert len(refused) == 1
                 assert refused[0].code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert refused[0].details() == (
+                    "max_concurrent_streams: 2 StreamSamples streams already open"
+                )
+                assert handled(server, "StreamSamples", "bidi_stream", "RESOURCE_EXHAUSTED") == 1
                 assert sum(1 for s in streams if s.acks) == 2
+                for s in streams:
+                    s.close()
+                assert wait_until(
+                    lambda: handled(server, "StreamSamples", "bidi_stream", "OK") == 2, 5
+                )
+                again = [Stream(c) for c in clients[:2]]
+                for i, s in enumerate(again):
+                    s.send(sample(f"y{i}", 1.0))
+                assert wait_until(lambda: all(len(s.acks) == 1 for s in again), 5)
+                for s in again:
+                    s.close()
+                assert all(s.error is None for s in again)
             finally:
                 for s in streams:
                     s.close()
@@ -224,8 +253,13 @@ class TestWatchers:
                 for st in streams:
                     st.close()
                 assert all(st.error is None for st in streams)
+                assert handled(server, "WatchForecasts", "server_stream", "RESOURCE_EXHAUSTED") == 1
                 watchers[0].cancel()
                 assert wait_until(lambda: len(hub) == 2, 5)
+                assert wait_until(
+                    lambda: handled(server, "WatchForecasts", "server_stream", "CANCELLED") == 1, 5
+                )
+                assert metric(server, "bwpredd_watchers") == 2
                 again = clients[3].stub.WatchForecasts(pb.WatchForecastsRequest(peer_ids=["s0"]))
                 assert next(again).forecast.peer_id == "s0"
                 for w in [*watchers, again]:

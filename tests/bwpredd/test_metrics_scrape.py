@@ -3,6 +3,7 @@ registry, and the live endpoint of a real server scraped after traffic."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gzip
 import math
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bwpredd.metrics import Metrics, MetricsServer
@@ -106,6 +107,46 @@ class TestMetricsRegistry:
         with pytest.raises(ValueError, match="Duplicated"):
             Metrics(a)
 
+    def test_scrape_time_gauges_in_one_pass(self) -> None:
+        """The live error, guardrail and snapshot age gauges are read at
+        scrape time, with one summary() call per scrape for all of them."""
+        registry = CollectorRegistry()
+        m = Metrics(registry)
+        calls = []
+
+        def summary() -> dict[str, float]:
+            calls.append(1)
+            return {"model_nmae": 0.25, "baseline_nmae": 0.5, "peers_in_fallback": 3}
+
+        m.live_scores_from(summary)
+        m.snapshot_age_from(lambda: 12.5)
+        text = generate_latest(registry).decode()
+        assert len(calls) == 1
+        types = {f.name: f.type for f in text_string_to_metric_families(text)}
+        for name in (
+            "bwpredd_live_mean_abs_error_ratio",
+            "bwpredd_guardrail_peers",
+            "bwpredd_snapshot_age_seconds",
+        ):
+            assert types[name] == "gauge"
+        get = registry.get_sample_value
+        assert get("bwpredd_live_mean_abs_error_ratio", {"predictor": "model"}) == 0.25
+        assert get("bwpredd_live_mean_abs_error_ratio", {"predictor": "baseline"}) == 0.5
+        assert get("bwpredd_guardrail_peers") == 3
+        assert get("bwpredd_snapshot_age_seconds") == 12.5
+
+    def test_scrape_time_gauges_before_a_source(self) -> None:
+        """With nothing to read from yet, the gauges read as fresh ones:
+        no live error sample, 0 guardrail peers, snapshot age -1."""
+        registry = CollectorRegistry()
+        Metrics(registry)
+        text = generate_latest(registry).decode()
+        assert "# TYPE bwpredd_live_mean_abs_error_ratio gauge" in text
+        get = registry.get_sample_value
+        assert get("bwpredd_live_mean_abs_error_ratio", {"predictor": "model"}) is None
+        assert get("bwpredd_guardrail_peers") == 0
+        assert get("bwpredd_snapshot_age_seconds") == -1
+
     def test_namespace(self) -> None:
         """The namespace prefixes the daemon's metrics but not the gRPC ones."""
         registry = CollectorRegistry()
@@ -191,6 +232,27 @@ class TestScrape:
         assert value(after, "bwpredd_peer_evictions_total", cause="lru") == 1
         assert value(after, "bwpredd_model_reloads_total", outcome="ok") == 1
         assert value(after, "bwpredd_model_info", version=version) == 1
+
+    def test_scrape_time_gauges_of_a_server(self, tmp_path: Path) -> None:
+        """A server's scrape shows the live error of scored forecasts, the
+        peers in fallback and the age of its last snapshot."""
+        port = free_port()
+        with running_server(
+            tmp_path, metrics_addr=f"127.0.0.1:{port}", state_dir=str(tmp_path / "state")
+        ) as (server, client):
+            before = scrape(port)
+            assert value(before, "bwpredd_snapshot_age_seconds") == -1
+            for step in range(14):
+                client.push([sample("a", 100.0 + step % 3)])
+                client.forecast(["a"])
+            loop = server._wake._loop  # type: ignore[union-attr]
+            asyncio.run_coroutine_threadsafe(server.snapshot(), loop).result(timeout=30)
+            after = scrape(port)
+        model = value(after, "bwpredd_live_mean_abs_error_ratio", predictor="model")
+        baseline = value(after, "bwpredd_live_mean_abs_error_ratio", predictor="baseline")
+        assert 0 < model < 1 and 0 < baseline < 1
+        assert value(after, "bwpredd_guardrail_peers") == 0
+        assert 0 <= value(after, "bwpredd_snapshot_age_seconds") < 30
 
     def test_metrics_port_released_on_stop(self, tmp_path: Path) -> None:
         """After the server stops, its metrics port refuses connections."""

@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from bwpredd import servicer as servicer_mod
+from bwpredd import answers as answers_mod
 from bwpredd._proto.bwpred.v1 import bwpred_pb2 as pb
+from bwpredd.answers import REPLY_CACHE_PEERS, Replies
 from bwpredd.config import Config
 from bwpredd.core import Core
 from bwpredd.engine import Engine
 from bwpredd.metrics import Metrics
 from bwpredd.modeldir import DEFAULT_MODEL_DIR, load_model
-from bwpredd.servicer import REPLY_CACHE_PEERS, _Replies, extract_batch
+from bwpredd.servicer import extract_batch
 from tests.helpers import running_server, sample
 
 MODEL = pb.FORECAST_SOURCE_MODEL
@@ -134,7 +135,7 @@ class TestReplies:
         ids = [f"p{i}" for i in range(REPLY_CACHE_PEERS + 1)]
         for p in ids:
             _push(core, p, 10.0, 10)
-        replies = _Replies(core)
+        replies = Replies(core)
         source = np.full(len(ids), MODEL, dtype=np.int8)
         replies.put(tuple(ids), object(), source)
         assert replies.get(tuple(ids)) is None
@@ -146,9 +147,9 @@ class TestReplies:
 
     def test_bounded(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """At most REPLY_CACHE_ENTRIES replies are held."""
-        monkeypatch.setattr(servicer_mod, "REPLY_CACHE_ENTRIES", 3)
+        monkeypatch.setattr(answers_mod, "REPLY_CACHE_ENTRIES", 3)
         core = _core()
-        replies = _Replies(core)
+        replies = Replies(core)
         for i in range(10):
             _push(core, f"p{i}", 10.0)
             replies.put((f"p{i}",), i, np.array([MODEL], dtype=np.int8))
