@@ -111,7 +111,8 @@ def plain_forecast(engine: Engine, windows: np.ndarray, counts: np.ndarray, forc
     model_point = np.full(k, np.nan, dtype=np.float32)
     if model is not None:
         for i in np.flatnonzero(full):
-            p, lo, hi = (float(x[0]) for x in model.run_forecaster(windows[i : i + 1]))
+            outs = model.forecaster.run(None, {"window": windows[i : i + 1]})
+            p, lo, hi = (float(x[0, 0]) for x in outs)
             if not all(np.isfinite([p, lo, hi])):
                 continue
             model_point[i] = p
@@ -132,7 +133,7 @@ def plain_allocate(engine: Engine, windows, counts, point, low, high, source, st
         st = plain_build_state(
             full[i : i + 1], point[i : i + 1], low[i : i + 1], high[i : i + 1], step[i : i + 1]
         )
-        action[i] = model.run_allocator(st)[0]
+        action[i] = int(np.argmax(model.allocator.run(None, {"state": st})[0][0]))
     return action, cap
 
 
@@ -239,3 +240,23 @@ def test_engine_matches_plain(engine: Engine) -> None:
         )
         np.testing.assert_array_equal(al.action, action)
         np.testing.assert_allclose(al.capacity, cap, rtol=1e-6)
+
+
+def test_batch_one_sessions_match_general(engine: Engine) -> None:
+    """The batch-of-one sessions are loaded and answer every window and state
+    exactly (bit for bit) as the general sessions do."""
+    model = engine.model
+    assert model is not None
+    assert model.forecaster_one is not None and model.allocator_one is not None
+    rng = np.random.default_rng(5)
+    windows = random_windows(rng, 300)
+    point, low, high = (x[:, 0] for x in model.forecaster.run(None, {"window": windows}))
+    states = build_state(windows, point, low, high, 1.0)
+    for i in range(len(windows)):
+        one = windows[i : i + 1]
+        want = model.forecaster.run(None, {"window": one})
+        got = model.run_forecaster(one)
+        for a, b in zip(want, got, strict=True):
+            np.testing.assert_array_equal(a[:, 0], b)
+        q = model.allocator.run(None, {"state": states[i : i + 1]})[0]
+        np.testing.assert_array_equal(model.q_values(states[i : i + 1]), q)
