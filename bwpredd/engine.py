@@ -60,6 +60,12 @@ class Source(IntEnum):
         return self.name.lower()
 
 
+# Plain ints of the sources for array work (an IntEnum operand costs a
+# Python-level conversion per NumPy call).
+_MODEL = int(Source.MODEL)
+_COLD_START = int(Source.BASELINE_COLD_START)
+_FALLBACK = int(Source.BASELINE_FALLBACK)
+
 # Source value -> label, for code that holds plain ints (answers, the wire).
 SOURCE_LABELS: dict[int, str] = {s.value: s.label for s in Source}
 
@@ -171,7 +177,7 @@ class Engine:
                     p.copy(),
                     np.minimum(lo, p),
                     np.maximum(hi, p),
-                    np.full(k, Source.MODEL, dtype=np.int8),
+                    np.full(k, _MODEL, dtype=np.int8),
                     base,
                     p.copy(),
                     counts,
@@ -183,9 +189,7 @@ class Engine:
         point = base.copy()
         low = np.empty(k, dtype=np.float32)
         high = np.empty(k, dtype=np.float32)
-        source = np.where(full, Source.BASELINE_FALLBACK, Source.BASELINE_COLD_START).astype(
-            np.int8
-        )
+        source = np.where(full, _FALLBACK, _COLD_START).astype(np.int8)
         model_point = np.full(k, np.nan, dtype=np.float32)
         served = np.zeros(k, dtype=np.bool_)
         # The model runs on every full window, even those the guardrail
@@ -202,7 +206,7 @@ class Engine:
                 ok &= ~force_baseline[sel]
             sel, p, lo, hi = sel[ok], p[ok], lo[ok], hi[ok]
             point[sel], low[sel], high[sel] = p, np.minimum(lo, p), np.maximum(hi, p)
-            source[sel] = Source.MODEL
+            source[sel] = _MODEL
             served[sel] = True
         if not served.all():
             rest = np.flatnonzero(~served)
@@ -245,7 +249,7 @@ class Engine:
         model = self._model
         full_windows = edge_pad(windows, counts)
         cap = reference_capacity(full_windows)
-        use = fc.source == Source.MODEL
+        use = fc.source == _MODEL
         if model is not None and use.size and bool(use.all()):
             # Every peer from the model: no heuristic to compute and discard,
             # no rows to select.

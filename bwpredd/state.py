@@ -155,8 +155,8 @@ def build_state(  # noqa: PLR0917 (the state's inputs, in layout order)
     half = width // 2
     median = s[:, half] if width % 2 else (s[:, half - 1] + s[:, half]) / 2
     # np.mean and np.std written out (the same sums in the same order).
-    mean = bw.sum(axis=1) / width
-    dev = bw - (bw.sum(axis=1, keepdims=True) / width)
+    mean = bw.sum(axis=1, keepdims=True) / width
+    dev = bw - mean
     std = np.sqrt((dev * dev).sum(axis=1) / width)
     lat_min = lat.min(axis=1)
     base_lat = np.maximum(lat_min, 1e-3)
@@ -169,7 +169,7 @@ def build_state(  # noqa: PLR0917 (the state's inputs, in layout order)
     state[:, 4] = point
     state[:, 5] = low
     state[:, 6] = high
-    state[:, 7] = mean
+    state[:, 7] = mean[:, 0]
     state[:, 8] = std
     state[:, 9] = lat_new / base_lat - 1.0
     state[:, 10] = (lat_new - lat_prev) / base_lat
