@@ -289,9 +289,7 @@ def _load(model_dir: Path, threads: int) -> LoadedModel:
     f_one = _batch_one(
         blobs[manifest.forecaster.file], fsess, threads, FORECASTER_INPUT, smoke[:16]
     )
-    a_one = _batch_one(
-        blobs[manifest.allocator.file], asess, threads, ALLOCATOR_INPUT, states[:16]
-    )
+    a_one = _batch_one(blobs[manifest.allocator.file], asess, threads, ALLOCATOR_INPUT, states[:16])
     graphs = [manifest.forecaster, manifest.allocator]
     if manifest.horizon is not None:
         graphs.append(manifest.horizon)

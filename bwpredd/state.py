@@ -50,11 +50,7 @@ STATE_LAYOUT: tuple[str, ...] = (
     "median_over_capacity",  # window's median bandwidth / capacity
 )
 # The state columns divided by the reference capacity.
-_OVER_CAP = [
-    i
-    for i, name in enumerate(STATE_LAYOUT)
-    if name.endswith("_over_capacity")
-]
+_OVER_CAP = [i for i, name in enumerate(STATE_LAYOUT) if name.endswith("_over_capacity")]
 # A window whose samples share one timestamp has no step length to read.
 DEFAULT_STEP_S = 1.0
 

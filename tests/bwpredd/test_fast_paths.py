@@ -32,7 +32,7 @@ def plain_reference_capacity(windows: np.ndarray) -> np.ndarray:
     return np.maximum(p90, 1e-3).astype(np.float32)
 
 
-def plain_build_state(
+def plain_build_state(  # noqa: PLR0917 (build_state's signature)
     windows: np.ndarray,
     point: np.ndarray,
     low: np.ndarray,
@@ -42,9 +42,7 @@ def plain_build_state(
 ) -> np.ndarray:
     w = windows.astype(np.float64)
     step_ms = 1000.0 * np.asarray(step_s, np.float64)
-    cap = (plain_reference_capacity(windows) if capacity is None else capacity).astype(
-        np.float64
-    )
+    cap = (plain_reference_capacity(windows) if capacity is None else capacity).astype(np.float64)
     bw = w[:, :, BW]
     lat = w[:, :, LAT]
     base_lat = np.maximum(lat.min(axis=1), 1e-3)
@@ -123,7 +121,7 @@ def plain_forecast(engine: Engine, windows: np.ndarray, counts: np.ndarray, forc
     return point, low, high, source, base, model_point
 
 
-def plain_allocate(engine: Engine, windows, counts, point, low, high, source, step):
+def plain_allocate(engine: Engine, windows, counts, point, low, high, source, step):  # noqa: PLR0917
     model = engine.model
     full = edge_pad(windows, counts)
     cap = plain_reference_capacity(full)
