@@ -52,6 +52,7 @@ from bench.scenarios import (
     ingest_section,
     latency_section,
     memory_section,
+    mesh_section,
     startup_section,
     watchers_section,
 )
@@ -69,6 +70,7 @@ SECTIONS = (
     "concurrency",
     "memory",
     "threads",
+    "mesh",
 )
 
 
@@ -98,6 +100,8 @@ def run(plan: Plan, sections: Sequence[str], profile: Path | None = None) -> dic
             res["memory"] = memory_section(work, plan)
         if "watchers" in sections:
             res["watchers"] = watchers_section(work, fx, plan)
+        if "mesh" in sections and plan.mesh_s > 0:
+            res["mesh"] = mesh_section(work, plan)
         floors: dict[str, Floor] = {}
         try:
             progress("floors: sync and asyncio bare servers")

@@ -29,6 +29,7 @@ __all__ = [
 ]
 
 MEMORY_TARGET = "RSS with full windows - empty"
+MESH_TARGET = "mesh node, batched Allocate: daemon CPU share of one core"
 _T0 = time.perf_counter()
 
 
@@ -88,6 +89,9 @@ def targets_of(res: dict[str, Any]) -> list[dict[str, Any]]:
         # for the quick run's smaller table.
         limit = round(64 * res["memory"]["peers"] / 100_000, 1)
         t.append(_target(MEMORY_TARGET, res["memory"]["delta_mb"], "<=", limit, "MB"))
+    if "mesh" in res:
+        share = 100 * res["mesh"]["batched"]["daemon_cpu_share"]
+        t.append(_target(MESH_TARGET, round(share, 1), "<=", 15.0, "%"))
     if "startup" in res:
         t.append(_target("start to SERVING (median)", res["startup"]["median_s"], "<=", 2.0, "s"))
     return t
@@ -255,6 +259,27 @@ def table_rows(res: dict[str, Any]) -> list[list[str]]:
                 f"{w['watchers_open']:,} open, RSS +{w['rss_after_ingest_mb']:.0f} MB",
             )
         )
+    if "mesh" in res:
+        m = res["mesh"]
+        none = m["none"]
+        for pattern, label in (
+            ("per_peer", "1 Allocate per peer"),
+            ("batched", "1 batched Allocate"),
+        ):
+            r = m[pattern]
+            late = f", {r['dropped']:,} dropped" if r["dropped"] else ""
+            rows.append(
+                _row(
+                    f"mesh node {m['peers']} peers at 1 Hz, {label}/s: CPU, p50/p99",
+                    f"{100 * r['daemon_cpu_share']:.1f}% of a core, "
+                    f"{r.get('p50_us', float('nan')):.0f}/{r.get('p99_us', float('nan')):.0f} us"
+                    + late,
+                    f"{100 * none['daemon_cpu_share']:.1f}% samples only",
+                    "",
+                    "<= 15% of a core" if pattern == "batched" else "",
+                    verdict(MESH_TARGET) if pattern == "batched" else "",
+                )
+            )
     if "memory" in res:
         m = res["memory"]
         rows.append(

@@ -60,6 +60,12 @@ class Source(IntEnum):
         return self.name.lower()
 
 
+# Plain ints of the sources for array work (an IntEnum operand costs a
+# Python-level conversion per NumPy call).
+_MODEL = int(Source.MODEL)
+_COLD_START = int(Source.BASELINE_COLD_START)
+_FALLBACK = int(Source.BASELINE_FALLBACK)
+
 # Source value -> label, for code that holds plain ints (answers, the wire).
 SOURCE_LABELS: dict[int, str] = {s.value: s.label for s in Source}
 
@@ -154,38 +160,60 @@ class Engine:
         """
         model = self._model  # one read: the whole call uses one model
         k = len(windows)
-        base = baselines.ewma(windows, counts, BASELINE_ALPHA)
+        full = counts >= windows.shape[1]
+        all_full = bool(full.all())
+        # Full windows weigh all their rows: no per-window counts to look up.
+        base = baselines.ewma(windows, None if all_full else counts, BASELINE_ALPHA)
+        version = model.version if model else ""
+        if model is not None and all_full and k:
+            # The common case (every peer past cold start): the model answers
+            # all of them unless an output is not finite or the guardrail
+            # says no, and then the general path below takes over.
+            p, lo, hi = model.run_forecaster(np.ascontiguousarray(windows, dtype=np.float32))
+            if (force_baseline is None or not force_baseline.any()) and bool(
+                np.isfinite(p).all() & np.isfinite(lo).all() & np.isfinite(hi).all()
+            ):
+                return Forecasts(
+                    p.copy(),
+                    np.minimum(lo, p),
+                    np.maximum(hi, p),
+                    np.full(k, _MODEL, dtype=np.int8),
+                    base,
+                    p.copy(),
+                    counts,
+                    version,
+                )
+            outputs: tuple[F32, F32, F32] | None = (p, lo, hi)
+        else:
+            outputs = None
         point = base.copy()
         low = np.empty(k, dtype=np.float32)
         high = np.empty(k, dtype=np.float32)
-        full = counts >= windows.shape[1]
-        source = np.where(full, Source.BASELINE_FALLBACK, Source.BASELINE_COLD_START).astype(
-            np.int8
-        )
+        source = np.where(full, _FALLBACK, _COLD_START).astype(np.int8)
         model_point = np.full(k, np.nan, dtype=np.float32)
         served = np.zeros(k, dtype=np.bool_)
         # The model runs on every full window, even those the guardrail
         # answers from the baseline: live scoring must see it win again.
-        if model is not None and full.any():
+        if model is not None and (all_full or full.any()):
             sel = np.flatnonzero(full)
-            batch = windows if sel.size == k else windows[sel]
-            p, lo, hi = model.run_forecaster(np.ascontiguousarray(batch, dtype=np.float32))
+            if outputs is None:
+                batch = windows if sel.size == k else windows[sel]
+                outputs = model.run_forecaster(np.ascontiguousarray(batch, dtype=np.float32))
+            p, lo, hi = outputs
             ok = np.isfinite(p) & np.isfinite(lo) & np.isfinite(hi)
             model_point[sel[ok]] = p[ok]
             if force_baseline is not None:
                 ok &= ~force_baseline[sel]
             sel, p, lo, hi = sel[ok], p[ok], lo[ok], hi[ok]
             point[sel], low[sel], high[sel] = p, np.minimum(lo, p), np.maximum(hi, p)
-            source[sel] = Source.MODEL
+            source[sel] = _MODEL
             served[sel] = True
         if not served.all():
             rest = np.flatnonzero(~served)
             low[rest], high[rest] = baselines.baseline_interval(
                 windows[rest], base[rest], counts[rest]
             )
-        return Forecasts(
-            point, low, high, source, base, model_point, counts, model.version if model else ""
-        )
+        return Forecasts(point, low, high, source, base, model_point, counts, version)
 
     def horizon_curves(self, windows: F32, step_s: F32 | float) -> HorizonCurves | None:
         """Horizon forecasts of full windows (:mod:`bwpredd.transfer`), or
@@ -221,8 +249,16 @@ class Engine:
         model = self._model
         full_windows = edge_pad(windows, counts)
         cap = reference_capacity(full_windows)
-        action = np.clip(np.rint(fc.point / cap * 10) - 1, 0, 9).astype(np.int64)
-        use = fc.source == Source.MODEL
+        use = fc.source == _MODEL
+        if model is not None and use.size and bool(use.all()):
+            # Every peer from the model: no heuristic to compute and discard,
+            # no rows to select.
+            step = np.asarray(step_s, np.float32)
+            states = build_state(full_windows, fc.point, fc.low, fc.high, step, cap)
+            return Allocations(model.run_allocator(states), cap, fc.source, fc)
+        # The forecast-following heuristic (np.clip's answer, written out).
+        level = np.rint(fc.point / cap * 10) - 1
+        action = np.minimum(np.maximum(level, 0), 9).astype(np.int64)
         if model is not None and use.any():
             sel = np.flatnonzero(use)
             step = np.broadcast_to(np.asarray(step_s, np.float32), cap.shape)[sel]

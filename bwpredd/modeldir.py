@@ -69,11 +69,16 @@ DEFAULT_MODEL_DIR = Path(__file__).parent / "models" / "default"
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(int64)": "int64"}
+# Output names as the lists onnxruntime takes, built once.
+_FORECASTER_OUTS = list(FORECASTER_OUTPUTS)
+_ALLOCATOR_OUTS = [ALLOCATOR_OUTPUT]
 # A point forecast may stray outside its interval by float rounding only.
 _ORDER_SLACK = 1e-5
 
 
-def session(data: bytes, *, threads: int = 1, optimise: bool = True) -> ort.InferenceSession:
+def session(
+    data: bytes, *, threads: int = 1, optimise: bool = True, batch_one: str | None = None
+) -> ort.InferenceSession:
     """An onnxruntime CPU session on a serialised model, set up as the daemon runs it.
 
     Args:
@@ -81,6 +86,9 @@ def session(data: bytes, *, threads: int = 1, optimise: bool = True) -> ort.Infe
         threads: intra-op threads (inter-op is 1, execution sequential).
         optimise: ``ORT_ENABLE_ALL`` when true, else no graph optimisation
             (the export checks its graphs both ways).
+        batch_one: the name of the graph's batch dimension, to fix it at 1:
+            onnxruntime then folds the shape arithmetic of the graph into
+            constants, which makes a one-window run about 10% cheaper.
     """
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
@@ -94,6 +102,8 @@ def session(data: bytes, *, threads: int = 1, optimise: bool = True) -> ort.Infe
     # A sidecar must not burn a core spinning between calls.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
+    if batch_one is not None:
+        opts.add_free_dimension_override_by_name(batch_one, 1)
     return ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
 
 
@@ -110,6 +120,10 @@ class LoadedModel:
     sizes: dict[str, int] = field(default_factory=dict)
     timings_ms: dict[str, float] = field(default_factory=dict)
     horizon: ort.InferenceSession | None = None  # when the manifest declares horizons
+    # The same graphs with the batch fixed at one (a peer's call right after
+    # its sample), when they give the general sessions' answers exactly.
+    forecaster_one: ort.InferenceSession | None = None
+    allocator_one: ort.InferenceSession | None = None
 
     @property
     def version(self) -> str:
@@ -133,12 +147,18 @@ class LoadedModel:
 
     def run_forecaster(self, windows: F32) -> tuple[F32, F32, F32]:
         """Point, low, high ``[k]`` for full windows ``[k, W, F]``."""
-        out = self.forecaster.run(list(FORECASTER_OUTPUTS), {FORECASTER_INPUT: windows})
+        sess = self.forecaster
+        if len(windows) == 1 and self.forecaster_one is not None:
+            sess = self.forecaster_one
+        out = _run(sess, _FORECASTER_OUTS, {FORECASTER_INPUT: windows})
         return out[0][:, 0], out[1][:, 0], out[2][:, 0]
 
     def q_values(self, states: F32) -> F32:
         """The allocator's ``[k, 10]`` Q-values for states ``[k, S]``."""
-        (q,) = self.allocator.run([ALLOCATOR_OUTPUT], {ALLOCATOR_INPUT: states})
+        sess = self.allocator
+        if len(states) == 1 and self.allocator_one is not None:
+            sess = self.allocator_one
+        (q,) = _run(sess, _ALLOCATOR_OUTS, {ALLOCATOR_INPUT: states})
         out: F32 = q
         return out
 
@@ -146,6 +166,16 @@ class LoadedModel:
         """Greedy actions ``[k]`` for states ``[k, S]``: argmax, never random."""
         actions: I64 = np.argmax(self.q_values(states), axis=1).astype(np.int64)
         return actions
+
+
+def _run(sess: ort.InferenceSession, outputs: list[str], feed: dict[str, Any]) -> list[Any]:
+    """``sess.run(outputs, feed)`` without the Python wrapper's per-call
+    checks of the input names (the feeds here are built from the checked
+    manifest): the C session's run, where this onnxruntime exposes it."""
+    inner = getattr(sess, "_sess", None)
+    if inner is None:
+        return list(sess.run(outputs, feed))
+    return list(inner.run(outputs, feed, None))
 
 
 def smoke_windows(n: int = 64, seed: int = 0) -> F32:
@@ -254,6 +284,12 @@ def _load(model_dir: Path, threads: int) -> LoadedModel:
         _check_io(hsess, manifest.horizon)
     model = LoadedModel(manifest, model_dir, fsess, asess, 0.0, horizon=hsess)
     _smoke(model, timings)
+    smoke = smoke_windows()
+    states = build_state(smoke, *model.run_forecaster(smoke), DEFAULT_STEP_S)
+    f_one = _batch_one(
+        blobs[manifest.forecaster.file], fsess, threads, FORECASTER_INPUT, smoke[:16]
+    )
+    a_one = _batch_one(blobs[manifest.allocator.file], asess, threads, ALLOCATOR_INPUT, states[:16])
     graphs = [manifest.forecaster, manifest.allocator]
     if manifest.horizon is not None:
         graphs.append(manifest.horizon)
@@ -267,7 +303,30 @@ def _load(model_dir: Path, threads: int) -> LoadedModel:
         sizes={name: len(data) for name, data in blobs.items()},
         timings_ms={k: round(v, 3) for k, v in timings.items()},
         horizon=hsess,
+        forecaster_one=f_one,
+        allocator_one=a_one,
     )
+
+
+def _batch_one(
+    data: bytes, general: ort.InferenceSession, threads: int, name: str, rows: F32
+) -> ort.InferenceSession | None:
+    """``general``'s graph with its batch dimension fixed at 1, if it names
+    that dimension and answers each of ``rows`` exactly as ``general`` does;
+    else None (the general session serves batches of one too)."""
+    dim = general.get_inputs()[0].shape[0]
+    if not isinstance(dim, str) or not dim:
+        return None
+    try:
+        one = session(data, threads=threads, batch_one=dim)
+        for i in range(len(rows)):
+            feed = {name: rows[i : i + 1]}
+            want, got = general.run(None, feed), one.run(None, feed)
+            if not all(np.array_equal(a, b) for a, b in zip(want, got, strict=True)):
+                return None
+    except Exception:  # onnxruntime's own types: an optimisation, never a refused load
+        return None
+    return one
 
 
 def _session(data: bytes, name: str, threads: int) -> ort.InferenceSession:

@@ -49,6 +49,8 @@ STATE_LAYOUT: tuple[str, ...] = (
     "min_over_capacity",  # window's lowest bandwidth / capacity
     "median_over_capacity",  # window's median bandwidth / capacity
 )
+# The state columns divided by the reference capacity.
+_OVER_CAP = [i for i, name in enumerate(STATE_LAYOUT) if name.endswith("_over_capacity")]
 # A window whose samples share one timestamp has no step length to read.
 DEFAULT_STEP_S = 1.0
 
@@ -70,13 +72,19 @@ def reference_capacity(windows: F32) -> F32:
     Args:
         windows: ``[N, W, WIDTH]`` raw units, newest last, all rows real.
     """
-    # np.percentile's linear interpolation, written out: 10x cheaper per call.
     s = np.sort(windows[:, :, BW].astype(np.float64), axis=1)
+    out: F32 = _p90(s).astype(np.float32)
+    return out
+
+
+def _p90(s: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """The floored 90th percentile of each row of ``s`` (sorted ascending):
+    np.percentile's linear interpolation, written out (10x cheaper per call)."""
     pos = 0.9 * (s.shape[1] - 1)
     lo = int(pos)
     hi = min(lo + 1, s.shape[1] - 1)
     p90 = s[:, lo] + (pos - lo) * (s[:, hi] - s[:, lo])
-    out: F32 = np.maximum(p90, CAPACITY_FLOOR_MBPS).astype(np.float32)
+    out: npt.NDArray[np.float64] = np.maximum(p90, CAPACITY_FLOOR_MBPS)
     return out
 
 
@@ -130,33 +138,49 @@ def build_state(  # noqa: PLR0917 (the state's inputs, in layout order)
             caller has it already.
     """
     w = windows.astype(np.float64)
+    n, width = w.shape[0], w.shape[1]
     step_ms = 1000.0 * np.asarray(step_s, np.float64)
-    cap = (reference_capacity(windows) if capacity is None else capacity).astype(np.float64)
     bw = w[:, :, BW]
     lat = w[:, :, LAT]
-    base_lat = np.maximum(lat.min(axis=1), 1e-3)
-    cols = [
-        np.log1p(lat[:, -1]),
-        bw[:, -1] / cap,
-        w[:, -1, LOSS],
-        w[:, -1, REL],
-        np.asarray(point, np.float64) / cap,
-        np.asarray(low, np.float64) / cap,
-        np.asarray(high, np.float64) / cap,
-        bw.mean(axis=1) / cap,
-        bw.std(axis=1) / cap,
-        lat[:, -1] / base_lat - 1.0,
-        (lat[:, -1] - lat[:, -2]) / base_lat,
-        w[:, -1, LOSS] - w[:, :, LOSS].mean(axis=1),
-        (lat[:, -1] - lat.min(axis=1)) / step_ms,
-        (lat[:, -1] - lat[:, -2]) / step_ms,
-        # How far below its capacity the link has been lately: with the
-        # mean, std and forecast, the spread a level must leave room for.
-        bw.min(axis=1) / cap,
-        np.median(bw, axis=1) / cap,
-    ]
-    state = np.stack(cols, axis=1)
+    # One sort serves the capacity, the minimum and the median: the same
+    # arithmetic as np.percentile / np.min / np.median on 10 values, at a
+    # fraction of their call overhead.
+    s = np.sort(bw, axis=1)
+    # The capacity is float32 whether given or computed (as the trainer sees it).
+    cap = (_p90(s).astype(np.float32) if capacity is None else capacity).astype(np.float64)
+    half = width // 2
+    median = s[:, half] if width % 2 else (s[:, half - 1] + s[:, half]) / 2
+    # np.mean and np.std written out (the same sums in the same order).
+    mean = bw.sum(axis=1, keepdims=True) / width
+    dev = bw - mean
+    std = np.sqrt((dev * dev).sum(axis=1) / width)
+    lat_min = lat.min(axis=1)
+    base_lat = np.maximum(lat_min, 1e-3)
+    lat_new, lat_prev = lat[:, -1], lat[:, -2]
+    state = np.empty((n, len(STATE_LAYOUT)), dtype=np.float64)
+    state[:, 0] = np.log1p(lat_new)
+    state[:, 1] = bw[:, -1]
+    state[:, 2] = w[:, -1, LOSS]
+    state[:, 3] = w[:, -1, REL]
+    state[:, 4] = point
+    state[:, 5] = low
+    state[:, 6] = high
+    state[:, 7] = mean[:, 0]
+    state[:, 8] = std
+    state[:, 9] = lat_new / base_lat - 1.0
+    state[:, 10] = (lat_new - lat_prev) / base_lat
+    state[:, 11] = w[:, -1, LOSS] - w[:, :, LOSS].sum(axis=1) / width
+    state[:, 12] = (lat_new - lat_min) / step_ms
+    state[:, 13] = (lat_new - lat_prev) / step_ms
+    # How far below its capacity the link has been lately: with the
+    # mean, std and forecast, the spread a level must leave room for.
+    state[:, 14] = s[:, 0]
+    state[:, 15] = median
+    # Every "/ capacity" column at once.
+    state[:, _OVER_CAP] /= cap[:, None]
     # Clip so a pathological window (a 0 after a burst, say) cannot push the
     # network far outside what it was trained on.
-    out: F32 = np.clip(state, -50.0, 50.0).astype(np.float32)
+    np.minimum(state, 50.0, out=state)
+    np.maximum(state, -50.0, out=state)
+    out: F32 = state.astype(np.float32)
     return out

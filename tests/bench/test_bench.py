@@ -95,3 +95,23 @@ class TestProfileSummary:
         assert dict(s["self"]) == {"f (a.py)": 0.625, "g (a.py)": 0.375}
         assert dict(s["inclusive"])["main (a.py)"] == 1.0
         assert dict(s["inclusive"])["f (a.py)"] == 1.0
+
+
+def test_mesh_pushes_send_each_peer_once_a_second() -> None:
+    """The mesh row's sample schedule: every peer exactly once per second,
+    spread over the ticks of the second (no tick carries more than its share)."""
+    from bench.scenarios import _mesh_pushes
+    from bwpredd._proto.bwpred.v1 import bwpred_pb2 as pb
+
+    peers = [f"mesh-{i:04d}" for i in range(999)]
+    pushes = _mesh_pushes(peers, 100, 2, seed=0)
+    assert len(pushes) == 200
+    for second in range(2):
+        ids = [
+            s.peer_id
+            for raw in pushes[second * 100 : (second + 1) * 100]
+            for s in pb.PushSamplesRequest.FromString(raw).samples
+        ]
+        assert sorted(ids) == peers
+    sizes = [len(pb.PushSamplesRequest.FromString(raw).samples) for raw in pushes]
+    assert max(sizes) - min(sizes) <= 1

@@ -1,0 +1,86 @@
+"""``python -m bench.after_sample``: the after-sample path in-process, piece by piece.
+
+Times :meth:`Engine.forecast` and :meth:`Engine.allocate` and the pieces
+they are made of on one peer's full window (and a 1,000-peer batch), as
+thread CPU time, the minimum over interleaved rounds: the breakdown
+``reports/profile.md`` gives for the path right after a new sample, where
+the models run. Prints one line per piece in microseconds per call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from bwpredd import baselines
+from bwpredd.engine import BASELINE_ALPHA, Engine, edge_pad
+from bwpredd.modeldir import DEFAULT_MODEL_DIR, load_model, synthetic_windows
+from bwpredd.state import build_state, reference_capacity
+
+__all__ = ["main", "pieces", "time_pieces"]
+
+
+def pieces(k: int) -> dict[str, Callable[[], object]]:
+    """The pieces of the after-sample path on ``k`` full windows, by name."""
+    model = load_model(DEFAULT_MODEL_DIR)
+    engine = Engine(model)
+    windows = np.ascontiguousarray(synthetic_windows(k, seed=1), dtype=np.float32)
+    counts = np.full(k, windows.shape[1], dtype=np.int64)
+    step = np.ones(k, dtype=np.float32)
+    fc = engine.forecast(windows, counts)
+    cap = reference_capacity(windows)
+    return {
+        "Engine.forecast": lambda: engine.forecast(windows, counts),
+        "  run_forecaster": lambda: model.run_forecaster(windows),
+        "  baselines.ewma": lambda: baselines.ewma(windows, counts, BASELINE_ALPHA),
+        "  baselines.baseline_interval": lambda: baselines.baseline_interval(
+            windows, fc.baseline, counts
+        ),
+        "Engine.allocate": lambda: engine.allocate(windows, counts, fc, step),
+        "  edge_pad": lambda: edge_pad(windows, counts),
+        "  reference_capacity": lambda: reference_capacity(windows),
+        "  build_state": lambda: build_state(windows, fc.point, fc.low, fc.high, step, cap),
+        "  run_allocator": lambda: model.run_allocator(
+            build_state(windows, fc.point, fc.low, fc.high, step, cap)
+        ),
+        "forecast+allocate": lambda: engine.allocate(
+            windows, counts, engine.forecast(windows, counts), step
+        ),
+    }
+
+
+def time_pieces(
+    fns: dict[str, Callable[[], object]], rounds: int = 15, calls: int = 200
+) -> dict[str, float]:
+    """Thread CPU microseconds per call of each function: the minimum over
+    ``rounds`` interleaved rounds of ``calls`` calls."""
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.thread_time_ns()
+            for _ in range(calls):
+                fn()
+            dt = (time.thread_time_ns() - t0) / calls / 1000
+            best[name] = min(best[name], dt)
+    return best
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--calls", type=int, default=200)
+    ap.add_argument("--peers", type=int, nargs="*", default=[1, 1000])
+    args = ap.parse_args(argv)
+    for k in args.peers:
+        calls = max(1, args.calls // k) if k > 1 else args.calls
+        res = time_pieces(pieces(k), args.rounds, max(calls, 5))
+        print(f"k={k}: thread CPU us per call (min of {args.rounds} rounds)")
+        for name, us in res.items():
+            print(f"  {name:32s} {us:10.1f}")
+
+
+if __name__ == "__main__":
+    main()
