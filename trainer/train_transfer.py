@@ -74,6 +74,7 @@ class TransferTrainConfig:
     threads: int = 1
     points_per_trace: int = POINTS_PER_TRACE
     synthetic_weight: float = 0.5
+    trace_balance: bool = False  # training windows: every trace of a source alike
 
 
 @dataclass
@@ -93,10 +94,17 @@ def examples(
     points_per_trace: int = POINTS_PER_TRACE,
     floor_mbps: float = 1e-3,
     synthetic_weight: float = 0.5,
+    *,
+    trace_balance: bool = False,
 ) -> Examples:
-    """Windows of ``traces`` with the log mean bandwidth over each horizon."""
+    """Windows of ``traces`` with the log mean bandwidth over each horizon.
+
+    Every source weighs the same (synthetic profiles ``synthetic_weight``);
+    within a source every window, or with ``trace_balance`` every trace
+    (as eval-transfer scores: per trace, then per source)."""
     hz = np.asarray(horizons, dtype=np.float64)
     ws, ss, ys, srcs = [], [], [], []
+    tids: list[npt.NDArray[np.int64]] = []
     for tr in traces:
         n = len(tr)
         if n < WINDOW + 1:
@@ -111,13 +119,21 @@ def examples(
         mean = mean_over(edges, mbit, ks, hz)
         ys.append(np.log(np.maximum(mean, floor_mbps)).astype(np.float32))
         srcs += [tr.source] * len(ks)
+        tids.append(np.full(len(ks), len(tids)))
     windows = np.concatenate(ws)
     source = np.asarray(srcs)
+    trace = np.concatenate(tids)
     weight = np.zeros(len(source))
     for s in np.unique(source):
         m = source == s
         w = synthetic_weight if str(s).startswith(SYNTHETIC_PREFIX) else 1.0
-        weight[m] = w / m.sum()
+        if not trace_balance:
+            weight[m] = w / m.sum()
+            continue
+        ids = np.unique(trace[m])
+        for i in ids:
+            t = trace == i
+            weight[t] = w / len(ids) / t.sum()
     return Examples(windows, np.concatenate(ss)[:, None], np.concatenate(ys), weight, list(srcs))
 
 
@@ -362,7 +378,12 @@ def train_transfer(
     torch.set_num_threads(cfg.threads)
     t0 = time.monotonic()
     kw = {"points_per_trace": cfg.points_per_trace, "synthetic_weight": cfg.synthetic_weight}
-    tr = examples([*train, *steady_traces(cfg.seed)], model_cfg.horizons, **kw)  # type: ignore[arg-type]
+    tr = examples(
+        [*train, *steady_traces(cfg.seed)],
+        model_cfg.horizons,
+        trace_balance=cfg.trace_balance,
+        **kw,  # type: ignore[arg-type]
+    )
     va = examples(val, model_cfg.horizons, **kw)  # type: ignore[arg-type]
     if progress:
         print(f"transfer: {len(tr.windows)} train / {len(va.windows)} val windows")
@@ -431,6 +452,7 @@ def run(args: argparse.Namespace) -> int:
         cfg.steps = args.steps
     if args.points:
         cfg.points_per_trace = args.points
+    cfg.trace_balance = args.trace_balance
     model_cfg = HorizonConfig(
         hidden=args.hidden,
         layers=args.layers,
@@ -484,6 +506,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--members", type=int, default=HorizonConfig.members)
     parser.add_argument("--points", type=int, default=0, help="windows per training trace")
     parser.add_argument("--no-level", action="store_true", help="without the level input")
+    parser.add_argument(
+        "--trace-balance",
+        action="store_true",
+        help="weigh a source's training traces alike (not its windows)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.set_defaults(func=run)
 

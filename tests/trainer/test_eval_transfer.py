@@ -134,3 +134,24 @@ class TestTrainAndExport:
         _, mb, _, _ = b.log_quantiles(w, s)
         _, mm, _, _ = both.log_quantiles(w, s)
         assert torch.allclose(mm, (ma + mb) / 2, atol=1e-6)
+
+
+def test_examples_trace_balance_weighs_traces_alike(tmp_path: Path) -> None:
+    from trainer.train_transfer import examples
+
+    d = tmp_path / "traces"
+    rng = np.random.default_rng(3)
+    write_trace(d / "oboe" / "long.csv", rng.uniform(1, 10, 300))
+    write_trace(d / "oboe" / "short.csv", rng.uniform(1, 10, 40))
+    traces = list(load_traces(d, progress=False).traces)
+    assert len(traces) == 2
+    by_window = examples(traces, (1.0, 4.0))
+    by_trace = examples(traces, (1.0, 4.0), trace_balance=True)
+    names = np.repeat([t.name for t in traces], [min(400, len(t) - 10) for t in traces])
+    for ex in (by_window, by_trace):
+        assert ex.weight.sum() == pytest.approx(1.0)
+    share = {n: by_trace.weight[names == n].sum() for n in np.unique(names)}
+    assert list(share.values()) == pytest.approx([0.5, 0.5])
+    # Without it the long trace weighs by its windows.
+    long_share = max(by_window.weight[names == n].sum() for n in np.unique(names))
+    assert long_share > 0.8
