@@ -34,6 +34,7 @@ from typing import Any
 from bench.floor import ECHO_METHOD, Floor, echo_request
 from bench.harness import Daemon, channel
 from bench.load import ClientPool, raw_unary
+from bench.mesh import mesh_section
 from bench.profile import profile_runs
 from bench.report import (
     machine_info,
@@ -52,7 +53,6 @@ from bench.scenarios import (
     ingest_section,
     latency_section,
     memory_section,
-    mesh_section,
     startup_section,
     watchers_section,
 )

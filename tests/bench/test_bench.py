@@ -100,7 +100,7 @@ class TestProfileSummary:
 def test_mesh_pushes_send_each_peer_once_a_second() -> None:
     """The mesh row's sample schedule: every peer exactly once per second,
     spread over the ticks of the second (no tick carries more than its share)."""
-    from bench.scenarios import _mesh_pushes
+    from bench.mesh import _mesh_pushes
     from bwpredd._proto.bwpred.v1 import bwpred_pb2 as pb
 
     peers = [f"mesh-{i:04d}" for i in range(999)]
