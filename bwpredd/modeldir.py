@@ -173,9 +173,12 @@ def _run(sess: ort.InferenceSession, outputs: list[str], feed: dict[str, Any]) -
     checks of the input names (the feeds here are built from the checked
     manifest): the C session's run, where this onnxruntime exposes it."""
     inner = getattr(sess, "_sess", None)
-    if inner is None:
-        return list(sess.run(outputs, feed))
-    return list(inner.run(outputs, feed, None))
+    if inner is not None:
+        try:
+            return list(inner.run(outputs, feed, None))
+        except TypeError:  # another onnxruntime's private signature: the public run
+            pass
+    return list(sess.run(outputs, feed))
 
 
 def smoke_windows(n: int = 64, seed: int = 0) -> F32:

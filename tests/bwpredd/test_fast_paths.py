@@ -258,3 +258,33 @@ def test_batch_one_sessions_match_general(engine: Engine) -> None:
             np.testing.assert_array_equal(a[:, 0], b)
         q = model.allocator.run(None, {"state": states[i : i + 1]})[0]
         np.testing.assert_array_equal(model.q_values(states[i : i + 1]), q)
+
+
+def test_private_run_falls_back_to_the_public_one(engine: Engine) -> None:
+    """Where an onnxruntime's private session takes other arguments, the run
+    goes through the public ``run`` and gives the same outputs."""
+    from bwpredd.manifest import FORECASTER_INPUT, FORECASTER_OUTPUTS
+    from bwpredd.modeldir import _run
+
+    class OtherSignature:
+        def run(self, outputs: list[str], feed: dict[str, object]) -> list[object]:
+            raise AssertionError("never called with two arguments")
+
+    class Session:  # the real session, with an incompatible private one
+        def __init__(self, real: object) -> None:
+            self._real, self._sess, self.public_runs = real, OtherSignature(), 0
+
+        def run(self, outputs: list[str], feed: dict[str, object]) -> list[object]:
+            self.public_runs += 1
+            return self._real.run(outputs, feed)  # type: ignore[attr-defined, no-any-return]
+
+    assert engine.model is not None
+    real = engine.model.forecaster
+    feed = {FORECASTER_INPUT: random_windows(np.random.default_rng(5), 3)}
+    outputs = list(FORECASTER_OUTPUTS)
+    proxy = Session(real)
+    got = _run(proxy, outputs, feed)  # type: ignore[arg-type]
+    want = real.run(outputs, feed)
+    assert proxy.public_runs == 1
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g, w)
