@@ -177,7 +177,7 @@ class CodecTable:
 
     @classmethod
     def load(cls, path: Path | str = DEFAULT_CODEC_TABLE) -> CodecTable:
-        """Read a table written by ``tools/measure_codecs.py``.
+        """Read a table written by ``python -m bench.measure_codecs``.
 
         Args:
             path: the JSON file; defaults to the one shipped with bwpredd.

@@ -21,7 +21,7 @@ The data kinds (each ``--size`` bytes, default 8 MiB, seeded):
   sorted path order (logs and configuration compress alike).
 * ``random``: uniformly random bytes (already compressed or encrypted data).
 
-Usage: ``python tools/measure_codecs.py [--out PATH] [--size BYTES] [--repeat N]``.
+Usage: ``python -m bench.measure_codecs [--out PATH] [--size BYTES] [--repeat N]``.
 """
 
 from __future__ import annotations
