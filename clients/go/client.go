@@ -235,6 +235,22 @@ func (c *Client) Forecast(ctx context.Context, peerIDs ...string) ([]*PeerForeca
 	return resp.Forecasts, nil
 }
 
+// ForecastOver gives each peer's mean bandwidth over the next seconds, with
+// its 80% interval, in the order asked: what a transfer of that duration will
+// see. Under a model directory without horizons the next-step forecast
+// stands in, and PeerForecast.HorizonSeconds says 0; otherwise it says the
+// horizon the answer covers. seconds must be > 0 and at most 86400
+// (codes.InvalidArgument naming horizon_seconds otherwise).
+func (c *Client) ForecastOver(ctx context.Context, seconds float64, peerIDs ...string) ([]*PeerForecast, error) {
+	ctx, cancel := c.withDeadline(ctx)
+	defer cancel()
+	resp, err := c.api.Forecast(ctx, &ForecastRequest{PeerIds: peerIDs, HorizonSeconds: seconds})
+	if err != nil {
+		return nil, err
+	}
+	return resp.Forecasts, nil
+}
+
 // Allocate gives each peer's allocation level (10% .. 100% of its link), in
 // the order asked.
 func (c *Client) Allocate(ctx context.Context, peerIDs ...string) ([]*PeerAllocation, error) {

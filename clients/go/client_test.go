@@ -129,6 +129,20 @@ func TestAnswers(t *testing.T) {
 		t.Errorf("peer with one sample: %v, want a cold-start baseline", fc[2])
 	}
 
+	over, err := c.ForecastOver(ctx, 30, "node-a", "node-new")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The test model declares no horizons: the next-step forecast stands in.
+	if len(over) != 2 || over[0].PeerId != "node-a" || over[0].HorizonSeconds != 0 ||
+		over[0].BandwidthMbps != fc[1].BandwidthMbps || over[1].HorizonSeconds != 0 {
+		t.Errorf("ForecastOver(30) without horizons: %v, want the next-step forecasts, horizon 0", over)
+	}
+	if _, err := c.ForecastOver(ctx, -1, "node-a"); status.Code(err) != codes.InvalidArgument ||
+		!strings.Contains(status.Convert(err).Message(), "horizon_seconds") {
+		t.Errorf("ForecastOver(-1): %v, want InvalidArgument naming horizon_seconds", err)
+	}
+
 	al, err := c.Allocate(ctx, "node-a", "node-b")
 	if err != nil {
 		t.Fatal(err)
