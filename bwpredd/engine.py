@@ -220,7 +220,7 @@ class Engine:
         None when no model, or one that declares no horizons, is loaded.
 
         Args:
-            windows: ``[k, W, 4]`` full windows, oldest first.
+            windows: ``[k, W, WIDTH]`` full windows, oldest first.
             step_s: ``[k]`` (or one) seconds between samples.
         """
         model = self._model  # one read: the whole call uses one model
