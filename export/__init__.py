@@ -55,6 +55,7 @@ __all__ = [
     "ExportResult",
     "export_model_dir",
     "publish_dir",
+    "publish_new_dir",
 ]
 
 FORECASTER_FILE = "forecaster.onnx"
@@ -212,29 +213,47 @@ def export_model_dir(
         horizons = tuple(float(h) for h in getattr(horizon, "cfg").horizons)  # noqa: B009
         extra.update(horizon_manifest_entry(files[HORIZON_FILE], horizons))
 
+    manifest = build_manifest(
+        version=version,
+        forecaster_file=FORECASTER_FILE,
+        forecaster_sha256=hashlib.sha256(f_bytes).hexdigest(),
+        forecaster_session=session(f_bytes),
+        allocator_file=ALLOCATOR_FILE,
+        allocator_sha256=hashlib.sha256(a_bytes).hexdigest(),
+        allocator_session=session(a_bytes),
+        state_layout=tuple(state_layout),
+        feature_defaults=feature_defaults,
+        interval=interval,
+        opset=opset,
+        versions=_versions(),
+        evaluation=evaluation or {},
+        training_data=training_data or {},
+        extra=extra,
+    )
+    publish_new_dir(dest, files, manifest, force=force)
+    log(f"export: published {dest} (version {version}, {_fmt_sizes(sizes)})")
+    return ExportResult(dest, manifest, f_par, a_par, sizes, timings, int8_report, h_par)
+
+
+def publish_new_dir(
+    dest: Path, files: Mapping[str, bytes], manifest: Manifest, *, force: bool
+) -> None:
+    """Build a model directory beside ``dest`` and publish it there: write
+    ``files`` and ``manifest`` into a fresh sibling, fsync them and the
+    directory, check it as the daemon would, then swap it into place
+    (:func:`publish_dir`). On any failure the sibling is removed and
+    ``dest`` is left as it was.
+
+    Raises:
+        ExportError: ``dest`` exists without ``force``, or the built
+            directory fails the daemon's checks.
+    """
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_sibling(dest, "building")
     tmp.mkdir()
     try:
         for name, data in files.items():
             _write_synced(tmp / name, data)
-        manifest = build_manifest(
-            version=version,
-            forecaster_file=FORECASTER_FILE,
-            forecaster_sha256=hashlib.sha256(f_bytes).hexdigest(),
-            forecaster_session=session(f_bytes),
-            allocator_file=ALLOCATOR_FILE,
-            allocator_sha256=hashlib.sha256(a_bytes).hexdigest(),
-            allocator_session=session(a_bytes),
-            state_layout=tuple(state_layout),
-            feature_defaults=feature_defaults,
-            interval=interval,
-            opset=opset,
-            versions=_versions(),
-            evaluation=evaluation or {},
-            training_data=training_data or {},
-            extra=extra,
-        )
         dump_manifest(manifest, tmp / MANIFEST_NAME)
         _fsync_file(tmp / MANIFEST_NAME)
         _fsync_dir(tmp)
@@ -243,8 +262,6 @@ def export_model_dir(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log(f"export: published {dest} (version {version}, {_fmt_sizes(sizes)})")
-    return ExportResult(dest, manifest, f_par, a_par, sizes, timings, int8_report, h_par)
 
 
 def publish_dir(src: Path, dest: Path, *, force: bool = False) -> None:

@@ -16,7 +16,6 @@ import datetime as dt
 import hashlib
 import io
 import json
-import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -30,9 +29,7 @@ from torch import nn
 from bwpredd.manifest import (
     HORIZON_INPUTS,
     HORIZON_OUTPUTS,
-    MANIFEST_NAME,
     Manifest,
-    dump_manifest,
     load_manifest,
 )
 from bwpredd.modeldir import session
@@ -183,14 +180,7 @@ def add_horizon(
             the daemon's checks.
         ParityError: onnxruntime disagrees with torch.
     """
-    from export import (
-        ExportError,
-        _fsync_dir,
-        _self_check,
-        _tmp_sibling,
-        _write_synced,
-        publish_dir,
-    )
+    from export import ExportError, publish_new_dir
     from export.manifest import default_version
 
     old = load_manifest(src)
@@ -217,19 +207,9 @@ def add_horizon(
 
     exp["op_counts"][HORIZON_FILE] = op_counts(data)
     manifest = Manifest.from_json(json.loads(json.dumps(raw)))
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(dest, "building")
-    tmp.mkdir()
-    try:
-        for graph in (old.forecaster, old.allocator):
-            _write_synced(tmp / graph.file, (src / graph.file).read_bytes())
-        _write_synced(tmp / HORIZON_FILE, data)
-        dump_manifest(manifest, tmp / MANIFEST_NAME)
-        _fsync_dir(tmp)
-        _self_check(tmp)
-        publish_dir(tmp, dest, force=force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    files = {
+        graph.file: (src / graph.file).read_bytes() for graph in (old.forecaster, old.allocator)
+    }
+    publish_new_dir(dest, files | {HORIZON_FILE: data}, manifest, force=force)
     log(f"export: published {dest} (version {version}, horizons {list(horizons)})")
     return manifest
