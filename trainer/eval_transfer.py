@@ -485,19 +485,9 @@ def write_reports(
 
 def run(args: argparse.Namespace) -> int:
     """The ``eval-transfer`` command."""
-    from bwpredd.traces import load_traces
-    from trainer.evaluate import _split_files
+    from trainer.evaluate import selected_traces
 
-    loaded = load_traces(Path(args.traces), progress=not args.quiet)
-    traces = list(loaded.traces)
-    for item in loaded.unknown:
-        print(f"unknown file (not evaluated): {item}", file=sys.stderr)
-    split = "all traces given"
-    if args.split_from:
-        keep = _split_files(Path(args.split_from), args.split)
-        traces = [t for t in traces if f"{t.source}/{t.name}" in keep]
-        split = f"the '{args.split}' split of {args.split_from}"
-        print(f"{len(traces)} traces of {split}")
+    traces, split = selected_traces(args)
     if not traces:
         print("no usable traces", file=sys.stderr)
         return 2

@@ -24,6 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from bwpredd import baselines
+from bwpredd.traces import Trace
 from trainer import metrics
 from trainer.predict import BATCH, ForecastFn, forecast_fn
 
@@ -37,6 +38,7 @@ __all__ = [
     "format_table",
     "load_predictor",
     "run",
+    "selected_traces",
 ]
 
 F32 = npt.NDArray[np.float32]
@@ -258,18 +260,29 @@ def _split_files(run_dir: Path, split: str) -> set[str]:
     return {f"{r['source']}/{r['name']}" for r in raw["splits"][split]}
 
 
-def run(args: argparse.Namespace) -> int:
-    """The ``eval`` command."""
+def selected_traces(args: argparse.Namespace) -> tuple[list[Trace], str]:
+    """The traces an evaluation command scores: those of ``--traces``, only
+    the ``--split`` files of ``--split-from``'s split.json when it is given,
+    and a description of the choice. Files of no known format are named on
+    stderr."""
     from bwpredd.traces import load_traces
 
     loaded = load_traces(Path(args.traces), progress=not args.quiet)
     traces = list(loaded.traces)
     for item in loaded.unknown:
         print(f"unknown file (not evaluated): {item}", file=sys.stderr)
+    split = "all traces given"
     if args.split_from:
         keep = _split_files(Path(args.split_from), args.split)
         traces = [t for t in traces if f"{t.source}/{t.name}" in keep]
-        print(f"{len(traces)} traces of the '{args.split}' split of {args.split_from}")
+        split = f"the '{args.split}' split of {args.split_from}"
+        print(f"{len(traces)} traces of {split}")
+    return traces, split
+
+
+def run(args: argparse.Namespace) -> int:
+    """The ``eval`` command."""
+    traces, _ = selected_traces(args)
     if not traces:
         print("no usable traces", file=sys.stderr)
         return 2
