@@ -45,6 +45,18 @@ Every trace of a source weighing the same (``--trace-balance``), 1,200
 windows per trace, 16,000 steps: seeds 0 and 1 0.909 / 0.858 / 0.892 and
 0.915 / 0.875 / 0.892 (better at 5 s, not at 60 s). None beats the shipped
 network at both 20 and 60 s.
+
+Predicting the time directly instead (Fugu's way: the 10th, 50th and 90th
+percentiles of ``ln(time g / B)`` for a payload of B Mbit, with ``ln(B / g)``
+an input beside the same features; payloads drawn per window for durations
+0.5-150 s at the last value; same 2 x 128 network, sources weighted alike,
+conformal shifts per payload bin), in the same session as the shipped
+network's 0.956 / 0.866 / 0.877: 0.966 / 0.909 / 0.923. The curves of mean
+bandwidth give the time's quantiles exactly (see :mod:`bwpredd.transfer`)
+and share what they learn across horizons; the direct target did not help.
+Longer history does not look like the way either: constant rates over the
+last 20, 40 or 80 samples instead of 10 score 0.293 / 0.290 / 0.357 at 20 s
+(10: 0.286) and 0.295 / 0.294 / 0.333 at 60 s (10: 0.299) on validation.
 """
 
 from __future__ import annotations
