@@ -90,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="add the run's horizon.pt to the published model directory DIR (see above)",
     )
     args = parser.parse_args(argv)
+    if args.gate and args.add_horizon_to is not None:
+        parser.error("--gate publishes a retrain run; it does not combine with --add-horizon-to")
     if args.add_horizon_to is not None:
         return _add_horizon(args)
 
@@ -99,6 +101,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if code != EXIT_OK:
             return code
         args.force = True
+        if args.traces is None:  # check parity on the recordings the run learned from
+            recorded = json.loads((args.run / REPORT_JSON).read_text()).get("recordings", [])
+            args.traces = next((Path(d) for d in recorded if Path(d).exists()), None)
     try:
         forecaster, f_ckpt, allocator, a_ckpt = _load_run(
             args.run, untrained_allocator=args.untrained_allocator, seed=args.seed
@@ -172,13 +177,17 @@ def _gate(run: Path, out: Path | None) -> int:
         print(f"export: gate REFUSED: {verdict.message}; {kept}", file=sys.stderr)
         return EXIT_REFUSED
     base = report["base"]
-    if out is not None and (out / "manifest.json").exists():
+    if out is not None and out.exists():
         try:
             serving = load_manifest(out)
         except BwpreddError as exc:
-            serving = None
-            print(f"export: gate: {out} does not load ({exc}); replacing it", file=sys.stderr)
-        if serving is not None and serving.forecaster.sha256 != base["forecaster_sha256"]:
+            print(
+                f"export: gate REFUSED: {out} exists and is not a model directory that loads "
+                f"({exc}): cannot tell what it serves; {kept}",
+                file=sys.stderr,
+            )
+            return EXIT_REFUSED
+        if serving.forecaster.sha256 != base["forecaster_sha256"]:
             print(
                 f"export: gate REFUSED: {out} serves version {serving.version} (forecaster "
                 f"sha256 {serving.forecaster.sha256[:12]}...), but the run was compared against "

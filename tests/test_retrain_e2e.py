@@ -152,7 +152,8 @@ class TestGate:
     def test_refuses_to_replace_another_model(
         self, retrained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
-        """--out serving a model the run was not compared against is left alone."""
+        """--out serving a model the run was not compared against, or a
+        directory that is no model at all, is left alone."""
         other = make_model_dir(tmp_path / "other", seed=5, version="other-1")
         before = _digest(other)
         assert export_main(["--run", str(retrained), "--gate", "--out", str(other)]) == (
@@ -160,6 +161,15 @@ class TestGate:
         )
         assert "retrain with --base" in capsys.readouterr().err
         assert _digest(other) == before
+        state = tmp_path / "state"
+        state.mkdir()
+        (state / "peers.npz").write_bytes(b"not a model")
+        before = _digest(state)
+        assert export_main(["--run", str(retrained), "--gate", "--out", str(state)]) == (
+            EXIT_REFUSED
+        )
+        assert "not a model directory" in capsys.readouterr().err
+        assert _digest(state) == before
 
     def test_publishes_a_better_model_and_a_reload_serves_it(
         self, retrained: Path, serving: Path, tmp_path: Path

@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from bwpredd.errors import BwpreddError
+from bwpredd.schema import WINDOW
 from bwpredd.traces import RECORDING_SOURCE, Trace, load_traces
 from trainer.data.windows import make_windows, split_summary, split_traces, time_cuts
 from trainer.evaluate import evaluate_traces, load_predictor
@@ -186,8 +187,9 @@ def run(args: argparse.Namespace) -> int:
     for name, part in (("train", train), ("validation", val), ("test", test)):
         if not part:
             print(
-                f"retrain: the recordings give no {name} windows (each peer needs more than "
-                f"{FRACTIONS} of its time span x 10 samples); record longer",
+                f"retrain: the recordings give no {name} windows: a peer's part of its time "
+                f"span ({FRACTIONS[0]:.0%} / {FRACTIONS[1]:.0%} / {FRACTIONS[2]:.0%}) needs "
+                f"more than {WINDOW} samples; record longer",
                 file=sys.stderr,
             )
             return 2

@@ -16,6 +16,7 @@ from bwpredd.schema import BW, WINDOW
 from bwpredd.traces import Trace, load_traces
 from tests.conftest_models import make_model_dir
 from tests.recording_files import write_mesh
+from trainer.__main__ import main as trainer_main
 from trainer.data.synthetic import synthetic_traces
 from trainer.data.windows import make_windows, split_traces, time_cuts
 from trainer.evaluate import selected_traces
@@ -144,3 +145,31 @@ class TestFromOnnx:
         model_dir = make_model_dir(tmp_path / "m", seed=3, forecast_scale=2.0)
         with pytest.raises(RecoveryError, match="do not rebuild"):
             load_forecaster(model_dir)
+
+
+class TestRetrainInput:
+    """trainer retrain refuses input it cannot learn from, naming why."""
+
+    def _run(self, tmp_path: Path, *dirs: Path) -> int:
+        args = ["retrain", "--recordings", *map(str, dirs), "--base", str(DEFAULT_MODEL_DIR)]
+        args += ["--epochs", "1", "--steps-per-epoch", "2", "--agent-episodes", "2", "--quick"]
+        return trainer_main([*args, "--out", str(tmp_path / "run"), "--quiet"])
+
+    def test_no_recordings(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """A directory without recordings is a usage error."""
+        (tmp_path / "empty").mkdir()
+        assert self._run(tmp_path, tmp_path / "empty") == 2
+        assert "no usable recordings" in capsys.readouterr().err
+
+    def test_too_short_to_split(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """Peers whose oldest 60% is no longer than a window say so."""
+        write_mesh(tmp_path / "fleet", ("node-a",), peers=1, steps=15)
+        assert self._run(tmp_path, tmp_path / "fleet") == 2
+        assert "record longer" in capsys.readouterr().err
+
+    def test_a_node_given_twice(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """The same node's recordings under two --recordings directories."""
+        write_mesh(tmp_path / "a", ("node-a",), peers=1, steps=40)
+        write_mesh(tmp_path / "b", ("node-a",), peers=1, steps=40, seed=1)
+        assert self._run(tmp_path, tmp_path / "a", tmp_path / "b") == 2
+        assert "give each node's recordings once" in capsys.readouterr().err
