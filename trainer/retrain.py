@@ -172,6 +172,21 @@ def run(args: argparse.Namespace) -> int:
     from trainer.train_forecaster import TrainConfig, calibrate_interval, train_forecaster
 
     t0 = time.monotonic()
+    rules = (
+        ("--epochs", args.epochs >= 0, ">= 0"),
+        ("--steps-per-epoch", args.steps_per_epoch >= 1, ">= 1"),
+        ("--patience", args.patience >= 1, ">= 1"),
+        ("--lr", args.lr > 0, "> 0"),
+        ("--ema-decay", 0 <= args.ema_decay < 1, "in [0, 1)"),
+        ("--threads", args.threads >= 1, ">= 1"),
+    )
+    for flag, ok, rule in rules:
+        if not ok:
+            print(
+                f"retrain: {flag}: must be {rule}, got {getattr(args, flag[2:].replace('-', '_'))}",
+                file=sys.stderr,
+            )
+            return 2
     torch.set_num_threads(args.threads)
     dirs = [Path(d) for d in args.recordings]
     try:
@@ -200,6 +215,7 @@ def run(args: argparse.Namespace) -> int:
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / REPORT_JSON).unlink(missing_ok=True)  # an earlier run's figures must not be gated
     split_rec = {
         "seed": args.seed,
         "traces_dir": str(dirs[0]),

@@ -173,3 +173,9 @@ class TestRetrainInput:
         write_mesh(tmp_path / "b", ("node-a",), peers=1, steps=40, seed=1)
         assert self._run(tmp_path, tmp_path / "a", tmp_path / "b") == 2
         assert "give each node's recordings once" in capsys.readouterr().err
+
+    def test_bad_budget_named(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """A learning rate that is not positive is refused, naming the flag."""
+        args = ["retrain", "--recordings", str(tmp_path), "--base", str(DEFAULT_MODEL_DIR)]
+        assert trainer_main([*args, "--out", str(tmp_path / "run"), "--lr", "0"]) == 2
+        assert "--lr: must be > 0, got 0.0" in capsys.readouterr().err
