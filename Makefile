@@ -14,6 +14,9 @@ TRACES    ?= $(or $(BWPRED_TRACES),../shared/traces)
 SEED      ?= 0
 QUICK     ?=
 DURATION  ?= 5
+RECORDINGS ?=
+BASE      ?= bwpredd/models/default
+RUN       ?= runs/retrain
 
 # The Go client (clients/go) builds in GOPATH mode against Debian's Go
 # packages (/usr/share/gocode): no module proxy needed. build/gopath links the
@@ -29,7 +32,7 @@ GO_PROTOC  = protoc -Iproto --go_out=$(1) --go_opt=module=$(GO_PKG) \
              --go-grpc_out=$(1) --go-grpc_opt=module=$(GO_PKG) $(PROTO)
 HAVE_GO   := $(shell command -v go >/dev/null 2>&1 && echo yes)
 
-.PHONY: install gen run test lint fmt train report-allocator export bench soak install-systemd clean \
+.PHONY: install gen run test lint fmt train retrain report-allocator export bench soak install-systemd clean \
         go-apt go-gen go-check-gen go-lint go-test
 
 install: $(STAMP) $(GEN)
@@ -89,6 +92,13 @@ fmt: install
 train: install
 	$(PYTHON) -m trainer train --traces $(TRACES) --seed $(SEED) --out runs/latest \
 		--agent-gamma 0.8 --agent-episodes 3000 --members 2
+
+# Fine-tune BASE on recordings (one node's directory, or several nodes' side
+# by side) into RUN; then: python -m export --run $(RUN) --gate --out DIR.
+retrain: install
+	$(if $(RECORDINGS),,$(error RECORDINGS=DIR [DIR...] is required: recordings directories))
+	$(PYTHON) -m trainer retrain --recordings $(RECORDINGS) --base $(BASE) --out $(RUN) \
+		--seed $(SEED)
 
 # The shipped model re-scored on make train's split (same seed), without
 # training: rewrites reports/allocator.md, allocator_eval.json and the example

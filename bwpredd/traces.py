@@ -38,6 +38,26 @@ Per-source choices (each follows the traces README; see the loader for why):
 * ``pensieve_fcc``, ``lumos5g``, ``oboe``: two whitespace-separated columns,
   one group per file.
 
+Recordings (what a daemon accepted, ``<state_dir>/recordings/``, format 1:
+``.npz`` archives with ``version``, ``node``, and per sample ``peer``, ``t``
+(Unix seconds), ``features`` ``[n, 4]`` and the ``sent`` bits), in files named
+``rec-<15-digit ms>-<8 hex>.npz`` anywhere under the root, so the root may
+be one node's recordings directory or a fleet's directories side by side
+(``fleet/node-a/recordings/``, ``fleet/node-b/*.npz``). One peer of one node
+is one series: its rows from every file of that node, in time order, with the
+features as the daemon stored them (after carry-forward); a feature is
+``measured`` when the worker sent it at least once. Source =
+``recordings:<node>`` (so the trainer's per-source reports are per node),
+group = ``<node>/<peer>`` (one peer stays one unit), name = the group, with
+``#<k>`` appended to each segment when gaps cut the peer into several: a gap
+is a step longer than :data:`GAP_FACTOR` times the peer's median step (the
+daemon was down or the worker stopped reporting; a window across it would
+mix two stretches of the link). ``start_s`` holds each segment's absolute
+time, which the trainer's split by time needs. A node name found in two
+directories is made unique as ``<node>@<directory>`` (with a warning), so two
+machines that share a hostname are never interleaved. An unreadable or torn
+file is skipped with a warning naming it.
+
 Generic CSV (for people's own measurements): any ``.csv``/``.csv.gz`` whose
 header is ``time_s,bandwidth_mbps`` followed by any of the optional features
 ``latency_ms``, ``packet_loss``, ``reliability`` (in any order;
@@ -54,8 +74,13 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import itertools
 import json
 import os
+import re
+import warnings
+import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -66,6 +91,8 @@ import numpy as np
 from bwpredd.schema import BW, DEFAULTS, FEATURES, OPTIONAL, TRACE_CSV_REQUIRED, WIDTH
 
 __all__ = [
+    "GAP_FACTOR",
+    "RECORDING_SOURCE",
     "SOURCES",
     "LoadResult",
     "Trace",
@@ -87,6 +114,13 @@ SOURCES = (
 # Descriptive files that live next to the data; not traces, not "unknown".
 _IGNORED_NAMES = frozenset({"MANIFEST.csv", "README.md", "README", "README.txt", "LICENSE"})
 _MAHIMAHI_PACKET_BITS = 1500 * 8
+# A completed recording file (temporaries start with "." and are never read).
+_RECORDING_FILE = re.compile(r"rec-[0-9]{15}-[0-9a-f]{8}\.npz")
+_RECORDING_VERSION = 1
+# Recordings' sources are "recordings:<node>".
+RECORDING_SOURCE = "recordings"
+# A step longer than this many times the peer's median step starts a new segment.
+GAP_FACTOR = 5.0
 
 
 @dataclass
@@ -106,6 +140,8 @@ class Trace:
         time_s: ``float64 [T]`` time of each step from the trace start, if known.
         oracle_next_bw: for synthetic traces, the generator's conditional
             expectation of bandwidth at each step given the previous one.
+        start_s: Unix time of the first step, where the source records
+            absolute time (recordings); the trainer splits such traces by time.
     """
 
     source: str
@@ -116,6 +152,7 @@ class Trace:
     measured: tuple[str, ...]
     time_s: np.ndarray | None = field(default=None, repr=False)
     oracle_next_bw: np.ndarray | None = field(default=None, repr=False)
+    start_s: float | None = None
 
     def __len__(self) -> int:
         return int(self.data.shape[0])
@@ -458,6 +495,154 @@ def _loader_for(source: str, path: Path) -> _Loader | None:
     return None
 
 
+# --------------------------------------------------------------------------- recordings
+
+
+@dataclass
+class _Recording:
+    """The columns of one recording file."""
+
+    node: str
+    peer: np.ndarray
+    t: np.ndarray
+    features: np.ndarray
+    sent: np.ndarray
+
+
+def _read_recording(path: Path) -> _Recording:
+    """Read and check one recording file (format 1).
+
+    Raises:
+        ValueError: a column is missing, misshapen or of the wrong kind, or
+            the version is not 1.
+    """
+    with np.load(path, allow_pickle=False) as z:
+        missing = {"version", "node", "peer", "t", "features", "sent"} - set(z.files)
+        if missing:
+            raise ValueError(f"missing columns {sorted(missing)}")
+        version = int(z["version"])
+        if version != _RECORDING_VERSION:
+            raise ValueError(f"version {version}, this reader knows {_RECORDING_VERSION}")
+        node, peer = z["node"], z["peer"]
+        t = z["t"].astype(np.float64)
+        features = z["features"].astype(np.float32)
+        sent = z["sent"].astype(np.uint8)
+    if node.shape != () or node.dtype.kind != "U" or not str(node):
+        raise ValueError("node: must be a non-empty unicode scalar")
+    n = len(t)
+    if peer.dtype.kind != "U" or peer.shape != (n,) or t.shape != (n,) or sent.shape != (n,):
+        raise ValueError(f"peer, t and sent must be [{n}] (peer unicode)")
+    if features.shape != (n, WIDTH):
+        raise ValueError(f"features: shape {list(features.shape)}, want [{n}, {WIDTH}]")
+    return _Recording(str(node), peer, t, features, sent)
+
+
+def _segments(t: np.ndarray) -> list[tuple[int, int]]:
+    """``[start, end)`` row ranges of ``t`` (sorted) split where a step
+    exceeds ``GAP_FACTOR`` times the median step."""
+    step = _median_step(t)
+    if step <= 0:
+        return [(0, len(t))]
+    cuts = np.flatnonzero(np.diff(t) > GAP_FACTOR * step) + 1
+    bounds = [0, *cuts.tolist(), len(t)]
+    return list(itertools.pairwise(bounds))
+
+
+def _recording_traces(
+    files: list[tuple[Path, str]], result: LoadResult, min_steps: int
+) -> list[Trace]:
+    """Assemble the recording files found under one root into traces:
+    one peer of one node per group, cut into segments at gaps."""
+    by_node: dict[str, list[tuple[str, _Recording]]] = {}
+    for path, rel in files:
+        try:
+            rec = _read_recording(path)
+        except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+            reason = f"unreadable recording: {type(exc).__name__}: {exc}"
+            result.skipped[rel] = reason
+            warnings.warn(f"{rel}: {reason}; skipped", RuntimeWarning, stacklevel=3)
+            continue
+        by_node.setdefault(rec.node, []).append((rel.rpartition("/")[0], rec))
+    # A node name in two directories is two machines sharing a name, or two
+    # copies: never interleave them.
+    labelled: dict[str, list[_Recording]] = {}
+    for node, found in by_node.items():
+        dirs = sorted({d for d, _ in found})
+        if len(dirs) > 1:
+            warnings.warn(
+                f"recordings of node {node!r} in {len(dirs)} directories ({', '.join(dirs)}); "
+                f"read as nodes {node}@<directory>",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        for d, rec in found:
+            labelled.setdefault(node if len(dirs) == 1 else f"{node}@{d or '.'}", []).append(rec)
+    out: list[Trace] = []
+    for label in sorted(labelled):
+        recs = labelled[label]
+        peer = np.concatenate([r.peer for r in recs])
+        t = np.concatenate([r.t for r in recs])
+        features = np.concatenate([r.features for r in recs])
+        sent = np.concatenate([r.sent for r in recs])
+        ok = np.isfinite(t) & np.isfinite(features).all(axis=1)
+        peer, t, features, sent = peer[ok], t[ok], features[ok], sent[ok]
+        names, codes = np.unique(peer, return_inverse=True)
+        # Files come in name (= time) order; a stable sort by peer then time
+        # keeps the acceptance order of equal timestamps.
+        order = np.lexsort((t, codes))
+        starts = np.searchsorted(codes[order], np.arange(len(names) + 1))
+        for k, peer_id in enumerate(names.tolist()):
+            rows = order[starts[k] : starts[k + 1]]
+            out.extend(
+                _peer_traces(
+                    label,
+                    str(peer_id),
+                    t[rows],
+                    features[rows],
+                    sent[rows],
+                    result=result,
+                    min_steps=min_steps,
+                )
+            )
+    return out
+
+
+def _peer_traces(
+    node: str,
+    peer: str,
+    t: np.ndarray,
+    features: np.ndarray,
+    sent: np.ndarray,
+    *,
+    result: LoadResult,
+    min_steps: int,
+) -> list[Trace]:
+    bits = int(np.bitwise_or.reduce(sent)) if len(sent) else 0
+    measured = tuple(f for i, f in enumerate(FEATURES) if i == BW or bits >> i & 1)
+    group = f"{node}/{peer}"
+    segments = _segments(t)
+    out = []
+    for k, (a, b) in enumerate(segments):
+        name = group if len(segments) == 1 else f"{group}#{k}"
+        if b - a < min_steps:
+            result.skipped[name] = f"too short: {b - a} < {min_steps} steps"
+            continue
+        seg_t = t[a:b]
+        out.append(
+            Trace(
+                source=f"{RECORDING_SOURCE}:{node}",
+                name=name,
+                group=group,
+                step_s=_median_step(seg_t),
+                data=np.ascontiguousarray(features[a:b]),
+                measured=measured,
+                time_s=seg_t - seg_t[0],
+                start_s=float(seg_t[0]),
+            )
+        )
+    return out
+
+
 # --------------------------------------------------------------------------- assembly
 
 
@@ -522,8 +707,9 @@ def load_traces(
     """Load every trace under ``root``.
 
     Args:
-        root: a traces directory (the shared set, or a directory of generic
-            CSVs), one source's directory inside it, or a single file.
+        root: a traces directory (the shared set, a directory of generic
+            CSVs, one node's recordings or several nodes' side by side), one
+            source's directory inside it, or a single file.
         defaults: value of each feature that a source does not measure; keys
             from the optional features of :mod:`bwpredd.schema`. Defaults to
             its ``DEFAULTS``.
@@ -532,8 +718,9 @@ def load_traces(
             default is one window of 10 plus its target.
 
     Returns:
-        A :class:`LoadResult` with the traces in sorted file order, the files
-        no loader recognised, and the files that yielded nothing (and why).
+        A :class:`LoadResult` with the traces in sorted file order (the
+        recordings' after the others, by node, peer and time), the files no
+        loader recognised, and the files that yielded nothing (and why).
 
     Raises:
         FileNotFoundError: ``root`` does not exist.
@@ -563,10 +750,14 @@ def load_traces(
             iterator = tqdm(files, desc="traces", unit="file")
         except ImportError:
             pass
+    recordings: list[tuple[Path, str]] = []
     for path in iterator:
         if path.name in _IGNORED_NAMES:
             continue
         rel = path.relative_to(base).as_posix()
+        if _RECORDING_FILE.fullmatch(path.name):
+            recordings.append((path, rel))  # assembled across files below
+            continue
         parts = rel.split("/")
         source = fixed_source or (parts[0] if len(parts) > 1 else base.name)
         loader: _Loader | None
@@ -593,6 +784,8 @@ def load_traces(
                 result.skipped[trace.name] = f"too short: {len(trace)} < {min_steps} steps"
                 continue
             result.traces.append(trace)
+    if recordings:
+        result.traces.extend(_recording_traces(recordings, result, min_steps))
     return result
 
 

@@ -101,6 +101,7 @@ def export_model_dir(
     timing: bool = True,
     log: Callable[[str], None] = print,
     horizon: nn.Module | None = None,
+    keep_horizon_from: Path | None = None,
 ) -> ExportResult:
     """Export, verify, describe and publish a model directory at ``dest``.
 
@@ -126,6 +127,10 @@ def export_model_dir(
         log: where progress lines go.
         horizon: a horizon model (:mod:`export.horizon`): shipped as a third
             graph with its horizons declared; None: a next-step-only directory.
+        keep_horizon_from: when ``horizon`` is None, a published model
+            directory whose horizon graph (if it has one) is shipped byte for
+            byte, with its horizons, parity and evaluation (a retrain run
+            fine-tunes the forecaster, not the horizon model).
 
     Raises:
         ExportError: ``dest`` exists without ``force``, or a check failed.
@@ -185,6 +190,16 @@ def export_model_dir(
         h_par = horizon_parity(horizon, h_bytes, windows)
         log(f"verify: horizon max rel err {h_par.max_rel_err:.2e}")
         files[HORIZON_FILE] = h_bytes
+    kept = (
+        _kept_horizon(keep_horizon_from)
+        if horizon is None and keep_horizon_from is not None
+        else None
+    )
+    if kept is not None:
+        from export.horizon import HORIZON_FILE
+
+        files[HORIZON_FILE] = kept["bytes"]
+        log(f"export: horizon graph kept byte for byte from {keep_horizon_from}")
     sizes = {name: len(data) for name, data in files.items()}
     extra: dict[str, Any] = {
         "parity": {
@@ -213,6 +228,15 @@ def export_model_dir(
         horizons = tuple(float(h) for h in getattr(horizon, "cfg").horizons)  # noqa: B009
         extra.update(horizon_manifest_entry(files[HORIZON_FILE], horizons))
 
+    if kept is not None:
+        from export.horizon import HORIZON_FILE, horizon_manifest_entry
+
+        extra.update(horizon_manifest_entry(files[HORIZON_FILE], kept["horizons"]))
+        extra["parity"]["horizon"] = kept["parity"]
+        extra["export"]["provenance"]["horizon"] = kept["provenance"]
+        extra["export"]["op_counts"][HORIZON_FILE] = kept["op_counts"]
+        evaluation = {**(evaluation or {}), "horizon": kept["evaluation"]}
+
     manifest = build_manifest(
         version=version,
         forecaster_file=FORECASTER_FILE,
@@ -233,6 +257,37 @@ def export_model_dir(
     publish_new_dir(dest, files, manifest, force=force)
     log(f"export: published {dest} (version {version}, {_fmt_sizes(sizes)})")
     return ExportResult(dest, manifest, f_par, a_par, sizes, timings, int8_report, h_par)
+
+
+def _kept_horizon(model_dir: Path) -> dict[str, Any] | None:
+    """The horizon graph of a published directory and what its manifest
+    says of it, or None when it declares no horizons.
+
+    Raises:
+        bwpredd.errors.BwpreddError: the directory's manifest or files fail
+            their checks.
+    """
+    from bwpredd.manifest import load_manifest, verify_files
+
+    old = load_manifest(model_dir)
+    if old.horizon is None:
+        return None
+    data = verify_files(model_dir, old)[old.horizon.file]
+    raw = old.to_json()
+    provenance = raw.get("export", {}).get("provenance", {})
+    return {
+        "bytes": data,
+        "horizons": old.horizons,
+        "parity": raw.get("parity", {}).get("horizon", {}),
+        "evaluation": old.evaluation.get("horizon", {}),
+        "op_counts": raw.get("export", {}).get("op_counts", {}).get(old.horizon.file, {}),
+        "provenance": {
+            "kept_from": str(model_dir),
+            "version": old.version,
+            "sha256": old.horizon.sha256,
+            "origin": provenance.get("horizon", {}),
+        },
+    }
 
 
 def publish_new_dir(

@@ -1,15 +1,29 @@
 """``python -m export``: a training run's checkpoints -> a published model directory.
 
 The run's ``horizon.pt`` (the transfer-time model), when present, ships as a
-third graph. ``--add-horizon-to DIR`` instead adds the run's horizon graph to
-an already published directory, keeping its other graphs byte for byte (how
-the embedded default got its horizons without retraining the rest).
+third graph; a ``trainer retrain`` run has none and ships its base's horizon
+graph byte for byte (``<run>/base``). ``--add-horizon-to DIR`` instead adds
+the run's horizon graph to an already published directory, keeping its other
+graphs byte for byte (how the embedded default got its horizons without
+retraining the rest).
+
+``--gate`` (retrain runs only) publishes only a forecaster that earned it on
+the recordings' test part: ``retrain.json``'s figures, tied to
+``forecaster.pt`` by its sha256, must pass
+:func:`trainer.report_retrain.gate` (macro normalised MAE at most 0.98x the
+base's and at most the best baseline's), and ``--out``, when it exists, must
+serve the forecaster the run was compared against. Otherwise nothing is
+written, ``--out`` is left as it is and the exit code is
+:data:`EXIT_REFUSED`, with a message naming the figures. A gated publish
+replaces ``--out`` (that is what it is for); the daemon serving it picks the
+new model up on its next reload (SIGHUP, ``systemctl reload bwpredd``).
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import sys
 import time
 from collections.abc import Sequence
@@ -19,6 +33,7 @@ from typing import Any
 import torch
 
 from bwpredd.errors import BwpreddError
+from bwpredd.manifest import load_manifest
 from bwpredd.state import STATE_LAYOUT
 from export import DEFAULT_MODEL_DIR, ExportError, copy_model_dir, export_model_dir
 from export.horizon import add_horizon
@@ -28,10 +43,13 @@ from trainer.models.forecaster import load_checkpoint as load_forecaster
 from trainer.models.horizon import load_checkpoint as load_horizon
 from trainer.models.qnet import QNetConfig, QNetwork
 from trainer.models.qnet import load_checkpoint as load_qnet
+from trainer.report_retrain import gate
+from trainer.retrain import REPORT_JSON
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_REFUSED = 3  # --gate: the run's forecaster did not earn the publish
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -61,16 +79,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed for parity windows and init")
     parser.add_argument("--parity-windows", type=int, default=2048, help="windows to compare on")
     parser.add_argument(
+        "--gate",
+        action="store_true",
+        help="publish a retrain run only if it beats its base and the baselines (see above)",
+    )
+    parser.add_argument(
         "--add-horizon-to",
         type=Path,
         metavar="DIR",
         help="add the run's horizon.pt to the published model directory DIR (see above)",
     )
     args = parser.parse_args(argv)
+    if args.gate and args.add_horizon_to is not None:
+        parser.error("--gate publishes a retrain run; it does not combine with --add-horizon-to")
     if args.add_horizon_to is not None:
         return _add_horizon(args)
 
     t0 = time.perf_counter()
+    if args.gate:
+        code = _gate(args.run, args.out)
+        if code != EXIT_OK:
+            return code
+        args.force = True
+        if args.traces is None:  # check parity on the recordings the run learned from
+            recorded = json.loads((args.run / REPORT_JSON).read_text()).get("recordings", [])
+            args.traces = next((Path(d) for d in recorded if Path(d).exists()), None)
     try:
         forecaster, f_ckpt, allocator, a_ckpt = _load_run(
             args.run, untrained_allocator=args.untrained_allocator, seed=args.seed
@@ -104,6 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             int8=args.int8,
             force=args.force,
             horizon=_load_horizon(args.run),
+            keep_horizon_from=args.run / "base" if (args.run / "base").is_dir() else None,
         )
         if args.embed:
             copy_model_dir(result.path, DEFAULT_MODEL_DIR)
@@ -118,9 +152,59 @@ def main(argv: Sequence[str] | None = None) -> int:
     return EXIT_OK
 
 
+def _gate(run: Path, out: Path | None) -> int:
+    """Decide ``--gate``; print the verdict with its figures."""
+    path = run / REPORT_JSON
+    try:
+        report = json.loads(path.read_text())
+        ckpt_sha = hashlib.sha256((run / "forecaster.pt").read_bytes()).hexdigest()
+    except FileNotFoundError as exc:
+        print(f"export: --gate: {exc.filename}: missing (a trainer retrain run)", file=sys.stderr)
+        return EXIT_USAGE
+    except (OSError, ValueError) as exc:
+        print(f"export: --gate: {path}: unreadable: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if report.get("retrained", {}).get("checkpoint_sha256") != ckpt_sha:
+        print(
+            f"export: gate REFUSED: {run}/forecaster.pt is not the checkpoint {path.name} "
+            f"measured (sha256 {ckpt_sha[:12]}...): retrain again",
+            file=sys.stderr,
+        )
+        return EXIT_REFUSED
+    verdict = gate(report)
+    kept = f"{out} left as it is" if out is not None else "nothing published"
+    if not verdict.passed:
+        print(f"export: gate REFUSED: {verdict.message}; {kept}", file=sys.stderr)
+        return EXIT_REFUSED
+    base = report["base"]
+    if out is not None and out.exists():
+        try:
+            serving = load_manifest(out)
+        except BwpreddError as exc:
+            print(
+                f"export: gate REFUSED: {out} exists and is not a model directory that loads "
+                f"({exc}): cannot tell what it serves; {kept}",
+                file=sys.stderr,
+            )
+            return EXIT_REFUSED
+        if serving.forecaster.sha256 != base["forecaster_sha256"]:
+            print(
+                f"export: gate REFUSED: {out} serves version {serving.version} (forecaster "
+                f"sha256 {serving.forecaster.sha256[:12]}...), but the run was compared against "
+                f"{base['model_dir']} version {base['version']} (forecaster sha256 "
+                f"{base['forecaster_sha256'][:12]}...): retrain with --base {out}; {kept}",
+                file=sys.stderr,
+            )
+            return EXIT_REFUSED
+    print(f"export: gate passed: {verdict.message}")
+    return EXIT_OK
+
+
 def _load_horizon(run: Path) -> torch.nn.Module | None:
     path = run / "horizon.pt"
     if not path.is_file():
+        if (run / "base").is_dir():
+            return None  # a retrain run: the base's horizon graph is kept
         print(f"export: {path} missing; the directory serves the next step only (no horizons)")
         return None
     model, _ = load_horizon(str(path))

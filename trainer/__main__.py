@@ -1,5 +1,5 @@
-"""``python -m trainer``: train, eval, eval-allocator, report-allocator, allocator-limits,
-train-transfer, eval-transfer."""
+"""``python -m trainer``: train, retrain, eval, eval-allocator, report-allocator,
+allocator-limits, train-transfer, eval-transfer."""
 
 from __future__ import annotations
 
@@ -17,11 +17,17 @@ def main(argv: list[str] | None = None) -> int:
         evaluate,
         evaluate_allocator,
         report_allocator,
+        retrain,
         train,
         train_transfer,
     )
 
     train.add_arguments(sub.add_parser("train", help="train the forecaster and the agent"))
+    retrain.add_arguments(
+        sub.add_parser(
+            "retrain", help="fine-tune a model directory on recordings; report against it"
+        )
+    )
     evaluate.add_arguments(sub.add_parser("eval", help="evaluate a forecaster on traces"))
     evaluate_allocator.add_arguments(
         sub.add_parser("eval-allocator", help="evaluate allocation policies on traces")

@@ -39,6 +39,7 @@ __all__ = [
     "load_predictor",
     "run",
     "selected_traces",
+    "split_part",
 ]
 
 F32 = npt.NDArray[np.float32]
@@ -252,19 +253,46 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _split_files(run_dir: Path, split: str) -> set[str]:
+def _split_record(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "split.json"
     if not path.exists():
         raise FileNotFoundError(f"{path}: missing (train a run first)")
-    raw = json.loads(path.read_text())
-    return {f"{r['source']}/{r['name']}" for r in raw["splits"][split]}
+    raw: dict[str, Any] = json.loads(path.read_text())
+    return raw
+
+
+def split_part(traces: Sequence[Trace], record: dict[str, Any], split: str) -> list[Trace]:
+    """The traces (or pieces of them) that a run's ``split.json`` put in
+    ``split``: by name, and for timed traces (recordings) by the run's time
+    cuts, so data recorded since the run is test, never train.
+
+    Args:
+        traces: the traces loaded again.
+        record: the run's ``split.json``.
+        split: ``"train"``, ``"val"`` or ``"test"``.
+    """
+    from trainer.data.windows import SPLIT_NAMES, split_by_time
+
+    keep = {f"{r['source']}/{r['name']}" for r in record["splits"][split]}
+    cuts = {g: (float(a), float(b)) for g, (a, b) in record.get("time_cuts", {}).items()}
+    which = SPLIT_NAMES.index(split)
+    out: list[Trace] = []
+    for t in traces:
+        if t.start_s is None:
+            if f"{t.source}/{t.name}" in keep:
+                out.append(t)
+            continue
+        piece = split_by_time(t, cuts.get(t.group, (-np.inf, -np.inf)))[which]
+        if piece is not None:
+            out.append(piece)
+    return out
 
 
 def selected_traces(args: argparse.Namespace) -> tuple[list[Trace], str]:
     """The traces an evaluation command scores: those of ``--traces``, only
-    the ``--split`` files of ``--split-from``'s split.json when it is given,
-    and a description of the choice. Files of no known format are named on
-    stderr."""
+    the ``--split`` part of ``--split-from``'s split.json when it is given
+    (:func:`split_part`), and a description of the choice. Files of no known
+    format are named on stderr."""
     from bwpredd.traces import load_traces
 
     loaded = load_traces(Path(args.traces), progress=not args.quiet)
@@ -273,8 +301,7 @@ def selected_traces(args: argparse.Namespace) -> tuple[list[Trace], str]:
         print(f"unknown file (not evaluated): {item}", file=sys.stderr)
     split = "all traces given"
     if args.split_from:
-        keep = _split_files(Path(args.split_from), args.split)
-        traces = [t for t in traces if f"{t.source}/{t.name}" in keep]
+        traces = split_part(traces, _split_record(Path(args.split_from)), args.split)
         split = f"the '{args.split}' split of {args.split_from}"
         print(f"{len(traces)} traces of {split}")
     return traces, split

@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
     """The ``train`` command."""
     from bwpredd.traces import load_traces, summarize
     from trainer.data.synthetic import synthetic_traces
-    from trainer.data.windows import split_summary, split_traces
+    from trainer.data.windows import split_summary, split_traces, time_cuts
 
     if args.members is not None and args.members < 1:
         print(f"--members: must be >= 1, got {args.members}", file=sys.stderr)
@@ -172,7 +172,8 @@ def run(args: argparse.Namespace) -> int:
     real = list(loaded.traces)
     n_syn, length = (6, 100) if args.quick else (N_SYNTHETIC, SYNTHETIC_LENGTH)
     synthetic = synthetic_traces(args.seed, n_traces=n_syn, length=length)
-    train, val, test = split_traces(real + synthetic, SPLIT_FRACTIONS, seed=args.seed)
+    cuts = time_cuts(real, SPLIT_FRACTIONS)  # recordings are split by time
+    train, val, test = split_traces(real + synthetic, SPLIT_FRACTIONS, seed=args.seed, cuts=cuts)
     parts = {"train": train, "val": val, "test": test}
     print(
         f"{len(real)} real + {len(synthetic)} synthetic traces -> "
@@ -180,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
     )
     split_rec = _split_record(parts, args.seed, str(args.traces))
     split_rec["synthetic"].update(n_traces=n_syn, length=length)
+    split_rec["time_cuts"] = {g: list(c) for g, c in cuts.items()}
     (out / "split.json").write_text(json.dumps(split_rec, indent=1) + "\n")
 
     cfg = quick_config(args.seed) if args.quick else TrainConfig(seed=args.seed)

@@ -210,6 +210,7 @@ def train_forecaster(
     progress: bool = True,
     *,
     member: int | None = None,
+    init_from: Forecaster | None = None,
 ) -> tuple[Forecaster, History]:
     """Train a :class:`Forecaster`; return the best-on-validation weights.
 
@@ -221,6 +222,8 @@ def train_forecaster(
         progress: show tqdm progress bars.
         member: which of several members trained side by side this is (its
             progress bar's name and row); None for a lone model.
+        init_from: start from a copy of these weights (fine-tuning; its
+            config wins over ``model_cfg``) instead of a fresh network.
 
     Returns:
         ``(model in eval mode, history)``.
@@ -229,7 +232,7 @@ def train_forecaster(
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    model = Forecaster(model_cfg)
+    model = copy.deepcopy(init_from) if init_from is not None else Forecaster(model_cfg)
     train = TraceBank(train_traces, cfg.source_weights)
     val = TraceBank(val_traces, cfg.source_weights)
     val_x, val_y, val_s, val_w = val.fixed(cfg.val_windows_per_trace)
@@ -262,6 +265,8 @@ def train_forecaster(
     since_best = since_lr = 0
     t0 = time.monotonic()
     hist.initial_val_loss = estimate_loss()[0]
+    if init_from is not None:  # fine-tuning keeps the start unless an epoch beats it
+        hist.best_val_loss = hist.initial_val_loss
     model.train()
     epochs = tqdm(
         range(1, cfg.max_epochs + 1),

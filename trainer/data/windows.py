@@ -4,13 +4,23 @@ One job: turn a list of :class:`~bwpredd.traces.Trace` into the
 ``[N, WINDOW, WIDTH]`` raw-unit windows the forecaster reads (target: the next step's
 bandwidth), and split traces by fold group so no session, route+day, Pantheon
 folder or mahimahi pair is ever in two splits.
+
+Traces that carry absolute time (``start_s``: a daemon's recordings) are
+split by time instead, within each group (one peer of one node): the first
+``fractions[0]`` of the peer's time span is train, the next ``fractions[1]``
+validation, the most recent ``fractions[2]`` test (:func:`time_cuts`,
+:func:`split_by_time`). Every peer is in every split, and the model is
+tested on the part of each link it has not seen yet, which is what serving
+it will ask. A piece after a cut starts with the ``WINDOW`` samples before
+the cut as history, so no sample is lost as a target and none is a target in
+two splits.
 """
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -18,7 +28,15 @@ import numpy as np
 from bwpredd.schema import BW, WIDTH, WINDOW
 from bwpredd.traces import Trace
 
-__all__ = ["SPLIT_NAMES", "Windows", "make_windows", "split_summary", "split_traces"]
+__all__ = [
+    "SPLIT_NAMES",
+    "Windows",
+    "make_windows",
+    "split_by_time",
+    "split_summary",
+    "split_traces",
+    "time_cuts",
+]
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -107,10 +125,87 @@ def _split_counts(n_groups: int, fractions: tuple[float, float, float]) -> tuple
     return n_groups - n_val - n_test, n_val, n_test
 
 
+def _check_fractions(fractions: tuple[float, float, float]) -> None:
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
+        raise ValueError(f"fractions must be three shares >= 0 summing to 1, got {fractions}")
+
+
+def time_cuts(
+    traces: Sequence[Trace], fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
+) -> dict[str, tuple[float, float]]:
+    """Where each group of the timed traces (``start_s`` set) is cut.
+
+    Args:
+        traces: any traces; those without ``start_s`` are ignored.
+        fractions: shares of each group's time span for (train, val, test).
+
+    Returns:
+        ``{group: (val_from, test_from)}`` in Unix seconds: a sample at
+        ``t < val_from`` is train, ``t >= test_from`` test, validation between.
+
+    Raises:
+        ValueError: bad ``fractions``.
+    """
+    _check_fractions(fractions)
+    spans: dict[str, list[float]] = {}
+    for tr in traces:
+        if tr.start_s is None or tr.time_s is None or len(tr) == 0:
+            continue
+        first, last = tr.start_s, tr.start_s + float(tr.time_s[-1])
+        span = spans.setdefault(tr.group, [first, last])
+        span[0], span[1] = min(span[0], first), max(span[1], last)
+    f_train, f_val, _ = fractions
+    return {
+        g: (lo + f_train * (hi - lo), lo + (f_train + f_val) * (hi - lo))
+        for g, (lo, hi) in sorted(spans.items())
+    }
+
+
+def split_by_time(
+    trace: Trace, cut: tuple[float, float]
+) -> tuple[Trace | None, Trace | None, Trace | None]:
+    """Cut a timed trace at ``cut = (val_from, test_from)``.
+
+    Returns:
+        ``(train, val, test)`` pieces, None where a piece would hold no
+        window. The val and test pieces start ``WINDOW`` samples before their
+        cut (history only: those samples are never a target there).
+
+    Raises:
+        ValueError: the trace has no ``start_s`` / ``time_s``.
+    """
+    if trace.start_s is None or trace.time_s is None:
+        raise ValueError(f"{trace.name}: not a timed trace (no start_s)")
+    t = trace.start_s + np.asarray(trace.time_s, dtype=np.float64)
+    i_val, i_test = (int(np.searchsorted(t, c, side="left")) for c in cut)
+    rows = ((0, i_val), (max(0, i_val - WINDOW), i_test), (max(0, i_test - WINDOW), len(t)))
+    out: list[Trace | None] = []
+    for a, b in rows:
+        if b - a <= WINDOW:
+            out.append(None)
+        elif (a, b) == (0, len(t)):
+            out.append(trace)
+        else:
+            time_s = trace.time_s[a:b]
+            orc = trace.oracle_next_bw
+            out.append(
+                replace(
+                    trace,
+                    data=trace.data[a:b],
+                    time_s=time_s - time_s[0],
+                    start_s=float(t[a]),
+                    oracle_next_bw=None if orc is None else orc[a:b],
+                )
+            )
+    return out[0], out[1], out[2]
+
+
 def split_traces(
     traces: Sequence[Trace],
     fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
     seed: int = 0,
+    *,
+    cuts: Mapping[str, tuple[float, float]] | None = None,
 ) -> tuple[list[Trace], list[Trace], list[Trace]]:
     """Split traces into train/val/test by fold group, each source on its own.
 
@@ -121,10 +216,17 @@ def split_traces(
     never in two splits and a trace is never cut. The order of ``traces``
     within each split is kept.
 
+    Timed traces (``start_s`` set: recordings) are split by time within
+    their group instead (:func:`time_cuts`, :func:`split_by_time`): each
+    lands in every split its time span reaches.
+
     Args:
         traces: the traces to split.
         fractions: shares of groups for (train, val, test); must sum to 1.
         seed: makes the split reproducible.
+        cuts: the timed groups' cuts (default: :func:`time_cuts` of
+            ``traces``); a group missing from them has appeared since they
+            were made and is wholly test.
 
     Returns:
         ``(train, val, test)`` lists of traces.
@@ -132,10 +234,13 @@ def split_traces(
     Raises:
         ValueError: bad ``fractions``.
     """
-    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
-        raise ValueError(f"fractions must be three shares >= 0 summing to 1, got {fractions}")
+    _check_fractions(fractions)
+    if cuts is None:
+        cuts = time_cuts(traces, fractions)
     groups_by_source: dict[str, list[str]] = {}
     for tr in traces:
+        if tr.start_s is not None:
+            continue
         groups = groups_by_source.setdefault(tr.source, [])
         if tr.group not in groups:
             groups.append(tr.group)
@@ -150,8 +255,14 @@ def split_traces(
         for k, g in enumerate(order):
             split_of[(source, g)] = 0 if k < n_train else (1 if k < n_train + n_val else 2)
     out: tuple[list[Trace], list[Trace], list[Trace]] = ([], [], [])
+    unseen = (-np.inf, -np.inf)  # a group without cuts: everything is test
     for tr in traces:
-        out[split_of[(tr.source, tr.group)]].append(tr)
+        if tr.start_s is None:
+            out[split_of[(tr.source, tr.group)]].append(tr)
+            continue
+        for part, piece in zip(out, split_by_time(tr, cuts.get(tr.group, unseen)), strict=True):
+            if piece is not None:
+                part.append(piece)
     return out
 
 
