@@ -54,6 +54,12 @@ class IngestResult:
     reasons: dict[int, tuple[str, str]]  # index -> (field, rule) for the rejected
     slots: I64  # [n] slot of each sample (-1 where rejected)
     evicted: int  # peers evicted to make room
+    # The accepted samples in the order they were applied (grouped by peer,
+    # each peer's in request order): their indices into the inputs, and
+    # their rows as stored, missing features carried forward. Fresh arrays
+    # the store keeps no reference to (what the recorder takes).
+    order: I64
+    stored: F32
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,10 @@ class PeerView:
     timestamps: F64  # [count] sample times (unix seconds)
     sample_count: int
     last_seen: float  # unix seconds of the newest sample's arrival
+
+
+def _nothing_stored() -> tuple[I64, F32]:
+    return np.zeros(0, dtype=np.int64), np.zeros((0, WIDTH), dtype=np.float32)
 
 
 class WindowStore:
@@ -156,14 +166,14 @@ class WindowStore:
         slots_out = np.full(n, -1, dtype=np.int64)
         reasons: dict[int, tuple[str, str]] = {}
         if n == 0:
-            return IngestResult(accepted, reasons, slots_out, 0)
+            return IngestResult(accepted, reasons, slots_out, 0, *_nothing_stored())
         slots, evicted = self._assign(peer_ids, now)
         full = slots < 0
         for i in np.flatnonzero(full):
             reasons[int(i)] = ("peer_id", "peer table is full and no peer could be evicted")
         keep = np.flatnonzero(~full)
         if keep.size == 0:
-            return IngestResult(accepted, reasons, slots_out, evicted)
+            return IngestResult(accepted, reasons, slots_out, evicted, *_nothing_stored())
         s = slots[keep]
         t = np.asarray(ts, dtype=np.float64)[keep]
         # Group by slot, keeping the request's order inside each group.
@@ -179,7 +189,7 @@ class WindowStore:
             reasons[int(i)] = ("timestamp", "older than the peer's newest sample (out of order)")
         s, t, idx = s[ok], t[ok], idx[ok]
         if s.size == 0:
-            return IngestResult(accepted, reasons, slots_out, evicted)
+            return IngestResult(accepted, reasons, slots_out, evicted, *_nothing_stored())
         r = np.asarray(rows, dtype=np.float32)[idx]
         is_start = np.r_[True, s[1:] != s[:-1]]
         starts = np.flatnonzero(is_start)
@@ -213,7 +223,7 @@ class WindowStore:
         self.versions[first_slots] += 1
         accepted[idx] = True
         slots_out[idx] = s
-        return IngestResult(accepted, reasons, slots_out, evicted)
+        return IngestResult(accepted, reasons, slots_out, evicted, idx, r)
 
     def _assign(self, peer_ids: Sequence[str], now: float) -> tuple[I64, int]:
         """Slots for ``peer_ids``, creating peers (and evicting) as needed."""
