@@ -96,6 +96,11 @@ class Core:
             config.max_peers, config.guardrail_steps, config.guardrail_margin, config.guardrail
         )
         self.store.on_reset(self.scores.reset)
+        if recorder is not None:
+            peer_at = self.store.peer_at
+            self.store.on_reset(
+                lambda slots: recorder.assign(slots, [peer_at(s) or "" for s in slots.tolist()])
+            )
         self.answers = Answers(self.store)
         self.watch = WatchHub(config.max_peers, config.max_watchers, config.max_watchers_per_peer)
         self.codecs = CodecTable.load()
@@ -145,7 +150,7 @@ class Core:
             reasons[int(valid.index[j])] = (field, rule)
         accepted = len(result.order)
         if accepted and self.recorder is not None:
-            self.recorder.add(valid.peer_ids, valid.rows, valid.ts, result.order, result.stored)
+            self.recorder.add(result.slots, valid.rows, valid.ts, result.order, result.stored)
         if accepted:
             self._score(result.slots[result.accepted], valid.rows[result.accepted, BW])
             if len(self.watch):

@@ -2,17 +2,18 @@
 in recording format v1 (below, the contract with the trainer's reader), and
 read back.
 
-The request path pays one ``deque.append`` per ingest batch
-(:meth:`Recorder.add`): the batch's arrays as the validator and the window
-store left them, no copy, no lock, no I/O. A background thread takes the
-batches every :data:`DRAIN_S` seconds, turns them into columns, and every
-``flush_s`` seconds (``record_flush_s``), or sooner when a file's worth is
-waiting, writes them as one new file; at shutdown (SIGTERM) it writes what is
-left. At most :data:`QUEUE_SAMPLES` samples wait for the thread: past that, a
-batch is dropped from the recording (never from the windows; ingest answers
-are unchanged), and so is a batch whose file cannot be written (ENOSPC, any
-OSError). Both are counted (``bwpredd_recording_dropped_samples_total``) and
-said in one rate-limited log line (``recording_dropped``).
+The request path pays, per ingest batch, one numpy gather (the peers'
+codes) and one ``deque.append`` of the arrays the validator and the window
+store left (:meth:`Recorder.add`): no copy, no lock, no I/O. A background
+thread takes the batches every :data:`DRAIN_S` seconds into preallocated
+column buffers and, every ``flush_s`` seconds (``record_flush_s``) or as soon
+as a file's worth is waiting, writes them as one new file; at shutdown
+(SIGTERM) it writes what is left. At most :data:`QUEUE_SAMPLES` samples wait
+for the thread: past that, a batch is left out of the recording (never out
+of the windows; ingest answers are unchanged), and so are the rows of a file
+that cannot be written (ENOSPC, any OSError). Both are counted
+(``bwpredd_recording_dropped_samples_total``) and said in one rate-limited
+log line (``recording_dropped``).
 
 Format v1, one file per write (the contract with the trainer's reader):
 
@@ -51,7 +52,8 @@ import secrets
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+import zipfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,27 +85,41 @@ DIR_NAME = "recordings"
 NAME_RE = re.compile(r"rec-(\d{15})-([0-9a-f]{8})\.npz")
 # A leftover of a write a kill interrupted: ".rec-<T>-<R>.npz.tmp-<hex>".
 _TEMP_RE = re.compile(r"\.rec-\d{15}-[0-9a-f]{8}\.npz\.tmp-[0-9a-f]+")
-# Samples waiting for the writer thread, at most (each holds ~100-150 bytes
-# of the batch it came in: ~30 MB at most). The thread takes them every
+# Samples waiting for the writer thread, at most (each holds ~70 bytes of
+# the arrays of its batch: ~18 MB at most). The thread takes them every
 # DRAIN_S seconds: at 400,000 samples/s the queue holds ~40,000.
 QUEUE_SAMPLES = 1 << 18
 DRAIN_S = 0.1
-# Columns waiting to be written are written early past this many bytes (or
-# an eighth of record_max_bytes), so one file stays small next to the cap.
+# One file holds at most FILE_ROWS rows and about FILE_BYTES bytes (or an
+# eighth of record_max_bytes, so one file stays small next to the cap): a
+# file's worth is written at once, whatever the cadence. The column buffers
+# hold FILE_ROWS rows (7.3 MB).
+FILE_ROWS = 1 << 18
 FILE_BYTES = 32 << 20
+_MIN_FILE_ROWS = 1024
+# Peer ids turned into the file's text column at a time.
+_PEER_CHUNK = 1 << 13
+# The names list starts afresh past 2 x capacity + this many ids.
+_NAMES_SLACK = 1 << 12
+_ZIP32_BYTES = (1 << 31) - 1
 # Seconds between two recording_dropped lines at most.
 DROPPED_LOG_INTERVAL_S = 30.0
 # Recording files open with these bits: the directory is 0750, so a trainer
 # in the service's group may read them.
 FILE_MODE = 0o640
 _BITS = np.array([1 << i for i in range(WIDTH)], dtype=np.uint8)
+_ALL = np.uint8((1 << WIDTH) - 1)
 # The bytes of one row besides its peer id: t, features, sent.
 _ROW_BYTES = 8 + 4 * WIDTH + 1
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
+I32 = npt.NDArray[np.int32]
 I64 = npt.NDArray[np.int64]
 U8 = npt.NDArray[np.uint8]
+# What add() queues: peer codes (per input), the names list they index,
+# values as sent, times, the order stored, the rows as stored.
+_Batch = tuple[I32, list[str], F64, F64, I64, F32]
 log = get_logger(__name__)
 
 
@@ -126,13 +142,22 @@ class _File:
 class Recorder:
     """Records accepted samples off the request path (see the module).
 
-    :meth:`add` is called from the event loop only; everything else runs on
-    the recorder's own thread (or under its lock, for :meth:`flush`).
+    :meth:`add` and :meth:`assign` are called from the event loop only;
+    everything else runs on the recorder's own thread (or under its lock, for
+    :meth:`flush`).
+
+    Peers travel as codes: :meth:`assign` (the window store's reset hook)
+    appends the peer ids of newly assigned slots to a names list and points
+    the slots at them, so a batch carries ``codes[slots]`` (one numpy
+    gather) and the list it indexes, and the writer turns codes into text
+    only while it writes. A dict look-up per sample cost the writer more
+    than the rest of a row.
 
     Args:
         directory: where the files go (created 0750 if missing; refused if
             another user owns it or others may write it).
         node: the node name written in each file.
+        capacity: slots of the window store (``max_peers``).
         max_bytes: the files kept total at most this (oldest go first).
         max_age_s: files older than this go; 0 keeps them.
         flush_s: seconds between writes.
@@ -149,16 +174,18 @@ class Recorder:
         self,
         directory: Path,
         node: str,
+        capacity: int,
+        *,
         max_bytes: int,
         max_age_s: float,
         flush_s: float,
-        *,
         queue_samples: int | None = None,
         drain_s: float | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.directory = directory
         self.node = node
+        self.capacity = capacity
         self.max_bytes = max_bytes
         self.max_age_s = max_age_s
         self.flush_s = flush_s
@@ -174,11 +201,20 @@ class Recorder:
         self.dropped_queue = 0
         self.written = 0
         self.dropped_write = 0
-        self._pending: collections.deque[tuple[Any, ...]] = collections.deque()
-        # Columns taken and not yet written.
-        self._cols: list[tuple[npt.NDArray[np.str_], F64, F32, U8]] = []
-        self._cols_rows = 0
-        self._cols_bytes = 0
+        self._pending: collections.deque[_Batch] = collections.deque()
+        # Event loop side: the code of each slot's peer, into _names (append
+        # only; replaced by a new list, never changed, when it outgrows the
+        # slots).
+        self._slot_code = np.full(capacity, -1, dtype=np.int32)
+        self._names: list[str] = []
+        # Writer side: rows taken and not yet written (peers as codes into
+        # the names list _cur), in buffers allocated at the first batch, and
+        # the names converted to text so far.
+        self._cols: _Columns | None = None
+        self._rows = 0
+        self._cur: list[str] = self._names
+        self._names_arr: npt.NDArray[np.str_] = np.zeros(0, dtype="<U1")
+        self._peer_buf: npt.NDArray[Any] = np.empty(0, dtype="<U1")
         self._files: collections.deque[_File] = collections.deque()
         self._bytes = 0
         self._lock = threading.Lock()
@@ -196,19 +232,32 @@ class Recorder:
 
     # -- the request path -------------------------------------------------------
 
-    def add(
-        self,
-        peer_ids: Sequence[str],
-        given: F64,
-        ts: F64,
-        order: I64,
-        stored: F32,
-    ) -> None:
+    def assign(self, slots: I64, peer_ids: list[str]) -> None:
+        """Slots (re)assigned to peers: later batches name them by these ids.
+
+        Args:
+            slots: the window store's slots.
+            peer_ids: the peer now holding each.
+        """
+        names = self._names
+        if len(names) + len(peer_ids) > 2 * self.capacity + _NAMES_SLACK:
+            # A new list of the slots' current peers; batches queued with the
+            # old one keep it.
+            held = np.flatnonzero(self._slot_code >= 0)
+            names = [names[c] for c in self._slot_code[held].tolist()]
+            self._slot_code[held] = np.arange(len(held), dtype=np.int32)
+            self._names = names
+        base = len(names)
+        names.extend(peer_ids)
+        self._slot_code[slots] = np.arange(base, base + len(peer_ids), dtype=np.int32)
+
+    def add(self, slots: I64, given: F64, ts: F64, order: I64, stored: F32) -> None:
         """Queue the accepted samples of one batch (nothing is copied: the
         arrays must not change afterwards).
 
         Args:
-            peer_ids: the batch's (validated) peer ids.
+            slots: ``[k]`` the slot of each sample of the batch (any value
+                where it was not accepted).
             given: ``[k, WIDTH]`` values as sent, NaN where not sent.
             ts: ``[k]`` sample times.
             order: indices of the accepted samples into the above, in the
@@ -219,7 +268,7 @@ class Recorder:
         if self.queued - self.taken + n > self.queue_samples:
             self.dropped_queue += n
             return
-        self._pending.append((peer_ids, given, ts, order, stored))
+        self._pending.append((self._slot_code[slots], self._names, given, ts, order, stored))
         self.queued += n
 
     # -- the writer thread ------------------------------------------------------
@@ -248,10 +297,7 @@ class Recorder:
             try:
                 with self._lock:
                     self._drain()
-                    if self._cols_rows and (
-                        time.monotonic() - last >= self.flush_s
-                        or self._cols_bytes >= self.file_bytes
-                    ):
+                    if self._rows and time.monotonic() - last >= self.flush_s:
                         last = time.monotonic()
                         self._write()
             except Exception:  # the thread must outlive any one bad write
@@ -263,46 +309,84 @@ class Recorder:
             if self._dir_fd < 0:
                 return
             self._drain()
-            if self._cols_rows:
+            if self._rows:
                 self._write()
 
     def _drain(self) -> None:
-        """Turn the queued batches into columns (lock held)."""
+        """Move the queued batches into the column buffers (lock held)."""
         pending = self._pending
         while pending:
-            peer_ids, given, ts, order, stored = pending.popleft()
-            n = len(order)
-            width = max(map(len, peer_ids))
-            peers = np.array(peer_ids, dtype=f"<U{width}")[order]
-            sent = (~np.isnan(given[order])).astype(np.uint8) @ _BITS
-            self._cols.append((peers, ts[order], stored, sent))
-            self._cols_rows += n
-            self._cols_bytes += n * (_ROW_BYTES + 4 * width)
-            self.taken += n
-            if self._cols_bytes >= self.file_bytes:
-                self._write()
+            self._take(pending.popleft())
         if self.dropped_queue != self._reported_queue_drops:
             new = self.dropped_queue - self._reported_queue_drops
             self._reported_queue_drops = self.dropped_queue
             self._say_dropped("queue_full", new, "the writer fell behind")
 
+    def _take(self, batch: _Batch) -> None:
+        """One batch into the column buffers, writing a file whenever they
+        hold a file's worth (lock held)."""
+        codes, names, given, ts, order, stored = batch
+        if names is not self._cur:  # the names list was replaced
+            if self._rows:
+                self._write()
+            self._cur = names
+            self._names_arr = np.zeros(0, dtype="<U1")
+        if len(names) > len(self._names_arr):
+            new = names[len(self._names_arr) :]
+            self._names_arr = np.concatenate([self._names_arr, np.array(new)])
+        n = len(order)
+        sent = np.isnan(given).view(np.uint8) @ _BITS ^ _ALL
+        cols = self._columns()
+        done = 0
+        while done < n:
+            row_bytes = _ROW_BYTES + self._names_arr.itemsize
+            room = min(FILE_ROWS, max(_MIN_FILE_ROWS, self.file_bytes // row_bytes)) - self._rows
+            if room <= 0:
+                self._write()
+                continue
+            m = min(n - done, room)
+            o = order[done : done + m]
+            rows = slice(self._rows, self._rows + m)
+            np.take(codes, o, out=cols.code[rows])
+            np.take(ts, o, out=cols.t[rows])
+            np.take(sent, o, out=cols.sent[rows])
+            cols.features[rows] = stored[done : done + m]
+            self._rows += m
+            done += m
+        self.taken += n
+
+    def _columns(self) -> _Columns:
+        if self._cols is None:
+            self._cols = _Columns(
+                code=np.empty(FILE_ROWS, dtype=np.int32),
+                t=np.empty(FILE_ROWS, dtype=np.float64),
+                features=np.empty((FILE_ROWS, WIDTH), dtype=np.float32),
+                sent=np.empty(FILE_ROWS, dtype=np.uint8),
+            )
+        return self._cols
+
     def _write(self) -> None:
-        """Write the waiting columns as one file, then prune (lock held)."""
-        cols, rows = self._cols, self._cols_rows
-        self._cols, self._cols_rows, self._cols_bytes = [], 0, 0
-        arrays = {
+        """Write the buffered rows as one file, then prune (lock held)."""
+        rows, self._rows = self._rows, 0
+        cols = self._columns()
+        names = self._names_arr
+        if self._peer_buf.dtype != names.dtype or not len(self._peer_buf):
+            self._peer_buf = np.empty(_PEER_CHUNK, dtype=names.dtype)
+        columns: dict[str, npt.NDArray[Any] | _Gather] = {
             "version": np.array(FORMAT_VERSION, dtype=np.int64),
             "node": np.array(self.node),
-            "peer": np.concatenate([c[0] for c in cols]),
-            "t": np.concatenate([c[1] for c in cols]),
-            "features": np.concatenate([c[2] for c in cols]).astype(np.float32, copy=False),
-            "sent": np.concatenate([c[3] for c in cols]),
+            "peer": _Gather(names, cols.code[:rows], self._peer_buf),
+            "t": cols.t[:rows],
+            "features": cols.features[:rows],
+            "sent": cols.sent[:rows],
         }
         when_ms = int(self.clock() * 1000)
         try:
-            name, size = self._save(arrays, when_ms)
-        except OSError as exc:
+            name, size = self._save(columns, when_ms)
+        except Exception as exc:  # whatever failed, the rows are counted as lost
             self.dropped_write += rows
+            if not isinstance(exc, OSError):
+                log.exception("recording_failed")
             self._say_dropped("write_failed", rows, _why(exc))
             return
         self.written += rows
@@ -310,7 +394,7 @@ class Recorder:
         self._bytes += size
         self._prune()
 
-    def _save(self, arrays: Mapping[str, npt.NDArray[Any]], when_ms: int) -> tuple[str, int]:
+    def _save(self, columns: Mapping[str, _Column], when_ms: int) -> tuple[str, int]:
         """Write one file to a temporary name, fsync it, link it into place."""
         fd = self._dir_fd
         for _ in range(8):
@@ -318,10 +402,14 @@ class Recorder:
             tmp = temp_name(name)
             try:
                 with open_new(tmp, fd, FILE_MODE) as fh:
-                    _save_npz(fh, arrays)
+                    _save_npz(fh, columns)
                     fh.flush()
                     os.fsync(fh.fileno())
                     size = os.fstat(fh.fileno()).st_size
+                    # Written once, read later by the trainer: keeping the
+                    # pages cached would only push out what others use.
+                    with contextlib.suppress(OSError, AttributeError):
+                        os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
                 try:
                     # link, not rename: never replaces a name that exists.
                     os.link(tmp, name, src_dir_fd=fd, dst_dir_fd=fd, follow_symlinks=False)
@@ -393,12 +481,63 @@ class Recorder:
         }
 
 
-def _save_npz(fh: Any, arrays: Mapping[str, npt.NDArray[Any]]) -> None:
-    """The write itself (uncompressed: what the writer can afford)."""
-    np.savez(fh, **arrays)  # type: ignore[arg-type]  # numpy stubs type **kwds oddly
+@dataclass(frozen=True)
+class _Columns:
+    """The column buffers, preallocated once and reused for every file:
+    fresh memory per file cost more than the rest of the writer (the kernel
+    zeroes every new page)."""
+
+    code: I32  # peer codes into the names table
+    t: F64
+    features: F32
+    sent: U8
 
 
-def _why(exc: OSError) -> str:
+@dataclass(frozen=True)
+class _Gather:
+    """The column ``table[index]``, made and written a chunk at a time
+    through ``buf``, never whole."""
+
+    table: npt.NDArray[Any]
+    index: I32
+    buf: npt.NDArray[Any]
+
+
+_Column = npt.NDArray[Any] | _Gather
+
+
+def _save_npz(fh: Any, columns: Mapping[str, _Column]) -> None:
+    """What ``numpy.savez`` writes (a stored zip of one ``.npy`` per
+    column), each array handed to the zip as a view of its bytes: savez
+    copies every array first (``tobytes``)."""
+    with zipfile.ZipFile(fh, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for key, col in columns.items():
+            if isinstance(col, _Gather):
+                dtype, shape = col.table.dtype, (len(col.index),)
+            else:
+                dtype, shape = col.dtype, col.shape
+            header: dict[str, Any] = {
+                "descr": np.lib.format.dtype_to_descr(dtype),
+                "fortran_order": False,
+                "shape": shape,
+            }
+            nbytes = dtype.itemsize * math.prod(shape)
+            with zf.open(f"{key}.npy", mode="w", force_zip64=nbytes > _ZIP32_BYTES) as f:
+                np.lib.format.write_array_header_1_0(f, header)
+                if isinstance(col, _Gather):
+                    step = len(col.buf)
+                    for i in range(0, len(col.index), step):
+                        part = col.buf[: min(step, len(col.index) - i)]
+                        np.take(col.table, col.index[i : i + step], out=part)
+                        f.write(part.view(np.uint8).data)
+                else:
+                    a = col if col.flags.c_contiguous else col.copy()
+                    f.write(a.reshape(-1).view(np.uint8).data)
+
+
+def _why(exc: Exception) -> str:
+    if not isinstance(exc, OSError):
+        return f"{type(exc).__name__}: {exc}"
     name = errno.errorcode.get(exc.errno or 0, "")
     return f"{name}: {exc.strerror}" if name and exc.strerror else str(exc)
 

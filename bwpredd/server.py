@@ -374,9 +374,10 @@ class Server:
             return Recorder(
                 directory,
                 node,
-                config.record_max_bytes,
-                config.record_max_age_s,
-                config.record_flush_s,
+                config.max_peers,
+                max_bytes=config.record_max_bytes,
+                max_age_s=config.record_max_age_s,
+                flush_s=config.record_flush_s,
             )
         except OSError as exc:
             raise StartupError(f"record: {directory}: {exc.strerror or exc}") from None

@@ -176,6 +176,68 @@ class TestFiles:
         assert all(t0 <= t <= t1 for t in trace.t[1:].tolist())
         assert trace.name.endswith("/cf")
 
+    def test_peers_named_right_when_slots_change_hands(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """With max_peers 4, each batch of 3 new peers evicts the last 3 and
+        takes their slots while earlier batches still wait for the writer,
+        one peer keeps its slot from the second batch on, and the names table
+        starts afresh on the way: every row is recorded under the peer that
+        sent it."""
+        monkeypatch.setattr(recording, "DRAIN_S", 3600.0)
+        monkeypatch.setattr(recording, "_NAMES_SLACK", 0)
+        state = tmp_path / "state"
+        with running_server(tmp_path, state_dir=str(state), max_peers=4) as (srv, client):
+            for k in range(10):
+                # "stay" comes in the second batch, so its first code is not its slot.
+                peers = [f"p{k}-{i}" for i in range(3)] + ["stay" if k else "first"]
+                batch = [
+                    sample(p, float(100 * k + 10 * i + j))
+                    for j in range(2)
+                    for i, p in enumerate(peers)
+                ]
+                assert client.push(batch).accepted == 8
+            assert srv.recorder is not None
+            srv.recorder.flush()
+        expected = {
+            f"p{k}-{i}": [float(100 * k + 10 * i), float(100 * k + 10 * i + 1)]
+            for k in range(10)
+            for i in range(3)
+        }
+        expected["first"] = [30.0, 31.0]
+        expected["stay"] = [float(100 * k + 30 + j) for k in range(1, 10) for j in range(2)]
+        assert _rows(state) == expected
+
+    def test_restored_peers_keep_their_names(self, tmp_path: Path) -> None:
+        """A peer restored from the snapshot at start-up is recorded under
+        its id when its next sample comes."""
+        state = tmp_path / "state"
+        with running_server(tmp_path, state_dir=str(state), record=False) as (_, client):
+            client.push([sample("kept", 1.0), sample("other", 2.0)])
+        with running_server(tmp_path, state_dir=str(state)) as (_, client):
+            assert client.peer("kept").sample_count == 1
+            client.push([sample("kept", 3.0)])
+        assert _rows(state) == {"kept": [3.0]}
+
+    def test_a_files_worth_is_written_at_once(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Rows past a file's worth (FILE_ROWS) go to the next file, even in
+        the middle of a batch, and the peer column written in chunks reads
+        back whole."""
+        monkeypatch.setattr(recording, "FILE_ROWS", 1500)
+        monkeypatch.setattr(recording, "_PEER_CHUNK", 100)
+        state = tmp_path / "state"
+        with running_server(tmp_path, state_dir=str(state), record_flush_s=3600.0) as (srv, client):
+            assert (
+                client.push([sample(f"w{i % 7}", float(i)) for i in range(4000)]).accepted == 4000
+            )
+            assert srv.recorder is not None
+            srv.recorder.flush()
+            files = recording_files(_dir(state))
+        assert [len(_load(f)["t"]) for f in files] == [1500, 1500, 1000]
+        assert _rows(state) == {f"w{p}": [float(i) for i in range(p, 4000, 7)] for p in range(7)}
+
     def test_shutdown_writes_the_tail(self, tmp_path: Path) -> None:
         """What is still waiting when the daemon stops (the SIGTERM path) is
         written before it exits."""
