@@ -6,7 +6,7 @@ Two daemons, each with a state directory of its own, one recording
 stays bounded and pruning is part of what is measured) and one with
 ``record = false``, take the ingest row's load (StreamSamples, 1,000-sample
 batches over 10,000 peers, pipelined) in alternating rounds of the same run,
-so a drift of the machine hits both alike (6 rounds of 5 s each).
+so a drift of the machine hits both alike (10 rounds of 3 s each).
 """
 
 from __future__ import annotations

@@ -93,8 +93,8 @@ class Plan:
     mesh_s: float = 10.0  # seconds per allocation pattern in the mesh row; 0 skips it
     # The recording row: rounds of recording_round_s seconds on each daemon,
     # alternating which goes first.
-    recording_rounds: int = 6
-    recording_round_s: float = 5.0
+    recording_rounds: int = 10
+    recording_round_s: float = 3.0
     # Full runs also load the log-off daemon and the sync floor with clients.
     every_variant: bool = True
 

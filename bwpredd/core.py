@@ -148,9 +148,10 @@ class Core:
         result = self.store.ingest(valid.peer_ids, valid.rows, valid.ts, now)
         for j, (field, rule) in result.reasons.items():
             reasons[int(valid.index[j])] = (field, rule)
-        accepted = len(result.order)
+        stored = result.stored
+        accepted = len(stored)
         if accepted and self.recorder is not None:
-            self.recorder.add(result.slots, valid.rows, valid.ts, result.order, result.stored)
+            self.recorder.add(stored.slots, stored.ts, stored.rows, stored.unsent)
         if accepted:
             self._score(result.slots[result.accepted], valid.rows[result.accepted, BW])
             if len(self.watch):

@@ -2,18 +2,17 @@
 in recording format v1 (below, the contract with the trainer's reader), and
 read back.
 
-The request path pays, per ingest batch, one numpy gather (the peers'
-codes) and one ``deque.append`` of the arrays the validator and the window
-store left (:meth:`Recorder.add`): no copy, no lock, no I/O. A background
-thread takes the batches every :data:`DRAIN_S` seconds into preallocated
-column buffers and, every ``flush_s`` seconds (``record_flush_s``) or as soon
-as a file's worth is waiting, writes them as one new file; at shutdown
-(SIGTERM) it writes what is left. At most :data:`QUEUE_SAMPLES` samples wait
-for the thread: past that, a batch is left out of the recording (never out
-of the windows; ingest answers are unchanged), and so are the rows of a file
-that cannot be written (ENOSPC, any OSError). Both are counted
-(``bwpredd_recording_dropped_samples_total``) and said in one rate-limited
-log line (``recording_dropped``).
+The request path pays, per ingest batch, a few vectorised copies of the
+rows the window store applied into a preallocated ring (:meth:`Recorder.add`):
+no lock, no I/O, nothing allocated that outlives the call. A background
+thread writes the ring's rows straight from it as new files: a file's worth
+(:data:`FILE_ROWS`) as soon as it is there, the rest every ``flush_s``
+seconds (``record_flush_s``), and everything at shutdown (SIGTERM). When the
+ring is full (:data:`QUEUE_SAMPLES` rows waiting), a batch is left out of the
+recording (never out of the windows; ingest answers are unchanged), and so
+are the rows of a file that cannot be written (ENOSPC, any OSError). Both
+are counted (``bwpredd_recording_dropped_samples_total``) and said in one
+rate-limited log line (``recording_dropped``).
 
 Format v1, one file per write (the contract with the trainer's reader):
 
@@ -67,10 +66,10 @@ from bwpredd.schema import WIDTH
 
 __all__ = [
     "DIR_NAME",
-    "DRAIN_S",
     "FORMAT_VERSION",
     "NAME_RE",
     "QUEUE_SAMPLES",
+    "WAKE_S",
     "RecordedTrace",
     "Recorder",
     "RecordingError",
@@ -85,16 +84,14 @@ DIR_NAME = "recordings"
 NAME_RE = re.compile(r"rec-(\d{15})-([0-9a-f]{8})\.npz")
 # A leftover of a write a kill interrupted: ".rec-<T>-<R>.npz.tmp-<hex>".
 _TEMP_RE = re.compile(r"\.rec-\d{15}-[0-9a-f]{8}\.npz\.tmp-[0-9a-f]+")
-# Samples waiting for the writer thread, at most (each holds ~70 bytes of
-# the arrays of its batch: ~18 MB at most). The thread takes them every
-# DRAIN_S seconds: at 400,000 samples/s the queue holds ~40,000.
+# Rows of the queue's ring (32 bytes each: 8.4 MB, allocated once). The
+# writer looks at it every WAKE_S seconds and writes every whole file's worth
+# there: at 400,000 samples/s it holds at most ~90,000 rows.
 QUEUE_SAMPLES = 1 << 18
-DRAIN_S = 0.1
+WAKE_S = 0.05
 # One file holds at most FILE_ROWS rows and about FILE_BYTES bytes (or an
-# eighth of record_max_bytes, so one file stays small next to the cap): a
-# file's worth is written at once, whatever the cadence. The column buffers
-# hold FILE_ROWS rows (7.3 MB).
-FILE_ROWS = 1 << 18
+# eighth of record_max_bytes, so one file stays small next to the cap).
+FILE_ROWS = 1 << 16
 FILE_BYTES = 32 << 20
 _MIN_FILE_ROWS = 1024
 # Peer ids turned into the file's text column at a time.
@@ -114,12 +111,10 @@ _ROW_BYTES = 8 + 4 * WIDTH + 1
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
+BOOL = npt.NDArray[np.bool_]
 I32 = npt.NDArray[np.int32]
 I64 = npt.NDArray[np.int64]
 U8 = npt.NDArray[np.uint8]
-# What add() queues: peer codes (per input), the names list they index,
-# values as sent, times, the order stored, the rows as stored.
-_Batch = tuple[I32, list[str], F64, F64, I64, F32]
 log = get_logger(__name__)
 
 
@@ -146,12 +141,17 @@ class Recorder:
     everything else runs on the recorder's own thread (or under its lock, for
     :meth:`flush`).
 
-    Peers travel as codes: :meth:`assign` (the window store's reset hook)
-    appends the peer ids of newly assigned slots to a names list and points
-    the slots at them, so a batch carries ``codes[slots]`` (one numpy
-    gather) and the list it indexes, and the writer turns codes into text
-    only while it writes. A dict look-up per sample cost the writer more
-    than the rest of a row.
+    The queue is a ring of preallocated columns (``queue_samples`` rows):
+    :meth:`add` copies a batch's accepted rows into it (a few vectorised
+    copies, no allocation that outlives the call) and moves ``head``; the
+    writer writes the rows between ``tail`` and ``head`` straight from the
+    ring and moves ``tail``. Each index is moved by one side only, so
+    neither takes a lock. Peers travel as codes: :meth:`assign` (the window
+    store's reset hook) appends the ids of newly assigned slots to a names
+    list, a row holds its slot's code, and the writer turns codes into text
+    only as it writes. (Holding on to each batch's arrays until the writer
+    took them cost more than copying: page faults on both threads, and a
+    dict look-up per sample in the writer.)
 
     Args:
         directory: where the files go (created 0750 if missing; refused if
@@ -161,9 +161,9 @@ class Recorder:
         max_bytes: the files kept total at most this (oldest go first).
         max_age_s: files older than this go; 0 keeps them.
         flush_s: seconds between writes.
-        queue_samples: samples waiting for the writer at most
-            (:data:`QUEUE_SAMPLES` when None).
-        drain_s: seconds between two takes of the queue (:data:`DRAIN_S`).
+        queue_samples: rows of the ring (:data:`QUEUE_SAMPLES` when None).
+        wake_s: seconds between two looks of the writer at the ring
+            (:data:`WAKE_S` when None).
         clock: Unix seconds (file names, ages).
 
     Raises:
@@ -180,7 +180,7 @@ class Recorder:
         max_age_s: float,
         flush_s: float,
         queue_samples: int | None = None,
-        drain_s: float | None = None,
+        wake_s: float | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.directory = directory
@@ -189,30 +189,38 @@ class Recorder:
         self.max_bytes = max_bytes
         self.max_age_s = max_age_s
         self.flush_s = flush_s
-        self.queue_samples = QUEUE_SAMPLES if queue_samples is None else queue_samples
-        self.drain_s = DRAIN_S if drain_s is None else drain_s
+        self.wake_s = WAKE_S if wake_s is None else wake_s
         self.clock = clock
         self.file_bytes = max(1, min(FILE_BYTES, max_bytes // 8))
-        # Counters, each written from one side only, so the event loop takes
-        # no lock: samples queued and dropped at the queue (event loop);
-        # taken off the queue, written, dropped at the write (under _lock).
-        self.queued = 0
-        self.taken = 0
-        self.dropped_queue = 0
-        self.written = 0
-        self.dropped_write = 0
-        self._pending: collections.deque[_Batch] = collections.deque()
-        # Event loop side: the code of each slot's peer, into _names (append
-        # only; replaced by a new list, never changed, when it outgrows the
-        # slots).
+        size = QUEUE_SAMPLES if queue_samples is None else queue_samples
+        # Zeroed now, so the request path never takes a first-touch page fault.
+        self._ring = _Columns(
+            code=np.empty(size, dtype=np.int32),
+            t=np.empty(size, dtype=np.float64),
+            features=np.empty((size, WIDTH), dtype=np.float32),
+            unsent=np.empty((size, WIDTH), dtype=np.bool_),
+        )
+        for column in (self._ring.code, self._ring.t, self._ring.features, self._ring.unsent):
+            column.fill(0)
+        self._sent = np.zeros(FILE_ROWS, dtype=np.uint8)
+        self._size = size
+        # Rows ever queued (event loop) and ever taken by the writer (under
+        # _lock): the ring holds rows [tail, head), at head % size onwards.
+        self._head = 0
+        self._tail = 0
+        self.dropped_queue = 0  # event loop
+        self.written = 0  # under _lock
+        self.dropped_write = 0  # under _lock
+        # The code of each slot's peer, into _names (append only; replaced by
+        # a new list, never changed, when it outgrows the slots). Each list
+        # with the first row coded against it.
         self._slot_code = np.full(capacity, -1, dtype=np.int32)
         self._names: list[str] = []
-        # Writer side: rows taken and not yet written (peers as codes into
-        # the names list _cur), in buffers allocated at the first batch, and
-        # the names converted to text so far.
-        self._cols: _Columns | None = None
-        self._rows = 0
-        self._cur: list[str] = self._names
+        self._epochs: collections.deque[tuple[int, list[str]]] = collections.deque(
+            [(0, self._names)]
+        )
+        # Writer side: the names of the current epoch turned into text so far.
+        self._names_of: list[str] = self._names
         self._names_arr: npt.NDArray[np.str_] = np.zeros(0, dtype="<U1")
         self._peer_buf: npt.NDArray[Any] = np.empty(0, dtype="<U1")
         self._files: collections.deque[_File] = collections.deque()
@@ -230,10 +238,11 @@ class Recorder:
             os.close(self._dir_fd)
             raise
 
-    # -- the request path -------------------------------------------------------
+    # -- the event loop ---------------------------------------------------------
 
     def assign(self, slots: I64, peer_ids: list[str]) -> None:
-        """Slots (re)assigned to peers: later batches name them by these ids.
+        """Slots (re)assigned to peers: rows queued from now on name them by
+        these ids.
 
         Args:
             slots: the window store's slots.
@@ -241,35 +250,42 @@ class Recorder:
         """
         names = self._names
         if len(names) + len(peer_ids) > 2 * self.capacity + _NAMES_SLACK:
-            # A new list of the slots' current peers; batches queued with the
-            # old one keep it.
+            # A new list of the slots' current peers, for the rows queued
+            # from now on; rows already queued keep the old one.
             held = np.flatnonzero(self._slot_code >= 0)
             names = [names[c] for c in self._slot_code[held].tolist()]
             self._slot_code[held] = np.arange(len(held), dtype=np.int32)
             self._names = names
+            self._epochs.append((self._head, names))
         base = len(names)
         names.extend(peer_ids)
         self._slot_code[slots] = np.arange(base, base + len(peer_ids), dtype=np.int32)
 
-    def add(self, slots: I64, given: F64, ts: F64, order: I64, stored: F32) -> None:
-        """Queue the accepted samples of one batch (nothing is copied: the
-        arrays must not change afterwards).
+    def add(self, slots: I64, ts: F64, rows: F32, unsent: BOOL) -> None:
+        """Queue the accepted samples of one batch, as the window store
+        applied them (copied: the arrays are not kept).
 
         Args:
-            slots: ``[k]`` the slot of each sample of the batch (any value
-                where it was not accepted).
-            given: ``[k, WIDTH]`` values as sent, NaN where not sent.
-            ts: ``[k]`` sample times.
-            order: indices of the accepted samples into the above, in the
-                order they were stored.
-            stored: ``[len(order), WIDTH]`` their rows as stored.
+            slots: ``[m]`` the slot of each.
+            ts: ``[m]`` their times.
+            rows: ``[m, WIDTH]`` their rows as stored.
+            unsent: ``[m, WIDTH]`` True where a feature was not sent.
         """
-        n = len(order)
-        if self.queued - self.taken + n > self.queue_samples:
+        n = len(slots)
+        head, size = self._head, self._size
+        if head - self._tail + n > size:
             self.dropped_queue += n
             return
-        self._pending.append((self._slot_code[slots], self._names, given, ts, order, stored))
-        self.queued += n
+        ring = self._ring
+        p = head % size
+        for a, b, q in ((0, min(n, size - p), p), (size - p, n, 0)):
+            if a < b:
+                at = slice(q, q + b - a)
+                np.take(self._slot_code, slots[a:b], out=ring.code[at])
+                ring.t[at] = ts[a:b]
+                ring.features[at] = rows[a:b]
+                ring.unsent[at] = unsent[a:b]
+        self._head = head + n
 
     # -- the writer thread ------------------------------------------------------
 
@@ -293,96 +309,92 @@ class Recorder:
 
     def _run(self) -> None:
         last = time.monotonic()
-        while not self._stop.wait(self.drain_s):
+        while not self._stop.wait(self.wake_s):
             try:
                 with self._lock:
-                    self._drain()
-                    if self._rows and time.monotonic() - last >= self.flush_s:
-                        last = time.monotonic()
-                        self._write()
+                    self._report_queue_drops()
+                    now = time.monotonic()
+                    due = now - last >= self.flush_s
+                    if due:
+                        last = now
+                    self._write_waiting(whole_files_only=not due)
             except Exception:  # the thread must outlive any one bad write
                 log.exception("recording_failed")
 
     def flush(self) -> None:
-        """Take everything queued and write it now (the shutdown path; tests)."""
+        """Write every queued row now (the shutdown path; tests)."""
         with self._lock:
             if self._dir_fd < 0:
                 return
-            self._drain()
-            if self._rows:
-                self._write()
+            self._report_queue_drops()
+            self._write_waiting(whole_files_only=False)
 
-    def _drain(self) -> None:
-        """Move the queued batches into the column buffers (lock held)."""
-        pending = self._pending
-        while pending:
-            self._take(pending.popleft())
+    def _report_queue_drops(self) -> None:
         if self.dropped_queue != self._reported_queue_drops:
             new = self.dropped_queue - self._reported_queue_drops
             self._reported_queue_drops = self.dropped_queue
             self._say_dropped("queue_full", new, "the writer fell behind")
 
-    def _take(self, batch: _Batch) -> None:
-        """One batch into the column buffers, writing a file whenever they
-        hold a file's worth (lock held)."""
-        codes, names, given, ts, order, stored = batch
-        if names is not self._cur:  # the names list was replaced
-            if self._rows:
-                self._write()
-            self._cur = names
-            self._names_arr = np.zeros(0, dtype="<U1")
-        if len(names) > len(self._names_arr):
-            new = names[len(self._names_arr) :]
-            self._names_arr = np.concatenate([self._names_arr, np.array(new)])
-        n = len(order)
-        sent = np.isnan(given).view(np.uint8) @ _BITS ^ _ALL
-        cols = self._columns()
-        done = 0
-        while done < n:
+    def _write_waiting(self, whole_files_only: bool) -> None:
+        """Write the queued rows as files of at most a file's worth each (with
+        ``whole_files_only``, only full ones) (lock held)."""
+        head = self._head
+        while self._tail < head:
+            tail = self._tail
+            epochs = self._epochs
+            while len(epochs) > 1 and epochs[1][0] <= tail:
+                epochs.popleft()
+            names = epochs[0][1]
+            end = min(head, epochs[1][0]) if len(epochs) > 1 else head
+            self._names_for(names)
             row_bytes = _ROW_BYTES + self._names_arr.itemsize
-            room = min(FILE_ROWS, max(_MIN_FILE_ROWS, self.file_bytes // row_bytes)) - self._rows
-            if room <= 0:
-                self._write()
-                continue
-            m = min(n - done, room)
-            o = order[done : done + m]
-            rows = slice(self._rows, self._rows + m)
-            np.take(codes, o, out=cols.code[rows])
-            np.take(ts, o, out=cols.t[rows])
-            np.take(sent, o, out=cols.sent[rows])
-            cols.features[rows] = stored[done : done + m]
-            self._rows += m
-            done += m
-        self.taken += n
+            per_file = min(FILE_ROWS, max(_MIN_FILE_ROWS, self.file_bytes // row_bytes))
+            rows = min(end - tail, per_file)
+            if whole_files_only and rows < per_file and end == head:
+                break
+            self._write(tail, rows)
+            self._tail = tail + rows
 
-    def _columns(self) -> _Columns:
-        if self._cols is None:
-            self._cols = _Columns(
-                code=np.empty(FILE_ROWS, dtype=np.int32),
-                t=np.empty(FILE_ROWS, dtype=np.float64),
-                features=np.empty((FILE_ROWS, WIDTH), dtype=np.float32),
-                sent=np.empty(FILE_ROWS, dtype=np.uint8),
-            )
-        return self._cols
+    def _names_for(self, names: list[str]) -> None:
+        """Make ``_names_arr`` the text of ``names`` (lock held)."""
+        if names is not self._names_of:
+            self._names_of = names
+            self._names_arr = np.zeros(0, dtype="<U1")
+        done = len(self._names_arr)
+        if len(names) > done:
+            self._names_arr = np.concatenate([self._names_arr, np.array(names[done:])])
 
-    def _write(self) -> None:
-        """Write the buffered rows as one file, then prune (lock held)."""
-        rows, self._rows = self._rows, 0
-        cols = self._columns()
+    def _write(self, first: int, rows: int) -> None:
+        """Write ring rows ``[first, first + rows)`` as one file, then prune
+        (lock held)."""
+        size, ring = self._size, self._ring
+        p = first % size
+        parts = [slice(p, min(p + rows, size))]
+        if p + rows > size:
+            parts.append(slice(0, p + rows - size))
+        if len(self._sent) < rows:
+            self._sent = np.zeros(rows, dtype=np.uint8)
+        sent = self._sent[:rows]
+        done = 0
+        for part in parts:
+            out = sent[done : done + part.stop - part.start]
+            np.matmul(ring.unsent[part].view(np.uint8), _BITS, out=out)
+            done += len(out)
+        np.bitwise_xor(sent, _ALL, out=sent)
         names = self._names_arr
         if self._peer_buf.dtype != names.dtype or not len(self._peer_buf):
             self._peer_buf = np.empty(_PEER_CHUNK, dtype=names.dtype)
-        columns: dict[str, npt.NDArray[Any] | _Gather] = {
+        columns: dict[str, _Column] = {
             "version": np.array(FORMAT_VERSION, dtype=np.int64),
             "node": np.array(self.node),
-            "peer": _Gather(names, cols.code[:rows], self._peer_buf),
-            "t": cols.t[:rows],
-            "features": cols.features[:rows],
-            "sent": cols.sent[:rows],
+            "peer": _Gather(names, [ring.code[q] for q in parts], self._peer_buf),
+            "t": [ring.t[q] for q in parts],
+            "features": [ring.features[q] for q in parts],
+            "sent": sent,
         }
         when_ms = int(self.clock() * 1000)
         try:
-            name, size = self._save(columns, when_ms)
+            name, size_on_disk = self._save(columns, when_ms)
         except Exception as exc:  # whatever failed, the rows are counted as lost
             self.dropped_write += rows
             if not isinstance(exc, OSError):
@@ -390,8 +402,8 @@ class Recorder:
             self._say_dropped("write_failed", rows, _why(exc))
             return
         self.written += rows
-        self._files.append(_File(name, when_ms, size))
-        self._bytes += size
+        self._files.append(_File(name, when_ms, size_on_disk))
+        self._bytes += size_on_disk
         self._prune()
 
     def _save(self, columns: Mapping[str, _Column], when_ms: int) -> tuple[str, int]:
@@ -483,38 +495,45 @@ class Recorder:
 
 @dataclass(frozen=True)
 class _Columns:
-    """The column buffers, preallocated once and reused for every file:
-    fresh memory per file cost more than the rest of the writer (the kernel
-    zeroes every new page)."""
+    """The queue's columns, preallocated once: fresh memory for each batch
+    or file cost more than the rest of the writer (the kernel zeroes every
+    new page)."""
 
-    code: I32  # peer codes into the names table
+    code: I32  # peer codes into a names list
     t: F64
     features: F32
-    sent: U8
+    unsent: BOOL  # [n, WIDTH]
 
 
 @dataclass(frozen=True)
 class _Gather:
-    """The column ``table[index]``, made and written a chunk at a time
-    through ``buf``, never whole."""
+    """The column ``table[index]`` (index in pieces), made and written a
+    chunk at a time through ``buf``, never whole."""
 
     table: npt.NDArray[Any]
-    index: I32
+    index: list[I32]
     buf: npt.NDArray[Any]
 
 
-_Column = npt.NDArray[Any] | _Gather
+# An array, an array in pieces, or a gathered column.
+_Column = npt.NDArray[Any] | list[npt.NDArray[Any]] | _Gather
 
 
 def _save_npz(fh: Any, columns: Mapping[str, _Column]) -> None:
     """What ``numpy.savez`` writes (a stored zip of one ``.npy`` per
-    column), each array handed to the zip as a view of its bytes: savez
-    copies every array first (``tobytes``)."""
+    column), each array handed to the zip as a view of its bytes (savez
+    copies every array first)."""
     with zipfile.ZipFile(fh, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         for key, col in columns.items():
             if isinstance(col, _Gather):
-                dtype, shape = col.table.dtype, (len(col.index),)
+                dtype = col.table.dtype
+                shape: tuple[int, ...] = (sum(len(i) for i in col.index),)
+            elif isinstance(col, list):
+                parts = col
+                dtype = parts[0].dtype
+                shape = (sum(len(a) for a in parts), *parts[0].shape[1:])
             else:
+                parts = [col]
                 dtype, shape = col.dtype, col.shape
             header: dict[str, Any] = {
                 "descr": np.lib.format.dtype_to_descr(dtype),
@@ -526,13 +545,15 @@ def _save_npz(fh: Any, columns: Mapping[str, _Column]) -> None:
                 np.lib.format.write_array_header_1_0(f, header)
                 if isinstance(col, _Gather):
                     step = len(col.buf)
-                    for i in range(0, len(col.index), step):
-                        part = col.buf[: min(step, len(col.index) - i)]
-                        np.take(col.table, col.index[i : i + step], out=part)
-                        f.write(part.view(np.uint8).data)
+                    for index in col.index:
+                        for i in range(0, len(index), step):
+                            part = col.buf[: min(step, len(index) - i)]
+                            np.take(col.table, index[i : i + step], out=part)
+                            f.write(part.view(np.uint8).data)
                 else:
-                    a = col if col.flags.c_contiguous else col.copy()
-                    f.write(a.reshape(-1).view(np.uint8).data)
+                    for part in parts:
+                        whole = part if part.flags.c_contiguous else part.copy()
+                        f.write(whole.reshape(-1).view(np.uint8).data)
 
 
 def _why(exc: Exception) -> str:

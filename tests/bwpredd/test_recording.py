@@ -184,7 +184,7 @@ class TestFiles:
         one peer keeps its slot from the second batch on, and the names table
         starts afresh on the way: every row is recorded under the peer that
         sent it."""
-        monkeypatch.setattr(recording, "DRAIN_S", 3600.0)
+        monkeypatch.setattr(recording, "WAKE_S", 3600.0)
         monkeypatch.setattr(recording, "_NAMES_SLACK", 0)
         state = tmp_path / "state"
         with running_server(tmp_path, state_dir=str(state), max_peers=4) as (srv, client):
@@ -237,6 +237,24 @@ class TestFiles:
             files = recording_files(_dir(state))
         assert [len(_load(f)["t"]) for f in files] == [1500, 1500, 1000]
         assert _rows(state) == {f"w{p}": [float(i) for i in range(p, 4000, 7)] for p in range(7)}
+
+    def test_queue_wraps_around(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Rows queued across the end of the queue's ring (100 rows here)
+        come back whole and in order."""
+        monkeypatch.setattr(recording, "QUEUE_SAMPLES", 100)
+        monkeypatch.setattr(recording, "WAKE_S", 3600.0)
+        state = tmp_path / "state"
+        with running_server(tmp_path, state_dir=str(state)) as (srv, client):
+            assert srv.recorder is not None
+            for k in range(9):
+                client.push([sample(f"r{i % 3}", float(100 * k + i)) for i in range(30)])
+                if k % 3 == 2:
+                    srv.recorder.flush()
+            assert _metric(srv, DROPPED, reason="queue_full") == 0
+        assert _rows(state) == {
+            f"r{p}": [float(100 * k + i) for k in range(9) for i in range(p, 30, 3)]
+            for p in range(3)
+        }
 
     def test_shutdown_writes_the_tail(self, tmp_path: Path) -> None:
         """What is still waiting when the daemon stops (the SIGTERM path) is
@@ -342,7 +360,7 @@ class TestDropping:
         left out of the recording, counted (queue_full) and said in a
         recording_dropped line; every sample is still accepted and stored."""
         monkeypatch.setattr(recording, "QUEUE_SAMPLES", 50)
-        monkeypatch.setattr(recording, "DRAIN_S", 3600.0)
+        monkeypatch.setattr(recording, "WAKE_S", 3600.0)
         state = tmp_path / "state"
         with (
             capture_logs() as logs,
