@@ -9,7 +9,9 @@ All processes are pinned to the same cores. The results go to
 ``<out>/bench.json`` (machine, figures, targets, pass/fail) and
 ``<out>/bench.md`` (a markdown table with the command that produced it).
 
-``python -m bench [--quick] [--out DIR] [--only SECTIONS] [--profile DIR]``;
+``python -m bench [--quick] [--out DIR] [--only SECTIONS] [--merge] [--profile DIR]``
+(``--merge``: the sections run replace theirs in ``DIR/bench.json``, the
+others' figures stay);
 ``--profile`` records the daemon with py-spy under a Forecast load and under
 the ingest load (numbers from a profiled run are perturbed and are not
 written as results).
@@ -36,6 +38,7 @@ from bench.harness import Daemon, channel
 from bench.load import ClientPool, raw_unary
 from bench.mesh import mesh_section
 from bench.profile import profile_runs
+from bench.recording import recording_section
 from bench.report import (
     machine_info,
     progress,
@@ -58,7 +61,7 @@ from bench.scenarios import (
 )
 from bench.why_onnx import onnx_vs_torch
 
-__all__ = ["SECTIONS", "main", "run"]
+__all__ = ["SECTIONS", "main", "merge_reports", "run"]
 
 SECTIONS = (
     "onnx",
@@ -71,6 +74,7 @@ SECTIONS = (
     "memory",
     "threads",
     "mesh",
+    "recording",
 )
 
 
@@ -102,6 +106,8 @@ def run(plan: Plan, sections: Sequence[str], profile: Path | None = None) -> dic
             res["watchers"] = watchers_section(work, fx, plan)
         if "mesh" in sections and plan.mesh_s > 0:
             res["mesh"] = mesh_section(work, plan)
+        if "recording" in sections:
+            res["recording"] = recording_section(work, fx, plan)
         floors: dict[str, Floor] = {}
         try:
             progress("floors: sync and asyncio bare servers")
@@ -191,6 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--cores", default="", help="CPUs to pin to (default: the first 2)")
     parser.add_argument("--profile", default="", help="py-spy the daemon into DIR instead")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the other sections' figures from OUT/bench.json: the sections run "
+        "replace theirs, and bench.md names the run that measured them",
+    )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     sections = [s for s in args.only.split(",") if s]
     unknown = set(sections) - set(SECTIONS)
@@ -227,18 +239,36 @@ def main(argv: list[str] | None = None) -> int:
         "results": res,
         "targets": targets_of(res),
     }
-    rows = table_rows(res)
-    print(render_text(rows))
     out = Path(args.out)
+    if args.merge and (out / "bench.json").exists():
+        report = merge_reports(json.loads((out / "bench.json").read_text()), report)
+    rows = table_rows(report["results"])
+    print(render_text(rows))
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
     (out / "bench.md").write_text(render_markdown(rows, report))
     failed = [t["name"] for t in report["targets"] if not t["pass"]]
     progress(
-        f"wrote {out / 'bench.json'} and {out / 'bench.md'} in {report['duration_s']} s; "
+        f"wrote {out / 'bench.json'} and {out / 'bench.md'} in "
+        f"{round(time.perf_counter() - started, 1)} s; "
         + (f"targets missed: {', '.join(failed)}" if failed else "all targets met")
     )
     return 0
+
+
+def merge_reports(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``old`` with the sections of ``new`` in place of its own: the run
+    that measured them is listed under ``merged`` (command, time, load,
+    sections, plan), the rest of ``old`` (its command, machine, plan) stays
+    as it was."""
+    results = {**old["results"], **new["results"]}
+    run = {key: new[key] for key in ("command", "quick", "finished", "duration_s", "plan")} | {
+        "sections": sorted(new["results"]),
+        "load_average_1_5_15_before": new["machine"]["load_average_1_5_15_before"],
+        "load_average_1_5_15_after": new["machine"]["load_average_1_5_15_after"],
+    }
+    merged = [m for m in old.get("merged", []) if set(m["sections"]) - set(new["results"])]
+    return {**old, "results": results, "targets": targets_of(results), "merged": [*merged, run]}
 
 
 if __name__ == "__main__":

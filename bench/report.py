@@ -20,6 +20,7 @@ from bench.load import ratio
 
 __all__ = [
     "HEADER",
+    "RECORDING_TARGET",
     "machine_info",
     "progress",
     "render_markdown",
@@ -30,6 +31,7 @@ __all__ = [
 
 MEMORY_TARGET = "RSS with full windows - empty"
 MESH_TARGET = "mesh node, batched Allocate: daemon CPU share of one core"
+RECORDING_TARGET = "ingest with recording on / off"
 _T0 = time.perf_counter()
 
 
@@ -94,6 +96,10 @@ def targets_of(res: dict[str, Any]) -> list[dict[str, Any]]:
         t.append(_target(MESH_TARGET, round(share, 1), "<=", 15.0, "%"))
     if "startup" in res:
         t.append(_target("start to SERVING (median)", res["startup"]["median_s"], "<=", 2.0, "s"))
+    if "recording" in res:
+        rec = res["recording"]
+        value = rec["ratio"] if rec["all_accepted"] else 0.0
+        t.append(_target(RECORDING_TARGET, value, ">=", 0.9, "x"))
     return t
 
 
@@ -246,6 +252,30 @@ def table_rows(res: dict[str, Any]) -> list[list[str]]:
                     "",
                 )
             )
+    if "recording" in res:
+        rec = res["recording"]
+        lost = rec["dropped_queue_full"] + rec["dropped_write_failed"]
+        rows.append(
+            _row(
+                "StreamSamples ingest, recording on",
+                f"{rec['on']['samples_per_s']:,} samples/s"
+                + ("" if rec["all_accepted"] else " (REJECTS)"),
+                f"{rec['off']['samples_per_s']:,} samples/s recording off (same run)",
+                f"{rec['ratio']:.2f}x",
+                ">= 0.90x",
+                verdict(RECORDING_TARGET),
+            )
+        )
+        rows.append(
+            _row(
+                "  recording: server CPU per sample; samples recorded / dropped",
+                f"{rec['on']['server_cpu_us_per_sample']:.2f} us",
+                f"{rec['off']['server_cpu_us_per_sample']:.2f} us off",
+                f"{rec['cpu_per_sample_ratio']:.2f}x",
+                "",
+                f"{rec['recorded']:,} / {lost:,}",
+            )
+        )
     if "watchers" in res:
         w = res["watchers"]
         rows.append(
@@ -367,6 +397,17 @@ def render_markdown(rows: list[list[str]], report: dict[str, Any]) -> str:
         "|" + "|".join("---" for _ in HEADER) + "|",
     ]
     lines += ["| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in rows]
+    for run in report.get("merged", []):
+        load = run["load_average_1_5_15_before"][0], run["load_average_1_5_15_after"][0]
+        lines += [
+            "",
+            f"Re-measured by `{run['command']}` on {report['machine']['cpu_model']} "
+            f"(same pinning), {run['finished']}"
+            + (" (quick run)" if run["quick"] else "")
+            + f"; load average {load[0]} before, {load[1]} after: the "
+            + ", ".join(run["sections"])
+            + " rows.",
+        ]
     lines += [
         "",
         "Floors: bare grpcio echo servers (sync thread pool and asyncio) answering with "

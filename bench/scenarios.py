@@ -91,6 +91,10 @@ class Plan:
     watchers: int = 1_000  # idle watch-all WatchForecasts streams in the watchers row
     mesh_peers: int = 999  # the mesh row: peers of one node of a 1,000-node mesh
     mesh_s: float = 10.0  # seconds per allocation pattern in the mesh row; 0 skips it
+    # The recording row: rounds of recording_round_s seconds on each daemon,
+    # alternating which goes first.
+    recording_rounds: int = 10
+    recording_round_s: float = 3.0
     # Full runs also load the log-off daemon and the sync floor with clients.
     every_variant: bool = True
 
@@ -110,6 +114,8 @@ class Plan:
                 memory_peers=20_000,
                 clients=4,
                 mesh_s=0.0,
+                recording_rounds=2,
+                recording_round_s=1.0,
                 every_variant=False,
             )
         return cls(3000, 1000, 30, 10.0, 5.0, 10.0, 5, 300, 10)

@@ -8,21 +8,44 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-__all__ = ["ENV_PREFIX", "Config", "ConfigError", "default_listen", "parse_listen"]
+__all__ = [
+    "ENV_PREFIX",
+    "RECORD_NODE_RULE",
+    "Config",
+    "ConfigError",
+    "check_record_node",
+    "default_listen",
+    "parse_listen",
+]
 
 ENV_PREFIX = "BWPREDD_"
 LogFormat = Literal["auto", "json", "console"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 
 
+RECORD_NODE_RULE = "must be 1-128 characters of [A-Za-z0-9._:@-]"
+_RECORD_NODE_RE = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
+# record_max_bytes at least: room for a few files.
+MIN_RECORD_BYTES = 64 * 1024
+
+
 class ConfigError(ValueError):
     """A configuration value breaks a rule; the message names the key."""
+
+
+def check_record_node(node: str) -> str | None:
+    """Why ``node`` cannot name a node in its recordings (the trainer names
+    a trace ``<node>/<peer>``, so no ``/``), or None when it can."""
+    if _RECORD_NODE_RE.fullmatch(node):
+        return None
+    return f"record_node: {RECORD_NODE_RULE}, got {node[:40]!r}"
 
 
 def default_listen(env: Mapping[str, str] | None = None) -> str:
@@ -135,6 +158,17 @@ class Config:
     guardrail_steps: int = 20
     # Watch the model directory's manifest and reload when it changes.
     watch_model_dir: bool = False
+    # Record every accepted sample under <state_dir>/recordings/ (nothing is
+    # recorded without a state_dir).
+    record: bool = True
+    # Recordings kept: the oldest files go first past this many bytes in all,
+    record_max_bytes: int = 1 << 30
+    # or past this age in seconds (0: no age limit).
+    record_max_age_s: float = 7 * 86_400.0
+    # Seconds between two recording files: what a kill -9 loses at most.
+    record_flush_s: float = 5.0
+    # The node's name in its recordings; empty = the host name.
+    record_node: str = ""
     # One log line per RPC (errors are logged regardless).
     log_rpcs: bool = True
     log_format: LogFormat = "auto"
@@ -187,12 +221,24 @@ class Config:
             "max_sample_age_s",
             "grace_period_s",
             "guardrail_margin",
+            "record_max_age_s",
+            "record_flush_s",
         ):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ConfigError(f"{name}: must be a finite number >= 0")
-        if self.snapshot_interval_s == 0:
-            raise ConfigError("snapshot_interval_s: must be > 0")
+        for name in ("snapshot_interval_s", "record_flush_s"):
+            if getattr(self, name) == 0:
+                raise ConfigError(f"{name}: must be > 0")
+        if self.record_max_bytes < MIN_RECORD_BYTES:
+            raise ConfigError(
+                f"record_max_bytes: must be >= {MIN_RECORD_BYTES} (64 KiB), "
+                f"got {self.record_max_bytes}"
+            )
+        if self.record_node:
+            problem = check_record_node(self.record_node)
+            if problem:
+                raise ConfigError(problem)
         for name in ("log_format", "log_level"):
             allowed = get_args(_LITERALS[_FIELD_TYPES[name]])
             if getattr(self, name) not in allowed:

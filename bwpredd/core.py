@@ -30,6 +30,7 @@ from bwpredd.logging import get_logger
 from bwpredd.manifest import MAX_HORIZON_S
 from bwpredd.metrics import Metrics
 from bwpredd.modeldir import LoadedModel
+from bwpredd.recording import Recorder
 from bwpredd.schema import BW, LAT, LOSS
 from bwpredd.transfer import HorizonCurves
 from bwpredd.validate import SampleBatch, check_peer_id, check_peer_ids, validate_batch
@@ -74,6 +75,7 @@ class Core:
         engine: the model engine (may hold no model).
         metrics: where to count.
         clock: wall clock, unix seconds (tests pass their own).
+        recorder: where accepted samples are recorded (None: nowhere).
     """
 
     def __init__(
@@ -82,16 +84,23 @@ class Core:
         engine: Engine,
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
+        recorder: Recorder | None = None,
     ) -> None:
         self.config = config
         self.engine = engine
         self.metrics = metrics
         self.clock = clock
+        self.recorder = recorder
         self.store = WindowStore(config.max_peers, engine.feature_defaults)
         self.scores = LiveScores(
             config.max_peers, config.guardrail_steps, config.guardrail_margin, config.guardrail
         )
         self.store.on_reset(self.scores.reset)
+        if recorder is not None:
+            peer_at = self.store.peer_at
+            self.store.on_reset(
+                lambda slots: recorder.assign(slots, [peer_at(s) or "" for s in slots.tolist()])
+            )
         self.answers = Answers(self.store)
         self.watch = WatchHub(config.max_peers, config.max_watchers, config.max_watchers_per_peer)
         self.codecs = CodecTable.load()
@@ -139,7 +148,10 @@ class Core:
         result = self.store.ingest(valid.peer_ids, valid.rows, valid.ts, now)
         for j, (field, rule) in result.reasons.items():
             reasons[int(valid.index[j])] = (field, rule)
-        accepted = int(result.accepted.sum())
+        stored = result.stored
+        accepted = len(stored)
+        if accepted and self.recorder is not None:
+            self.recorder.add(stored.slots, stored.ts, stored.rows, stored.unsent)
         if accepted:
             self._score(result.slots[result.accepted], valid.rows[result.accepted, BW])
             if len(self.watch):

@@ -5,7 +5,8 @@ gRPC call metrics follow the ``grpc_server_handled_total`` /
 ``grpc_server_handling_seconds`` conventions of go-grpc-prometheus; the
 daemon's own metrics live in the ``bwpredd`` namespace. Values computed at
 scrape time (live accuracy, guardrail peers, snapshot age) come from one
-collector that reads each source once per scrape.
+collector that reads each source once per scrape, as do the recorder's
+counters (plain integers it keeps itself, so ingest takes no metric lock).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 __all__ = ["Metrics", "MetricsServer"]
@@ -138,21 +139,45 @@ class Metrics:
         """Read ``snapshot_age_seconds`` from ``age()`` at each scrape."""
         self._scraped.snapshot_age = age
 
+    def recording_from(self, summary: Callable[[], Mapping[str, float]]) -> None:
+        """Read the recording metrics from ``summary()`` (``Recorder.summary``:
+        ``written``, ``dropped_queue_full``, ``dropped_write_failed``,
+        ``bytes``, ``files``) at each scrape: the recorder keeps plain
+        counters, so the ingest path pays no metric lock."""
+        self._scraped.recording = summary
+
+
+_Families = tuple[
+    GaugeMetricFamily,
+    GaugeMetricFamily,
+    GaugeMetricFamily,
+    CounterMetricFamily,
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    GaugeMetricFamily,
+]
+
 
 class _ScrapeTime(Collector):
-    """The gauges computed when scraped, in one pass: ``summary()`` is
+    """The metrics computed when scraped, in one pass: ``summary()`` is
     O(capacity), so it runs once per scrape for all the gauges it feeds.
-    Until a source is set they read as a fresh gauge would: no live error
-    sample, 0 guardrail peers, a snapshot age of -1 (none yet)."""
+    Until a source is set they read as a fresh metric would: no live error
+    sample, 0 guardrail peers, a snapshot age of -1 (none yet), no samples
+    recorded or dropped."""
 
     def __init__(self, namespace: str) -> None:
         self.live_error = f"{namespace}_live_mean_abs_error_ratio"
         self.guardrail_peers = f"{namespace}_guardrail_peers"
         self.snapshot_age_seconds = f"{namespace}_snapshot_age_seconds"
+        self.recorded = f"{namespace}_recorded_samples"
+        self.recording_dropped = f"{namespace}_recording_dropped_samples"
+        self.recording_bytes = f"{namespace}_recording_bytes"
+        self.recording_files = f"{namespace}_recording_files"
         self.live_scores: Callable[[], Mapping[str, float]] | None = None
         self.snapshot_age: Callable[[], float] | None = None
+        self.recording: Callable[[], Mapping[str, float]] | None = None
 
-    def _families(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
+    def _families(self) -> _Families:
         return (
             GaugeMetricFamily(
                 self.live_error,
@@ -167,13 +192,29 @@ class _ScrapeTime(Collector):
                 self.snapshot_age_seconds,
                 "Seconds since the last successful snapshot (-1: none yet).",
             ),
+            CounterMetricFamily(self.recorded, "Accepted samples written to recording files."),
+            CounterMetricFamily(
+                self.recording_dropped,
+                "Accepted samples left out of the recording (they are in the windows), "
+                "by reason: queue_full (the writer fell behind), write_failed (a file "
+                "could not be written: disk full, any OS error).",
+                labels=["reason"],
+            ),
+            GaugeMetricFamily(self.recording_bytes, "Bytes of the recording files kept."),
+            GaugeMetricFamily(self.recording_files, "Recording files kept."),
         )
 
     def describe(self) -> Iterable[Metric]:
         return self._families()
 
     def collect(self) -> Iterable[Metric]:
-        live, guard, age = self._families()
+        live, guard, age, recorded, dropped, rec_bytes, rec_files = self._families()
+        rec = self.recording() if self.recording is not None else {}
+        recorded.add_metric([], rec.get("written", 0.0))
+        for reason in ("queue_full", "write_failed"):
+            dropped.add_metric([reason], rec.get(f"dropped_{reason}", 0.0))
+        rec_bytes.add_metric([], rec.get("bytes", 0.0))
+        rec_files.add_metric([], rec.get("files", 0.0))
         if self.live_scores is not None:
             summary = self.live_scores()
             live.add_metric(["model"], float(summary["model_nmae"]))
@@ -182,7 +223,7 @@ class _ScrapeTime(Collector):
         else:
             guard.add_metric([], 0.0)
         age.add_metric([], -1.0 if self.snapshot_age is None else float(self.snapshot_age()))
-        return (live, guard, age)
+        return (live, guard, age, recorded, dropped, rec_bytes, rec_files)
 
 
 class MetricsServer:

@@ -9,8 +9,9 @@ name in it is resolved relative to the descriptor, a new file is created with
 ``O_CREAT | O_EXCL | O_NOFOLLOW`` (an existing name, link or not, is an error,
 never followed or reused), and a file is moved aside with ``link`` +
 ``unlink``, which never replaces a name that exists. The daemon creates a
-missing directory with mode 0700 and never changes the mode of one it did
-not create.
+missing directory with mode 0700 (the recordings directory 0750, so a
+trainer in the service's group can read it) and never changes the mode of
+one it did not create.
 """
 
 from __future__ import annotations
@@ -24,7 +25,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["UnsafePath", "dir_stat", "move_aside", "open_new", "private_dir", "temp_name"]
+__all__ = [
+    "UnsafePath",
+    "dir_stat",
+    "move_aside",
+    "open_new",
+    "open_private_dir",
+    "private_dir",
+    "temp_name",
+]
 
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -64,14 +73,17 @@ def _unsafe_dir(st: os.stat_result) -> str | None:
     return None
 
 
-@contextlib.contextmanager
-def private_dir(path: Path) -> Iterator[int]:
-    """Open a directory only the daemon's user may write; yield its descriptor.
+def open_private_dir(path: Path, mode: int = 0o700) -> int:
+    """Open a directory only the daemon's user may write and return its
+    descriptor (the caller closes it).
 
-    A missing directory is created with mode 0700 (parents as needed).
+    A missing directory is created with ``mode`` (parents as needed; the
+    umask may narrow it).
 
     Args:
         path: the directory.
+        mode: permission bits of a directory created here; never applied to
+            one that exists.
 
     Raises:
         OSError: it cannot be created or opened (``NotADirectoryError`` for
@@ -79,13 +91,24 @@ def private_dir(path: Path) -> Iterator[int]:
             it, or it is a symlink another user owns.
     """
     with contextlib.suppress(FileExistsError):
-        path.mkdir(mode=0o700, parents=True)
+        path.mkdir(mode=mode, parents=True)
     dir_stat(path)
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         problem = _unsafe_dir(os.fstat(fd))
         if problem:
             raise UnsafePath(path, problem)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+@contextlib.contextmanager
+def private_dir(path: Path) -> Iterator[int]:
+    """:func:`open_private_dir` (mode 0700) for the length of a block."""
+    fd = open_private_dir(path)
+    try:
         yield fd
     finally:
         os.close(fd)

@@ -4,7 +4,8 @@
 ``shutdown()``. Signal handlers only set flags: SIGTERM/SIGINT ask for a
 graceful exit (a second SIGINT forces it), SIGHUP asks for a model reload.
 Shutdown marks health NOT_SERVING, stops the gRPC server with a grace period
-so calls in flight finish, then writes the snapshot.
+so calls in flight finish, then writes what the recorder holds and the
+snapshot.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import stat
 import time
 from collections.abc import Iterator
@@ -23,7 +25,7 @@ from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from bwpredd.config import Config, parse_listen
+from bwpredd.config import Config, check_record_node, parse_listen
 from bwpredd.core import Core
 from bwpredd.engine import Engine
 from bwpredd.errors import ModelError
@@ -33,6 +35,8 @@ from bwpredd.logging import flush_logs, get_logger
 from bwpredd.metrics import Metrics, MetricsServer
 from bwpredd.modeldir import DEFAULT_MODEL_DIR, LoadedModel, load_model
 from bwpredd.persist import load_snapshot, save_snapshot, set_aside
+from bwpredd.recording import DIR_NAME as RECORDINGS_DIR
+from bwpredd.recording import Recorder
 from bwpredd.safefs import dir_stat, open_new, private_dir, temp_name
 from bwpredd.servicer import SERVICE_NAME, BandwidthPredictorServicer, add_to_server
 from bwpredd.systemd import Notifier
@@ -236,6 +240,7 @@ class Server:
         self._metrics_server: MetricsServer | None = None
         self.metrics_address = ""
         self._last_snapshot = 0.0  # monotonic time of the last good snapshot
+        self.recorder: Recorder | None = None
 
     # -- life cycle -----------------------------------------------------------------
 
@@ -284,7 +289,8 @@ class Server:
             log.error("model_refused", error=str(exc), serving="BASELINE_FALLBACK")
             model = None
         engine = Engine(model)
-        self.core = core = Core(config, engine, self.metrics)
+        self.recorder = self._recorder()
+        self.core = core = Core(config, engine, self.metrics, recorder=self.recorder)
         self.metrics.set_model(engine.version)
         if model is not None:
             log.info(
@@ -304,11 +310,15 @@ class Server:
         )
         await self._set_health()
         self.started.set()
+        if self.recorder is not None:
+            self.metrics.recording_from(self.recorder.summary)
+            self.recorder.start()
         log.info(
             "started",
             listen=self.address,
             model_version=engine.version or None,
             metrics=self.metrics_address or None,
+            recording=str(self.recorder.directory) if self.recorder else None,
             startup_ms=round((time.perf_counter() - started) * 1e3, 1),
         )
         flush_logs()
@@ -336,11 +346,41 @@ class Server:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server = None
+        if self.recorder is not None:
+            self.recorder.close()
+            self.recorder = None
         self.notifier.close()
 
     @property
     def state_dir(self) -> Path | None:
         return Path(self.config.state_dir) if self.config.state_dir else None
+
+    def _recorder(self) -> Recorder | None:
+        """The recorder of accepted samples: with ``record`` and a state
+        directory, else None.
+
+        Raises:
+            StartupError: the node name or the recordings directory is unusable.
+        """
+        config = self.config
+        if not config.record or self.state_dir is None:
+            return None
+        node = config.record_node or socket.gethostname()
+        problem = check_record_node(node)
+        if problem:
+            raise StartupError(f"{problem} (the host name); set record_node")
+        directory = self.state_dir / RECORDINGS_DIR
+        try:
+            return Recorder(
+                directory,
+                node,
+                config.max_peers,
+                max_bytes=config.record_max_bytes,
+                max_age_s=config.record_max_age_s,
+                flush_s=config.record_flush_s,
+            )
+        except OSError as exc:
+            raise StartupError(f"record: {directory}: {exc.strerror or exc}") from None
 
     def _restore(self) -> None:
         """Load the snapshot into the store. One that cannot be restored in
@@ -487,6 +527,11 @@ class Server:
         if self._server is not None:
             grace = 0 if self.force_exit else self.config.grace_period_s
             await self._server.stop(grace)
+        if self.recorder is not None:
+            # No more ingest: write what the recorder holds, off the loop.
+            await asyncio.get_running_loop().run_in_executor(None, self.recorder.close)
+            summary = self.recorder.summary()
+            log.info("recording_closed", **{k: int(v) for k, v in summary.items()})
         if self.core is not None and self.state_dir is not None and await self.snapshot():
             log.info("snapshot_written", peers=len(self.core.store))
         if self._metrics_server is not None:

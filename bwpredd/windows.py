@@ -27,7 +27,7 @@ from bwpredd.schema import SCHEMA, WIDTH, WINDOW
 from bwpredd.state import step_seconds
 from bwpredd.validate import MAX_PEER_ID_LEN, check_peer_id
 
-__all__ = ["IngestResult", "PeerView", "WindowStore"]
+__all__ = ["IngestResult", "PeerView", "StoredRows", "WindowStore"]
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
@@ -54,6 +54,23 @@ class IngestResult:
     reasons: dict[int, tuple[str, str]]  # index -> (field, rule) for the rejected
     slots: I64  # [n] slot of each sample (-1 where rejected)
     evicted: int  # peers evicted to make room
+    stored: StoredRows  # the accepted samples, as stored
+
+
+@dataclass(frozen=True)
+class StoredRows:
+    """The accepted samples of one :meth:`WindowStore.ingest`, in the order
+    they were applied (grouped by peer, each peer's in request order): what
+    the recorder takes. Fresh arrays the store keeps no reference to."""
+
+    index: I64  # [m] indices into the inputs
+    slots: I64  # [m]
+    ts: F64  # [m] sample times
+    rows: F32  # [m, WIDTH] as stored: missing features carried forward
+    unsent: BOOL  # [m, WIDTH] True where the feature was missing (carried or default)
+
+    def __len__(self) -> int:
+        return len(self.index)
 
 
 @dataclass(frozen=True)
@@ -65,6 +82,17 @@ class PeerView:
     timestamps: F64  # [count] sample times (unix seconds)
     sample_count: int
     last_seen: float  # unix seconds of the newest sample's arrival
+
+
+def _nothing_stored() -> StoredRows:
+    none = np.zeros(0, dtype=np.int64)
+    return StoredRows(
+        none,
+        none,
+        np.zeros(0, dtype=np.float64),
+        np.zeros((0, WIDTH), dtype=np.float32),
+        np.zeros((0, WIDTH), dtype=np.bool_),
+    )
 
 
 class WindowStore:
@@ -156,14 +184,14 @@ class WindowStore:
         slots_out = np.full(n, -1, dtype=np.int64)
         reasons: dict[int, tuple[str, str]] = {}
         if n == 0:
-            return IngestResult(accepted, reasons, slots_out, 0)
+            return IngestResult(accepted, reasons, slots_out, 0, _nothing_stored())
         slots, evicted = self._assign(peer_ids, now)
         full = slots < 0
         for i in np.flatnonzero(full):
             reasons[int(i)] = ("peer_id", "peer table is full and no peer could be evicted")
         keep = np.flatnonzero(~full)
         if keep.size == 0:
-            return IngestResult(accepted, reasons, slots_out, evicted)
+            return IngestResult(accepted, reasons, slots_out, evicted, _nothing_stored())
         s = slots[keep]
         t = np.asarray(ts, dtype=np.float64)[keep]
         # Group by slot, keeping the request's order inside each group.
@@ -179,7 +207,7 @@ class WindowStore:
             reasons[int(i)] = ("timestamp", "older than the peer's newest sample (out of order)")
         s, t, idx = s[ok], t[ok], idx[ok]
         if s.size == 0:
-            return IngestResult(accepted, reasons, slots_out, evicted)
+            return IngestResult(accepted, reasons, slots_out, evicted, _nothing_stored())
         r = np.asarray(rows, dtype=np.float32)[idx]
         is_start = np.r_[True, s[1:] != s[:-1]]
         starts = np.flatnonzero(is_start)
@@ -192,9 +220,11 @@ class WindowStore:
         first_slots = s[starts]
         prev = self._data[first_slots, (self._head[first_slots] - 1) % self.window]
         seed = np.where((self._count[first_slots] > 0)[:, None], prev, self.defaults[None, :])
-        head_rows = r[starts]
-        r[starts] = np.where(np.isnan(head_rows), seed, head_rows)
-        missing = np.isnan(r)
+        unsent = np.isnan(r)
+        r[starts] = np.where(unsent[starts], seed, r[starts])
+        # Seeds are finite: what is still missing is the unsent past the starts.
+        missing = unsent.copy()
+        missing[starts] = False
         if missing.any():
             pos = np.where(~missing, np.arange(s.size)[:, None], 0)
             np.maximum.accumulate(pos, axis=0, out=pos)
@@ -213,7 +243,7 @@ class WindowStore:
         self.versions[first_slots] += 1
         accepted[idx] = True
         slots_out[idx] = s
-        return IngestResult(accepted, reasons, slots_out, evicted)
+        return IngestResult(accepted, reasons, slots_out, evicted, StoredRows(idx, s, t, r, unsent))
 
     def _assign(self, peer_ids: Sequence[str], now: float) -> tuple[I64, int]:
         """Slots for ``peer_ids``, creating peers (and evicting) as needed."""

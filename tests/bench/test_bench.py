@@ -19,7 +19,7 @@ from bench.profile import summarize_profile
 
 # The torch comparison (onnx) imports torch in a child: slow to start, and
 # covered by its own smoke below only when torch is there.
-SECTIONS = "startup,latency,batch,ingest,watchers,concurrency,memory"
+SECTIONS = "startup,latency,batch,ingest,watchers,concurrency,memory,recording"
 
 
 @pytest.mark.slow
@@ -70,12 +70,41 @@ class TestQuickBench:
         mem = res["memory"]
         assert mem["windows_full"] is True and mem["samples"] == 10 * mem["peers"]
         assert res["concurrency"]["errors"] == [] and res["concurrency"]["rejected"] == 0
+        rec = res["recording"]  # every sample accepted, and recorded or counted as dropped
+        assert rec["all_accepted"] is True and rec["ratio"] > 0
+        lost = rec["dropped_queue_full"] + rec["dropped_write_failed"]
+        assert rec["recorded"] + lost == rec["accepted_while_recording"] > 0
         names = {t["name"] for t in report["targets"]}
-        assert len(names) == 6
+        assert len(names) == 7
         assert all(isinstance(t["pass"], bool) for t in report["targets"])
         md = (tmp_path / "bench.md").read_text()
         assert "python -m bench --quick" in md and "| figure |" in md
         assert "| ingest with 1,000 idle watch-all watchers |" in md
+        assert "| StreamSamples ingest, recording on |" in md
+
+    def test_merge_keeps_the_other_sections(self, tmp_path: Path) -> None:
+        """--merge replaces the sections run in an existing bench.json and
+        keeps the others; bench.md names the run that re-measured them."""
+        first = ["--quick", "--only", "startup", "--out", str(tmp_path)]
+        second = ["--quick", "--only", "recording", "--merge", "--out", str(tmp_path)]
+        for args in (first, second):
+            proc = subprocess.run(
+                [sys.executable, "-m", "bench", *args],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=300,
+                check=False,
+            )
+            assert proc.returncode == 0, proc.stderr[-3000:]
+        report = json.loads((tmp_path / "bench.json").read_text())
+        assert set(report["results"]) == {"startup", "recording"}
+        assert "--only startup" in report["command"]
+        assert report["merged"][-1]["sections"] == ["recording"]
+        md = (tmp_path / "bench.md").read_text()
+        assert "| start to Health SERVING (median) |" in md
+        assert "| StreamSamples ingest, recording on |" in md
+        assert "Re-measured by `python -m bench --quick --only recording --merge" in md
 
 
 class TestProfileSummary:

@@ -26,6 +26,28 @@ class TestPrecedence:
         assert c.max_peers == 100_000 and c.metrics_addr == "127.0.0.1:9464"
         assert c.listen.startswith("unix:/")
 
+    def test_record_options(self, tmp_path: Path) -> None:
+        """The recording options come from a flag, the environment and the
+        file like every other; their defaults record with a state_dir."""
+        d = Config.load(env={})
+        assert (d.record, d.record_max_bytes, d.record_max_age_s, d.record_flush_s) == (
+            True,
+            1 << 30,
+            604_800.0,
+            5.0,
+        )
+        assert d.record_node == ""
+        toml = tmp_path / "c.toml"
+        toml.write_text("record = false\nrecord_max_age_s = 60\n")
+        env = {"BWPREDD_CONFIG": str(toml), "BWPREDD_RECORD_MAX_BYTES": "0x100000"}
+        c = Config.load(flags={"record_node": "edge-7.dc1"}, env=env)
+        assert (c.record, c.record_max_age_s, c.record_max_bytes, c.record_node) == (
+            False,
+            60.0,
+            1 << 20,
+            "edge-7.dc1",
+        )
+
     def test_systemd_directories(self) -> None:
         """RUNTIME_DIRECTORY and STATE_DIRECTORY give the socket and state paths."""
         c = Config.load(env={"RUNTIME_DIRECTORY": "/run/x", "STATE_DIRECTORY": "/var/lib/x"})
@@ -47,6 +69,13 @@ class TestValidation:
             ({"BWPREDD_LISTEN": "0.0.0.0:80"}, "needs tls_cert"),
             ({"BWPREDD_TLS_CERT": "/c"}, "give both"),
             ({"BWPREDD_GRACE_PERIOD_S": "nan"}, "grace_period_s"),
+            ({"BWPREDD_RECORD": "maybe"}, r"record: expected true or false"),
+            ({"BWPREDD_RECORD_MAX_BYTES": "1000"}, r"record_max_bytes: must be >= 65536"),
+            ({"BWPREDD_RECORD_MAX_BYTES": "1.5"}, "record_max_bytes"),
+            ({"BWPREDD_RECORD_MAX_AGE_S": "-1"}, "record_max_age_s: must be a finite"),
+            ({"BWPREDD_RECORD_MAX_AGE_S": "inf"}, "record_max_age_s: must be a finite"),
+            ({"BWPREDD_RECORD_FLUSH_S": "0"}, r"record_flush_s: must be > 0"),
+            ({"BWPREDD_RECORD_NODE": "rack/1"}, r"record_node: must be 1-128 characters"),
         ],
     )
     def test_env_errors(self, env: dict[str, str], match: str) -> None:

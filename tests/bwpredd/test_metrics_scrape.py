@@ -147,6 +147,39 @@ class TestMetricsRegistry:
         assert get("bwpredd_guardrail_peers") == 0
         assert get("bwpredd_snapshot_age_seconds") == -1
 
+    def test_recording_metrics_at_scrape_time(self) -> None:
+        """The recording counters and gauges are read from the recorder's
+        summary() once per scrape, counters typed as counters; before a
+        recorder is set they read 0."""
+        registry = CollectorRegistry()
+        m = Metrics(registry)
+        get = registry.get_sample_value
+        assert get("bwpredd_recording_dropped_samples_total", {"reason": "queue_full"}) == 0
+        calls = []
+
+        def summary() -> dict[str, float]:
+            calls.append(1)
+            return {
+                "written": 7,
+                "dropped_queue_full": 2,
+                "dropped_write_failed": 3,
+                "bytes": 4096,
+                "files": 2,
+            }
+
+        m.recording_from(summary)
+        text = generate_latest(registry).decode()
+        assert len(calls) == 1
+        types = {f.name: f.type for f in text_string_to_metric_families(text)}
+        assert types["bwpredd_recorded_samples"] == "counter"
+        assert types["bwpredd_recording_dropped_samples"] == "counter"
+        assert types["bwpredd_recording_bytes"] == "gauge"
+        assert get("bwpredd_recorded_samples_total") == 7
+        assert get("bwpredd_recording_dropped_samples_total", {"reason": "queue_full"}) == 2
+        assert get("bwpredd_recording_dropped_samples_total", {"reason": "write_failed"}) == 3
+        assert get("bwpredd_recording_bytes") == 4096
+        assert get("bwpredd_recording_files") == 2
+
     def test_namespace(self) -> None:
         """The namespace prefixes the daemon's metrics but not the gRPC ones."""
         registry = CollectorRegistry()

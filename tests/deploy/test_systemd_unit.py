@@ -211,7 +211,14 @@ def traced(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[str, str]]:
     for item in " ".join(directives()["Environment"]).split():
         key, _, value = item.partition("=")
         env[key] = value
-    env.update(BWPREDD_LISTEN=sock, BWPREDD_METRICS_ADDR="127.0.0.1:0", BWPREDD_LOG_FORMAT="json")
+    # STATE_DIRECTORY as systemd sets it (StateDirectory=): snapshots and
+    # recordings are written, so their system calls are traced too.
+    env.update(
+        BWPREDD_LISTEN=sock,
+        BWPREDD_METRICS_ADDR="127.0.0.1:0",
+        BWPREDD_LOG_FORMAT="json",
+        STATE_DIRECTORY=str(tmp / "state"),
+    )
     proc = spawn_daemon(env=env, wrap=["strace", "-f", "-qq", "-o", str(trace)])
     lines: list[str] = []
     assert proc.stdout is not None
