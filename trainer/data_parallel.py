@@ -122,7 +122,7 @@ class _AllReduceSum(torch.autograd.Function):
 
 
 def _all_reduce(x: torch.Tensor) -> torch.Tensor:
-    out: torch.Tensor = _AllReduceSum.apply(x)
+    out: torch.Tensor = _AllReduceSum.apply(x)  # type: ignore[no-untyped-call]
     return out
 
 
