@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 
 from torch import nn
 
+from trainer import distributed
+
 __all__ = ["merge_members", "train_members"]
 
 H = TypeVar("H")
@@ -55,7 +57,9 @@ def train_members(
     ``fn`` returns ``(network, history)``. It must be a module-level function
     and its arguments and result picklable: the processes are spawned, not
     forked (a fork of a process whose torch thread pools have started can
-    deadlock).
+    deadlock). Under torchrun the members train one after the other in this
+    process, each data-parallel over the ranks (a spawned child is in no
+    process group).
 
     Returns:
         The model and each job's history, in job order.
@@ -63,6 +67,9 @@ def train_members(
     if len(jobs) == 1:
         model, history = fn(**jobs[0], member=None)
         return model, [history]
+    if distributed.world_size() > 1:
+        trained = [fn(**job, member=i) for i, job in enumerate(jobs)]
+        return merge([m for m, _ in trained]), [h for _, h in trained]
     workers = max(1, min(len(jobs), os.cpu_count() or 1))
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:

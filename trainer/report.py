@@ -169,6 +169,18 @@ def _training_lines(training: dict[str, Any], tcfg: dict[str, Any]) -> list[str]
     return lines
 
 
+def _distributed_lines(block: dict[str, Any] | None) -> list[str]:
+    """One line when the forecaster trained data-parallel under torchrun."""
+    if not block or block.get("world_size", 1) <= 1:
+        return []
+    same = len(set(block.get("rank_weights_sha256", []))) == 1
+    return [
+        f"- Data-parallel over {block['world_size']} ranks ({block['backend']}); every "
+        "global batch the same windows as in one process; the ranks' final weights "
+        f"{'identical' if same else 'DIFFER'} (sha256 of each rank's state dict)."
+    ]
+
+
 def render_markdown(report: dict[str, Any], plots: list[str]) -> str:
     """``forecaster.md``: the per-source table against every baseline and
     an honest list of where the model loses.
@@ -330,6 +342,7 @@ def render_markdown(report: dict[str, Any], plots: list[str]) -> str:
         "## Training",
         "",
         *_training_lines(training, tcfg),
+        *_distributed_lines(report.get("distributed")),
         "- Loss: |error| / trace mean for the point head plus pinball losses for the 0.1 / "
         "0.9 heads on the same scale; windows in log scale relative to their own mean "
         "(inside the model).",

@@ -9,6 +9,11 @@ Loads the real traces and the synthetic profiles, splits them by fold group
 scores it against every baseline on the validation and test splits, hands the
 splits to the allocator's trainer when it exists, and writes
 ``training_report.json``, ``forecaster.md`` and the plots.
+
+Under ``torchrun`` every rank loads the traces and makes the same split; the
+forecaster trains data-parallel over the ranks (:mod:`trainer.distributed`),
+then the process group closes and rank 0 alone calibrates, evaluates, trains
+the horizon model and the agent, and writes; the other ranks exit.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from trainer import distributed
 from trainer.evaluate import evaluate_traces, format_table
 from trainer.members import train_members
 from trainer.models.forecaster import (
@@ -152,7 +158,15 @@ def _train_transfer(
 
 
 def run(args: argparse.Namespace) -> int:
-    """The ``train`` command."""
+    """The ``train`` command: one process, or every rank under torchrun."""
+    distributed.setup()
+    try:
+        return _run(args)
+    finally:
+        distributed.shutdown(wait=False)  # an error path; the normal one closed it
+
+
+def _run(args: argparse.Namespace) -> int:
     from bwpredd.traces import load_traces, summarize
     from trainer.data.synthetic import synthetic_traces
     from trainer.data.windows import split_summary, split_traces, time_cuts
@@ -161,13 +175,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"--members: must be >= 1, got {args.members}", file=sys.stderr)
         return 2
     t_start = time.monotonic()
+    main = distributed.is_main()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     reports = (
         Path(args.reports) if args.reports else (out / "reports" if args.quick else Path("reports"))
     )
-    loaded = load_traces(Path(args.traces), progress=not args.quiet)
-    for item in loaded.unknown:
+    loaded = load_traces(Path(args.traces), progress=main and not args.quiet)
+    for item in loaded.unknown if main else ():
         print(f"unknown file (not used): {item}", file=sys.stderr)
     real = list(loaded.traces)
     n_syn, length = (6, 100) if args.quick else (N_SYNTHETIC, SYNTHETIC_LENGTH)
@@ -175,14 +191,15 @@ def run(args: argparse.Namespace) -> int:
     cuts = time_cuts(real, SPLIT_FRACTIONS)  # recordings are split by time
     train, val, test = split_traces(real + synthetic, SPLIT_FRACTIONS, seed=args.seed, cuts=cuts)
     parts = {"train": train, "val": val, "test": test}
-    print(
-        f"{len(real)} real + {len(synthetic)} synthetic traces -> "
-        f"{len(train)} train / {len(val)} val / {len(test)} test"
-    )
     split_rec = _split_record(parts, args.seed, str(args.traces))
     split_rec["synthetic"].update(n_traces=n_syn, length=length)
     split_rec["time_cuts"] = {g: list(c) for g, c in cuts.items()}
-    (out / "split.json").write_text(json.dumps(split_rec, indent=1) + "\n")
+    if main:
+        print(
+            f"{len(real)} real + {len(synthetic)} synthetic traces -> "
+            f"{len(train)} train / {len(val)} val / {len(test)} test"
+        )
+        (out / "split.json").write_text(json.dumps(split_rec, indent=1) + "\n")
 
     cfg = quick_config(args.seed) if args.quick else TrainConfig(seed=args.seed)
     # The two synthetic profiles together weigh as much as one real source:
@@ -219,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
             for i in range(n)
         ]
         model, hists = train_members(train_forecaster, jobs, Forecaster.merge)
-        for i, hist in enumerate(hists):
+        for i, hist in enumerate(hists if main else ()):
             print(
                 f"forecaster {i} (seed {cfg.seed + i}): {hist.stopped}; "
                 f"best epoch {hist.best_epoch}, {hist.seconds:.0f} s"
@@ -227,6 +244,16 @@ def run(args: argparse.Namespace) -> int:
         # The first member's curves, and every member's summary.
         history = _json_safe(hists[0].to_json())
         history["members"] = [_json_safe(h.to_json()) for h in hists]
+    # Every rank's digest of its weights: equal digests, one model.
+    dist_info: dict[str, Any] = {
+        **distributed.describe(),
+        "rank_weights_sha256": distributed.all_gather_str(distributed.state_digest(model)),
+    }
+    distributed.shutdown()
+    if not main:
+        return 0
+    if len(set(dist_info["rank_weights_sha256"])) > 1:
+        print("warning: the ranks' weights differ (see training_report.json)", file=sys.stderr)
     if val:
         scale = calibrate_interval(model, val)
         print(f"interval scale calibrated on the validation split: {scale:.3f}")
@@ -274,6 +301,7 @@ def run(args: argparse.Namespace) -> int:
     )
     report["training"]["forecaster_total_seconds"] = time.monotonic() - t_start
     report["quick"] = bool(args.quick)
+    report["distributed"] = dist_info
     reports.mkdir(parents=True, exist_ok=True)
     plots = ["forecaster_ratios.png", "forecaster_test_traces.png", "learning_curve.png"]
     plot_ratios(test_res, reports / plots[0])
@@ -323,13 +351,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="reuse <out>/forecaster.pt's weights; redo calibration, evaluation and reports",
     )
-    parser.add_argument("--max-epochs", type=int, default=0, help="override the epoch cap")
+    parser.add_argument(
+        "--max-epochs",
+        type=int,
+        default=0,
+        help="override the epoch cap (an epoch is a fixed number of updates; training "
+        "stops there or on early stopping)",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: 1)")
     parser.add_argument(
         "--time-budget",
         type=float,
         default=0.0,
-        help="seconds after which training stops early (default: the config's safety net)",
+        help="optional safety cap in seconds, off by default (0): a run it stops depends "
+        "on the machine's speed, so the same command no longer gives the same model",
     )
     parser.add_argument(
         "--agent-gamma",

@@ -15,7 +15,15 @@ architecture:
 An epoch is a fixed number of sampled batches; after each, ``estimate_loss``
 scores a fixed, evenly spaced set of validation windows with the same
 weighting, and the best weights by validation loss are kept (early stopping
-with patience). Deterministic for a seed on a given machine.
+with patience). Training stops on early stopping or ``max_epochs``, counted in
+updates, never on the clock (``time_budget_s`` is an optional cap, off by
+default): a seed gives the same model on a slow machine as on a fast one.
+
+Under torchrun (:mod:`trainer.distributed`) the traces are sharded across the
+ranks and every rank draws the same global batches; each computes the rows
+of its own traces and the gradients are summed, so the model is the one a
+lone process trains, within floating-point reduction order
+(:mod:`trainer.data_parallel`).
 """
 
 from __future__ import annotations
@@ -34,6 +42,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from bwpredd.schema import BW, WINDOW
+from trainer import distributed
+from trainer.data_parallel import ShardedBatch, assign_shards, shard_modules, unshard_modules
 from trainer.models.forecaster import Forecaster, ForecasterConfig
 
 __all__ = [
@@ -80,8 +90,9 @@ class TrainConfig:
     # measured here), and two threads spin against each other when the
     # machine is busy (a 40x slowdown measured with other jobs running).
     threads: int = 1
-    # Safety net only: stop (and say so) if training runs past this.
-    time_budget_s: float = 450.0
+    # Optional cap in seconds, 0 = off (the default): a run it stops depends
+    # on the machine's speed, so the same command would give another model.
+    time_budget_s: float = 0.0
     source_weights: dict[str, float] = field(default_factory=dict)
 
 
@@ -131,11 +142,31 @@ class TraceBank:
         w = np.array([source_weights.get(s, 1.0) for s in self.sources], dtype=np.float64)
         assert (w >= 0).all() and w.sum() > 0, "source weights must be >= 0, not all 0"
         self.source_p = w / w.sum()
+        # Which rank holds each trace's data (all 0 in a lone process).
+        self.owner = np.zeros(len(traces), dtype=np.int64)
+
+    @property
+    def trace_p(self) -> npt.NDArray[np.float64]:
+        """The chance that one sampled row comes from each trace."""
+        members = np.array([len(self.by_source[s]) for s in self.trace_source])
+        return np.asarray(self.source_p[self.trace_source] / members, dtype=np.float64)
+
+    def shard(self, owner: npt.NDArray[np.int64], rank: int) -> None:
+        """Keep only the data of the traces ``owner`` gives to ``rank``; the
+        metadata of every trace stays, so every rank draws the same batches."""
+        lengths = self.n_windows + WINDOW
+        mine = np.flatnonzero(owner == rank)
+        parts = [self.data[self.start[t] : self.start[t] + lengths[t]] for t in mine]
+        self.data = np.concatenate(parts) if parts else self.data[:0]
+        start = np.full(len(owner), -1, dtype=np.int64)
+        start[mine] = np.concatenate([[0], np.cumsum(lengths[mine])[:-1]]).astype(np.int64)
+        self.start, self.owner = start, np.asarray(owner, dtype=np.int64)
 
     def gather(
         self, trace: npt.NDArray[np.int64], offset: npt.NDArray[np.int64]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Windows ``[B, WINDOW, WIDTH]``, targets ``[B]`` and trace scales ``[B]``."""
+        assert (self.start[trace] >= 0).all(), "a trace of another rank's shard"
         pos = self.start[trace] + offset
         x = self.data[pos[:, None] + np.arange(WINDOW)[None, :]]
         y = self.data[pos + WINDOW, BW]
@@ -145,6 +176,13 @@ class TraceBank:
         self, rng: np.random.Generator, batch_size: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A batch drawn source -> trace -> window, each level uniform."""
+        return self.gather(*self.draw(rng, batch_size))
+
+    def draw(
+        self, rng: np.random.Generator, batch_size: int
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """The trace and offset of each row of a batch (see :meth:`sample`):
+        metadata only, the same on every rank for the same generator."""
         src = rng.choice(len(self.sources), size=batch_size, p=self.source_p)
         pick = rng.random(batch_size)
         trace = np.array(
@@ -154,17 +192,21 @@ class TraceBank:
             ]
         )
         offset = (rng.random(batch_size) * self.n_windows[trace]).astype(np.int64)
-        return self.gather(trace, offset)
+        return trace, offset
 
     def fixed(
         self, per_trace: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Up to ``per_trace`` evenly spaced windows of every trace, with the
-        weight of each window so that every source (by its weight), every
-        trace of a source and every window of a trace weigh the same."""
-        traces, offsets, weights = [], [], []
+        """Up to ``per_trace`` evenly spaced windows of every trace (of this
+        rank's shard), with the weight of each window so that every source (by
+        its weight), every trace of a source and every window of a trace weigh
+        the same over all the ranks' windows."""
+        # Empty leading parts: a rank may hold no validation trace at all.
+        traces, offsets, weights = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0)]
         for s, members in enumerate(self.by_source):
             for t in members:
+                if self.start[t] < 0:
+                    continue
                 n = int(min(per_trace, self.n_windows[t]))
                 off = np.linspace(0, self.n_windows[t] - 1, n).astype(np.int64)
                 traces.append(np.full(n, t))
@@ -230,11 +272,20 @@ def train_forecaster(
     """
     cfg = cfg or TrainConfig()
     torch.set_num_threads(cfg.threads)
+    # Every rank seeds alike: the same initial weights, batches and dropout masks.
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     model = copy.deepcopy(init_from) if init_from is not None else Forecaster(model_cfg)
     train = TraceBank(train_traces, cfg.source_weights)
     val = TraceBank(val_traces, cfg.source_weights)
+    rank, world = distributed.rank(), distributed.world_size()
+    batch = ShardedBatch()
+    if world > 1:
+        train.shard(assign_shards(train.trace_p, world), rank)
+        per_trace = np.minimum(val.n_windows, cfg.val_windows_per_trace)
+        val.shard(assign_shards(per_trace, world), rank)
+        shard_modules(model, batch)
+    progress = progress and distributed.is_main()
     val_x, val_y, val_s, val_w = val.fixed(cfg.val_windows_per_trace)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     # The weights that are validated and kept: an exponential moving average
@@ -254,11 +305,10 @@ def train_forecaster(
         loss, point = forecaster_loss(q, val_y, val_s, kept.cfg, cfg.pinball_weight)
         inside = ((val_y >= q[:, 0]) & (val_y <= q[:, 2])).float()
         model.train()
-        return (
-            float((loss * val_w).sum()),
-            float((point * val_w).sum()),
-            float((inside * val_w).sum()),
-        )
+        # Summed over the ranks' shards: every rank takes the same decisions.
+        sums = torch.stack([(v * val_w).sum() for v in (loss, point, inside)]).double()
+        total = distributed.all_reduce_sum(sums).tolist()
+        return total[0], total[1], total[2]
 
     hist = History()
     best_state = copy.deepcopy(kept.state_dict())
@@ -284,13 +334,18 @@ def train_forecaster(
             disable=not progress or member is not None,
         )
         for _ in steps:
-            xb, yb, sb = train.sample(rng, cfg.batch_size)
+            trace, offset = train.draw(rng, cfg.batch_size)
+            mine = np.flatnonzero(train.owner[trace] == rank)
+            batch.set(cfg.batch_size, mine)
+            xb, yb, sb = train.gather(trace[mine], offset[mine])
             loss, _ = forecaster_loss(
                 _forward_mbps(model, xb), yb, sb, model.cfg, cfg.pinball_weight
             )
-            loss = loss.mean()
+            # This rank's part of the global batch's mean; summed below.
+            loss = loss.mean() if world == 1 else loss.sum() / cfg.batch_size
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.all_reduce_grads(model.parameters())
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
@@ -298,6 +353,8 @@ def train_forecaster(
                 ema.update_parameters(model)
             running += loss.item()
             hist.steps += 1
+        if world > 1:
+            running = float(distributed.all_reduce_sum(torch.tensor([running]).double()))
         val_loss, val_point, val_cov = estimate_loss()
         lr = opt.param_groups[0]["lr"]
         hist.epoch.append(epoch)
@@ -326,15 +383,22 @@ def train_forecaster(
         if since_best >= cfg.patience:
             hist.stopped = f"early stop: no val improvement for {cfg.patience} epochs"
             break
-        if time.monotonic() - t0 > cfg.time_budget_s:
+        if cfg.time_budget_s > 0 and _past_budget(time.monotonic() - t0, cfg.time_budget_s):
             hist.stopped = f"time budget of {cfg.time_budget_s:.0f} s reached"
             break
     else:
         hist.stopped = f"max_epochs={cfg.max_epochs} reached"
     hist.seconds = time.monotonic() - t0
     model.load_state_dict(best_state)
+    unshard_modules(model)
     model.eval()
     return model, hist
+
+
+def _past_budget(elapsed_s: float, budget_s: float) -> bool:
+    """Whether any rank is past the time budget (all ranks stop together)."""
+    late = torch.tensor([1.0 if elapsed_s > budget_s else 0.0])
+    return bool(distributed.all_reduce_sum(late).item() > 0)
 
 
 @torch.no_grad()
