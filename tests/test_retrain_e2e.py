@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +26,7 @@ from tests.bwpredd.test_reload import fill, reload
 from tests.conftest_models import make_model_dir
 from tests.helpers import running_server
 from tests.recording_files import write_mesh
+from trainer import distributed
 from trainer.__main__ import main as trainer_main
 from trainer.models.from_onnx import MAX_REL_ERR
 from trainer.report_retrain import GATE_MARGIN
@@ -120,6 +124,38 @@ class TestRetrain:
                 report["test"]["macro"][key], rel=1e-5
             )
             assert got["macro"]["model"]["n_windows"] == report["test"]["macro"]["windows"]
+
+
+class TestTorchrun:
+    def test_two_ranks_fine_tune_one_model(self, mesh: Path, tmp_path: Path) -> None:
+        """``torchrun --nproc-per-node 2 -m trainer retrain``: both ranks end
+        with the same weights, rank 0 writes the run, the report says world 2
+        on gloo and the checkpoint is the model the ranks agreed on."""
+        from trainer.models.forecaster import load_checkpoint
+
+        out = tmp_path / "run"
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        for name in distributed.TORCHRUN_VARIABLES:
+            env.pop(name, None)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", "2", "-m", "trainer", "retrain", "--recordings", str(mesh),
+               "--base", str(DEFAULT_MODEL_DIR), "--out", str(out), "--epochs", "2",
+               "--steps-per-epoch", "20", "--agent-episodes", "5", "--quick",
+               "--quiet"]  # fmt: skip
+        repo = Path(__file__).resolve().parents[1]
+        proc = subprocess.run(
+            cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300, check=False
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        report = json.loads((out / "retrain.json").read_text())
+        block = report["distributed"]
+        assert (block["world_size"], block["backend"]) == (2, "gloo")
+        digests = block["rank_weights_sha256"]
+        assert len(digests) == 2 and digests[0] == digests[1]
+        model, _ = load_checkpoint(str(out / "forecaster.pt"))
+        assert distributed.state_digest(model) == digests[0]
+        assert report["training"]["max_epochs"] == 2
+        assert (out / "retrain.md").is_file() and (out / "allocator.pt").is_file()
 
 
 class TestGate:

@@ -47,6 +47,7 @@ import numpy as np
 from bwpredd.errors import BwpreddError
 from bwpredd.schema import WINDOW
 from bwpredd.traces import RECORDING_SOURCE, Trace, load_traces
+from trainer import distributed
 from trainer.data.windows import make_windows, split_summary, split_traces, time_cuts
 from trainer.evaluate import evaluate_traces, load_predictor
 from trainer.report_retrain import GATE_MARGIN, figures, gate, render_markdown
@@ -161,7 +162,17 @@ def _allocator_rewards(test: list[Trace], base_dir: Path, run_dir: Path) -> dict
 
 
 def run(args: argparse.Namespace) -> int:
-    """The ``retrain`` command."""
+    """The ``retrain`` command: one process, or every rank under torchrun
+    (the fine-tuning data-parallel; rank 0 alone evaluates, trains the
+    allocator and writes the run)."""
+    distributed.setup()
+    try:
+        return _run(args)
+    finally:
+        distributed.shutdown(wait=False)  # an error path; the normal one closed it
+
+
+def _run(args: argparse.Namespace) -> int:
     import torch
 
     from trainer.dqn import QUICK, AgentConfig
@@ -213,9 +224,11 @@ def run(args: argparse.Namespace) -> int:
         f"{len(traces)} traces of {len({t.group for t in traces})} peers on {len(nodes)} nodes "
         f"-> {len(train)} train / {len(val)} val / {len(test)} test pieces"
     )
+    main = distributed.is_main()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / REPORT_JSON).unlink(missing_ok=True)  # an earlier run's figures must not be gated
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / REPORT_JSON).unlink(missing_ok=True)  # an earlier run's figures are not gated
     split_rec = {
         "seed": args.seed,
         "traces_dir": str(dirs[0]),
@@ -227,11 +240,16 @@ def run(args: argparse.Namespace) -> int:
         },
         "time_cuts": {g: list(c) for g, c in cuts.items()},
     }
-    (out / "split.json").write_text(json.dumps(split_rec, indent=1) + "\n")
-
     base_dir, base_copy = Path(args.base), out / "base"
+    if main:
+        (out / "split.json").write_text(json.dumps(split_rec, indent=1) + "\n")
+        try:
+            _copy_base(base_dir, base_copy)
+        except (BwpreddError, OSError, ValueError) as exc:
+            print(f"retrain: --base {base_dir}: {exc}", file=sys.stderr)
+            return 2
+    distributed.barrier()  # every rank starts from rank 0's copy of the base
     try:
-        _copy_base(base_dir, base_copy)
         base = load_forecaster(base_copy, _check_windows(test, 512, args.seed), seed=args.seed)
     except (BwpreddError, RecoveryError, OSError, ValueError) as exc:
         print(f"retrain: --base {base_dir}: {exc}", file=sys.stderr)
@@ -251,6 +269,16 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
     )
     model, hist = train_forecaster(train, val, cfg, progress=not args.quiet, init_from=base.model)
+    # Every rank's digest of its weights: equal digests, one model.
+    dist_info: dict[str, Any] = {
+        **distributed.describe(),
+        "rank_weights_sha256": distributed.all_gather_str(distributed.state_digest(model)),
+    }
+    distributed.shutdown()
+    if not main:
+        return 0
+    if len(set(dist_info["rank_weights_sha256"])) > 1:
+        print("warning: the ranks' weights differ (see retrain.json)", file=sys.stderr)
     print(f"forecaster: {hist.stopped}; best epoch {hist.best_epoch}, {hist.seconds:.0f} s")
     scale = calibrate_interval(model, val)
     print(f"interval scale calibrated on the validation part: {scale:.3f}")
@@ -303,6 +331,7 @@ def run(args: argparse.Namespace) -> int:
     report: dict[str, Any] = {
         "kind": "retrain",
         "command": _command(args),
+        "distributed": dist_info,
         "recordings": [str(d) for d in dirs],
         "base": base_info,
         "retrained": {"checkpoint": ckpt.name, "checkpoint_sha256": _sha256(ckpt)},
