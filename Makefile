@@ -32,7 +32,7 @@ GO_PROTOC  = protoc -Iproto --go_out=$(1) --go_opt=module=$(GO_PKG) \
              --go-grpc_out=$(1) --go-grpc_opt=module=$(GO_PKG) $(PROTO)
 HAVE_GO   := $(shell command -v go >/dev/null 2>&1 && echo yes)
 
-.PHONY: install gen run test lint fmt train retrain report-allocator export bench soak install-systemd clean \
+.PHONY: install gen run test lint fmt train retrain report-allocator export bench soak install-systemd clean mesh-demo \
         go-apt go-gen go-check-gen go-lint go-test
 
 install: $(STAMP) $(GEN)
@@ -115,6 +115,10 @@ bench: install
 
 soak: install
 	$(PYTHON) -m bench.soak --minutes $(DURATION)
+
+# Three daemons record fabric links, retrain on their recordings, gate, reload.
+mesh-demo: install
+	$(PYTHON) -m bench.mesh_demo
 
 install-systemd: install
 	sh deploy/install.sh
