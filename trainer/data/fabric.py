@@ -31,12 +31,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from bwpredd.schema import BW, FEATURES, LAT, LOSS, REL, WIDTH
-from bwpredd.traces import Trace
+from bwpredd.schema import BW, LAT, LOSS, REL, WIDTH
 
-__all__ = ["LINE_RATES_GBPS", "SOURCE", "fabric_link", "fabric_traces"]
+__all__ = ["LINE_RATES_GBPS", "fabric_link"]
 
-SOURCE = "fabric"
 LINE_RATES_GBPS = (10.0, 25.0, 40.0, 100.0)
 P_END = 0.1
 LAMBDA_NEW = 0.15
@@ -65,24 +63,4 @@ def fabric_link(seed: int, n_steps: int) -> np.ndarray:
     out[:, LAT] = base_lat * (1.0 + 0.4 * competing) * np.exp(0.05 * rng.normal(size=n_steps))
     out[:, LOSS] = np.minimum(1e-5 + 2e-5 * competing, 1.0)
     out[:, REL] = 1.0 - out[:, LOSS]
-    return out
-
-
-def fabric_traces(seed: int, n_links: int, n_steps: int, prefix: str = "link") -> list[Trace]:
-    """``n_links`` links of ``n_steps`` 1 s steps, link ``i`` seeded from
-    ``(seed, i)``; every feature measured."""
-    out = []
-    for i in range(n_links):
-        name = f"{prefix}-{i}"
-        out.append(
-            Trace(
-                source=SOURCE,
-                name=name,
-                group=name,
-                step_s=1.0,
-                data=fabric_link(seed * 100_003 + i, n_steps),
-                measured=FEATURES,
-                time_s=np.arange(n_steps, dtype=np.float64),
-            )
-        )
     return out
