@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         if rc != 0:
             print(f"retrain failed (exit {rc}); see {log}", file=sys.stderr)
             return rc
-        report = run / "retrain_report.json"
+        report = run / "retrain.json"
         if report.is_file():
             result["retrain"] = json.loads(report.read_text())
         rc = run_command(
