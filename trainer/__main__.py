@@ -1,5 +1,5 @@
 """``python -m trainer``: train, retrain, eval, eval-allocator, report-allocator,
-allocator-limits, train-transfer, eval-transfer."""
+allocator-limits, allocator-state, train-transfer, eval-transfer."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from trainer import (
         allocator_limits,
+        allocator_state,
         eval_transfer,
         evaluate,
         evaluate_allocator,
@@ -48,6 +49,12 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_parser(
             "allocator-limits",
             help="train the agent on the shipped state and with the next step known",
+        )
+    )
+    allocator_state.add_arguments(
+        sub.add_parser(
+            "allocator-state",
+            help="train the agent on the shipped state and on richer ones; compare on validation",
         )
     )
     args = parser.parse_args(argv)

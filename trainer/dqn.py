@@ -37,7 +37,7 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
-from bwpredd.state import LEVELS, STATE_LAYOUT
+from bwpredd.state import LEVELS
 from trainer.data.episodes import EpisodeSampler, normalisation_states
 from trainer.env import EnvConfig, LinkEnv, PreparedTrace
 from trainer.evaluate_allocator import evaluate_policies, greedy_policy, torch_q_values
@@ -233,7 +233,10 @@ def _train_loop(
     rng = _seed_everything(seed)
     env_cfg = EnvConfig()
     sampler = EpisodeSampler(train, cfg.episode_steps, env_cfg.window)
-    policy = QNetwork(QNetConfig(state_size=len(STATE_LAYOUT), n_actions=N_ACTIONS))
+    env = LinkEnv(train, env_cfg)
+    # STATE_LAYOUT's columns, and any extra ones the traces carry (an experiment).
+    n_state = env.state_size
+    policy = QNetwork(QNetConfig(state_size=n_state, n_actions=N_ACTIONS))
     policy.set_normalisation(
         torch.from_numpy(normalisation_states(train, sampler, cfg.norm_states, rng))
     )
@@ -257,8 +260,7 @@ def _train_loop(
     averaged = QNetwork(policy.cfg)
     averaged.load_state_dict(policy.state_dict())
     averaged.eval()
-    memory = ReplayMemory(cfg.replay, len(STATE_LAYOUT))
-    env = LinkEnv(train, env_cfg)
+    memory = ReplayMemory(cfg.replay, n_state)
 
     curve: list[float] = []
     val_curve: list[tuple[int, float]] = []

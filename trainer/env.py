@@ -139,6 +139,9 @@ class PreparedTrace:
     point: F32  # [T] forecast of data[t, BW]
     low: F32
     high: F32
+    # [T, E] extra state columns appended after STATE_LAYOUT's (an experiment's
+    # richer state, trainer.allocator_state); None for the shipped state.
+    extra: F32 | None = None
 
     @property
     def length(self) -> int:
@@ -309,6 +312,29 @@ class LinkEnv:
             for name in ("capacity", "point", "low", "high")
         }
         self._data = cat([tr.data for tr in self.traces]).astype(np.float32)
+        with_extra = [tr.extra is not None for tr in self.traces]
+        if any(with_extra) and not all(with_extra):
+            raise ValueError("traces: extra state columns on some traces but not all")
+        self._extra: F32 | None = None
+        if self.traces and all(with_extra):
+            widths = {tr.extra.shape[1] for tr in self.traces if tr.extra is not None}
+            if len(widths) != 1:
+                raise ValueError(f"traces: extra state columns differ in width: {sorted(widths)}")
+            self._extra = cat([tr.extra for tr in self.traces if tr.extra is not None]).astype(
+                np.float32
+            )
+
+    @property
+    def state_size(self) -> int:
+        """Columns of a state: :data:`bwpredd.state.STATE_LAYOUT`'s, then any extra."""
+        return STATE_SIZE + (0 if self._extra is None else int(self._extra.shape[1]))
+
+    def _with_extra(self, states: F32, idx: I64) -> F32:
+        """``states`` with the traces' extra columns at flat steps ``idx`` appended."""
+        if self._extra is None:
+            return states
+        out: F32 = np.concatenate([states, self._extra[idx]], axis=1)
+        return out
 
     def reset(self, lanes: Sequence[tuple[int, int, int]]) -> F32:
         """Start lanes at ``(trace index, first step, steps)``; returns states [K, S].
@@ -348,13 +374,14 @@ class LinkEnv:
         """The current states ``[K, S]``, built by the daemon's own
         :func:`bwpredd.state.build_state` from the observed windows."""
         _, point, low, high = self.forecasts()
-        return build_state(
+        states = build_state(
             self.window,
             point.astype(np.float32),
             low.astype(np.float32),
             high.astype(np.float32),
             self.step_s,
         )
+        return self._with_extra(states, self._index())
 
     def link(self) -> F64:
         """What the link will deliver this step, per lane (the oracle's view)."""
@@ -402,13 +429,14 @@ class LinkEnv:
         idx = self._offset[self.trace_idx] + np.minimum(
             self.t + 1, self._length[self.trace_idx] - 1
         )
-        return build_state(
+        states = build_state(
             window,
             self._flat["point"][idx].astype(np.float32),
             self._flat["low"][idx].astype(np.float32),
             self._flat["high"][idx].astype(np.float32),
             self.step_s,
         )
+        return self._with_extra(states, idx)
 
     def counterfactual(self, actions: I64) -> tuple[F32, F64]:
         """``(next_state, reward)`` had each lane taken ``actions`` instead;

@@ -2,8 +2,9 @@
 
 Written from measured numbers only: the policies' scores on the test and
 validation splits (:func:`trainer.evaluate_allocator.report`), the training
-metrics of :func:`trainer.train_agent.train_agent` and, when it was run,
-``trainer allocator-limits``' split of the gap. The forecaster's report is
+metrics of :func:`trainer.train_agent.train_agent` and, when they were run,
+``trainer allocator-limits``' split of the gap and ``trainer
+allocator-state``'s richer states. The forecaster's report is
 :mod:`trainer.report`.
 
 ``python -m trainer report-allocator`` rewrites the report for a shipped
@@ -174,6 +175,58 @@ def _limits_lines(limits: dict[str, Any], doc: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _state_lines(states: list[dict[str, Any]]) -> list[str]:
+    """The item "a richer state": ``allocator-state``'s arms on validation and
+    test, one row per arm and training seed (the runs share the split)."""
+    first = states[0]
+    cfg = first["config"]
+    variants = {v: k for st in states for v, k in st["variants"].items()}
+    seeds = ", ".join(str(st.get("train_seed", st["seed"])) for st in states)
+    lines = [
+        "## A richer state: the horizon forecaster's quantiles",
+        "",
+        "The same agent and budget as above (split seed "
+        f"{first['seed']}, {cfg['episodes']} episodes, one network; training seeds {seeds}), "
+        "trained on the shipped state and on the shipped state plus the horizon "
+        "forecaster's 10th/50th/90th percentiles of the mean bandwidth over the next k "
+        "steps, over the reference capacity (environment and reward unchanged); a variant "
+        f"must beat the shipped state on validation by more than {first.get('win_margin', 0.01)} "
+        "to count. Command: `python -m trainer allocator-state --traces TRACES --model MODEL "
+        f"--seed {first['seed']} [--train-seed N] --episodes {cfg['episodes']} --variants "
+        f"{','.join(variants)} --json reports/allocator_state.json --report "
+        "reports/allocator_state.md` (per source: `reports/allocator_state*.md`).",
+        "",
+        "| state | steps ahead | training seed | validation | test "
+        "| validation - shipped (90% interval) | test, real sources >= predict_then_optimise |",
+        "|---|---|---:|---:|---:|---|---:|",
+    ]
+    for st in states:
+        val, test = st["val"], st["test"]
+        arms = sorted(val["arms"], key=lambda a: (a != "shipped_state", a))
+        for arm in arms:
+            v, t = val["arms"][arm], test["arms"][arm]
+            ahead = ", ".join(str(k) for k in variants.get(arm, [])) or "-"
+            diff = ""
+            if "minus_shipped" in v:
+                lo, hi = v["minus_shipped_90ci"]
+                diff = f"{v['minus_shipped']:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+            w = t["wins_vs_predict_then_optimise"]
+            lines.append(
+                f"| {arm} | {ahead} | {st.get('train_seed', st['seed'])} | {v['ddqn']:.4f} "
+                f"| {t['ddqn']:.4f} | {diff} | {w['real_wins']} of {w['real_of']} |"
+            )
+    lines += [
+        f"| predict_then_optimise | | | {first['val']['predict_then_optimise']:.4f} "
+        f"| {first['test']['predict_then_optimise']:.4f} | | |",
+        "",
+    ]
+    lines += [
+        f"* training seed {st.get('train_seed', st['seed'])}: {st['verdict']}" for st in states
+    ]
+    lines.append("")
+    return lines
+
+
 def render_markdown(  # noqa: PLR0917 (the report's inputs)
     doc: dict[str, Any],
     val_doc: dict[str, Any],
@@ -181,6 +234,7 @@ def render_markdown(  # noqa: PLR0917 (the report's inputs)
     example: str,
     limits: dict[str, Any] | None = None,
     generated_by: str = "`trainer/train_agent.py` (`make train`)",
+    state: list[dict[str, Any]] | None = None,
 ) -> str:
     """``allocator.md``.
 
@@ -191,6 +245,7 @@ def render_markdown(  # noqa: PLR0917 (the report's inputs)
         example: ``source/name`` of the trace in ``allocator_example.png``.
         limits: ``allocator-limits``' JSON, if run.
         generated_by: the command that wrote the report.
+        state: ``allocator-state``'s JSONs (one per training seed), if run.
     """
     pol = doc["policies"]
     best, orig = doc["best_heuristic"], doc["best_original_heuristic"]
@@ -280,6 +335,8 @@ def render_markdown(  # noqa: PLR0917 (the report's inputs)
     lines.append("")
     if limits is not None:
         lines += _limits_lines(limits, doc)
+    if state:
+        lines += _state_lines(state)
     lines += [
         "![reward curve](allocator_reward.png)",
         "",
@@ -319,6 +376,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="allocator-limits' JSON to include (default: <reports>/allocator_limits.json "
         "if it exists)",
     )
+    parser.add_argument(
+        "--state",
+        type=Path,
+        nargs="*",
+        default=None,
+        help="allocator-state's JSONs to include, one per training seed (default: "
+        "<reports>/allocator_state*.json)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -353,6 +418,12 @@ def run(args: argparse.Namespace) -> int:
         train, val, test = training_split(args.traces, args.seed)
         limits_path = args.limits or args.reports / "allocator_limits.json"
         limits = json.loads(limits_path.read_text()) if limits_path.exists() else None
+        state_paths = (
+            args.state
+            if args.state is not None
+            else sorted(args.reports.glob("allocator_state*.json"))
+        )
+        state = [json.loads(p.read_text()) for p in state_paths]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         print(f"report-allocator: {exc!r}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -377,7 +448,7 @@ def run(args: argparse.Namespace) -> int:
         "manifest)"
     )
     (args.reports / "allocator.md").write_text(
-        render_markdown(test_doc, val_doc, metrics, example, limits, cmd)
+        render_markdown(test_doc, val_doc, metrics, example, limits, cmd, state)
     )
     print(
         f"test: ddqn {test_doc['policies']['ddqn']:.4f}, strongest heuristic "
