@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -22,6 +22,7 @@ import numpy.typing as npt
 from bwpredd.advise import Advice, CodecTable, advise_many, rank
 from bwpredd.answers import Answers, Replies, Reply, served
 from bwpredd.config import Config
+from bwpredd.eager import Eager
 from bwpredd.engine import SOURCE_LABELS as _SOURCE_NAMES
 from bwpredd.engine import Allocations, Engine, Forecasts, Source
 from bwpredd.errors import InvalidArgument, PeerNotFound, ResourceExhausted
@@ -93,6 +94,12 @@ class Core:
         )
         self.store.on_reset(self.scores.reset)
         self.answers = Answers(self.store)
+        # Answers computed right after a sample, for peers asked about alone.
+        self.eager = (
+            Eager(self.store, self.scores, self.answers, engine, metrics)
+            if config.eager_answers
+            else None
+        )
         self.watch = WatchHub(config.max_peers, config.max_watchers, config.max_watchers_per_peer)
         self.codecs = CodecTable.load()
         self._forecast_replies: Replies[Any] = Replies(self)
@@ -141,7 +148,10 @@ class Core:
             reasons[int(valid.index[j])] = (field, rule)
         accepted = int(result.accepted.sum())
         if accepted:
-            self._score(result.slots[result.accepted], valid.rows[result.accepted, BW])
+            slots = result.slots[result.accepted]
+            self._score(slots, valid.rows[result.accepted, BW])
+            if self.eager is not None:
+                self.eager.samples(slots)
             if len(self.watch):
                 ids = valid.peer_ids
                 self.watch.publish(ids[i] for i in np.flatnonzero(result.accepted).tolist())
@@ -259,6 +269,28 @@ class Core:
             answers.put_allocations(miss, al.action, al.capacity)
         return Allocations(answers.action[slots], answers.capacity[slots], fc.source, fc)
 
+    def _asked(self, peer_ids: Sequence[str], allocate: bool = False) -> None:
+        """A question named ``peer_ids``: one peer alone marks its interest
+        in eager answers (:mod:`bwpredd.eager`)."""
+        if self.eager is not None and len(peer_ids) == 1:
+            slot = self.store.slot(peer_ids[0])
+            if slot is not None:
+                self.eager.asked(slot, allocate)
+
+    def ready(self, peer_ids: Sequence[str]) -> Awaitable[None] | None:
+        """What to await before answering a question about ``peer_ids``: the
+        eager computation of their answers, when one is under way for the
+        windows they hold now; None when there is none (answer at once)."""
+        eager = self.eager
+        if eager is None or not eager.busy:
+            return None
+        return eager.wait(peer_ids)
+
+    def close(self) -> None:
+        """Stop the eager worker (at shutdown, after the last call)."""
+        if self.eager is not None:
+            self.eager.close()
+
     def stamp(self, peer_ids: list[str]) -> Stamp:
         """Where the answers of these known peers stand now: compare it later
         with :meth:`unchanged` to know whether an answer built from them (a
@@ -298,6 +330,7 @@ class Core:
             return reply
         ids = list(key)
         fc = self.forecast(ids)
+        self._asked(ids)
         return replies.put(key, build(ids, fc), fc.source)
 
     def allocation_reply(
@@ -317,6 +350,7 @@ class Core:
         if reply is None:
             ids = list(key)
             al = self.allocate(ids)
+            self._asked(ids, allocate=True)
             reply = replies.put(key, build(ids, al), al.source)
         return reply
 
@@ -390,6 +424,7 @@ class Core:
             )
         slots = self._slots(peer_ids)
         fc = self._forecast_slots(slots)
+        self._asked(peer_ids)
         windows, counts = self.store.gather(slots)
         covered = np.zeros(len(slots))
         found = self._horizon_curves(slots, windows, counts)
@@ -422,6 +457,7 @@ class Core:
         slots = self._slots(peer_ids)
         windows, counts = self.store.gather(slots)
         fc = self._forecast_slots(slots)
+        self._asked(peer_ids)
         advice = advise_many(
             peer_ids,
             fc.point,

@@ -103,6 +103,15 @@ class Metrics:
             namespace=namespace,
             registry=registry,
         )
+        self.eager = Counter(
+            "eager_answers_total",
+            "Peers whose answers were computed right after their sample, off the request "
+            "path (eager_answers), by outcome: stored, or dropped (the window or the model "
+            "changed before it finished, or a question computed it meanwhile).",
+            ["outcome"],
+            namespace=namespace,
+            registry=registry,
+        )
         self.model_info = Gauge(
             "model_info",
             "The model being served (value 1), by version.",

@@ -487,6 +487,8 @@ class Server:
         if self._server is not None:
             grace = 0 if self.force_exit else self.config.grace_period_s
             await self._server.stop(grace)
+        if self.core is not None:
+            self.core.close()
         if self.core is not None and self.state_dir is not None and await self.snapshot():
             log.info("snapshot_written", peers=len(self.core.store))
         if self._metrics_server is not None:

@@ -6,11 +6,18 @@ window one way (a sample, LRU eviction, idle expiry, a snapshot restore, a
 model reload) and checks, through a real server, that the next answer is the
 one computed afresh from the window the daemon now holds: NOT_FOUND for a
 peer that is gone, and the new window's forecast for a peer that came back.
+
+Eager answers (:mod:`bwpredd.eager`) write the same cache from a worker
+thread: :class:`TestEagerInFlight` makes each of those changes while a job
+is held on the worker (:class:`Gate`), and the differential test runs with
+them on and off.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +27,7 @@ import grpc
 import numpy as np
 import pytest
 
+from bwpredd import eager as eager_mod
 from bwpredd.client import Client, pb
 from bwpredd.engine import Engine
 from bwpredd.modeldir import DEFAULT_MODEL_DIR, load_model
@@ -96,6 +104,57 @@ def assert_current(client: Client, ref: Reference, peer_id: str) -> None:
     action, capacity = ref.allocate(peer)
     assert al.action == action
     np.testing.assert_allclose(al.reference_capacity_mbps, capacity, rtol=1e-5)
+
+
+def wait_until(check: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not reached")
+        time.sleep(0.005)
+
+
+def eager_idle(server: Server) -> None:
+    """Wait until no eager answer is queued or in flight."""
+    core = server.core
+    assert core is not None and core.eager is not None
+    eager = core.eager
+    wait_until(lambda: not on_loop(server, lambda: eager.busy))
+
+
+def eager_count(server: Server, outcome: str) -> float:
+    value = server.registry.get_sample_value("bwpredd_eager_answers_total", {"outcome": outcome})
+    return value or 0.0
+
+
+class Gate:
+    """Holds each eager job on the worker thread until released, then runs
+    the real computation: the window of a job in flight, as wide as a test
+    needs.
+
+    Args:
+        monkeypatch: replaces :func:`bwpredd.eager.compute` for the test.
+    """
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.real = eager_mod.compute
+        self.jobs: list[int] = []  # peers of each job begun, in order
+        self._sem = threading.Semaphore(0)
+        monkeypatch.setattr(eager_mod, "compute", self)
+
+    def __call__(self, model: Any, windows: Any, counts: Any, **kw: Any) -> Any:
+        self.jobs.append(len(windows))
+        if not self._sem.acquire(timeout=60):
+            raise TimeoutError("gate never opened")
+        return self.real(model, windows, counts, **kw)
+
+    def release(self, jobs: int = 1) -> None:
+        for _ in range(jobs):
+            self._sem.release()
+
+    def begun(self, jobs: int) -> None:
+        """Wait until ``jobs`` jobs have begun on the worker."""
+        wait_until(lambda: len(self.jobs) >= jobs)
 
 
 def fill(client: Client, peer: str, level: float, n: int = 10) -> None:
@@ -207,12 +266,17 @@ class TestDifferential:
     """A random mix of samples, evictions, Forecast and Allocate: every answer
     equals the one computed afresh from the window GetPeer shows."""
 
-    def test_random_operations(self, tmp_path: Path) -> None:
-        """300 random operations over 12 peer ids on a 6-peer table."""
+    @pytest.mark.parametrize("eager", [True, False], ids=["eager", "plain"])
+    def test_random_operations(self, tmp_path: Path, eager: bool) -> None:
+        """300 random operations over 12 peer ids on a 6-peer table; with
+        eager answers, some questions come while their answer is computed on
+        the worker and some after it was stored, and eager answers are
+        among those checked."""
         rng = np.random.default_rng(7)
         ids = [f"peer-{i}" for i in range(12)]
         now = int(time.time()) - 3000
-        with running_server(tmp_path, max_peers=6, guardrail=False) as (_, client):
+        settings = {"max_peers": 6, "guardrail": False, "eager_answers": eager}
+        with running_server(tmp_path, **settings) as (server, client):
             ref = Reference()
             for _ in range(300):
                 op = rng.integers(3)
@@ -227,6 +291,8 @@ class TestDifferential:
                             s.timestamp.seconds = now
                             batch.append(s)
                     assert client.push(batch).accepted == len(batch)
+                    if eager and rng.integers(2):
+                        eager_idle(server)  # the next question finds it stored
                     continue
                 tracked = {p.peer_id for p in client.peers()}
                 call = client.forecast if op == 1 else client.allocate
@@ -248,3 +314,145 @@ class TestDifferential:
                         action, capacity = ref.allocate(peer)
                         assert got.action == action
                         np.testing.assert_allclose(got.reference_capacity_mbps, capacity, rtol=1e-5)
+            stored = eager_count(server, "stored")
+            assert (stored >= 5) if eager else (stored == 0)
+
+
+class TestEagerInFlight:
+    """Each way a window changes, made while an eager job for it is held on
+    the worker: the job's result is dropped, and the answer served is the one
+    computed afresh from the window the daemon holds."""
+
+    def test_sample(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A second sample while the first one's job is in flight: that
+        result is never stored for the new window; the next job's is."""
+        gate = Gate(monkeypatch)
+        with running_server(tmp_path) as (server, client):
+            ref = Reference()
+            fill(client, "a", 100.0)
+            client.forecast(["a"])  # interest
+            client.push([sample("a", 400.0, latency_ms=5.0)])
+            gate.begun(1)
+            client.push([sample("a", 3000.0, latency_ms=50.0)])
+            gate.release()
+            gate.begun(2)  # the first job finished; the second holds
+            assert server.core is not None
+            core = server.core
+            slot = core.store.slot("a")
+            assert slot is not None
+            assert eager_count(server, "dropped") == 1
+            assert on_loop(server, lambda: bool(core.answers.stale(np.array([slot]))[0]))
+            gate.release()
+            eager_idle(server)
+            assert eager_count(server, "stored") == 1
+            assert_current(client, ref, "a")
+
+    def test_lru_eviction(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """The peer is evicted (and its slot given to another) while its job
+        runs: it is NOT_FOUND, the slot's new peer is answered from its own
+        window, and the returning peer from its new one."""
+        gate = Gate(monkeypatch)
+        with running_server(tmp_path, max_peers=512) as (server, client):
+            ref = Reference()
+            fill(client, "old-a", 100.0)
+            fill(client, "old-b", 200.0)
+            client.allocate(["old-a"])  # interest, allocation included
+            client.push([sample("old-a", 150.0, latency_ms=5.0)])
+            gate.begun(1)
+            client.push([sample(f"p{i}", 50.0) for i in range(510)])
+            client.push([sample("new", 7000.0) for _ in range(10)])  # evicts old-a, old-b
+            gate.release()
+            eager_idle(server)
+            assert eager_count(server, "dropped") == 1 and eager_count(server, "stored") == 0
+            assert not_found(lambda: client.forecast(["old-a"]))
+            assert not_found(lambda: client.allocate(["old-a"]))
+            assert_current(client, ref, "new")
+            client.push([sample("old-a", 9000.0) for _ in range(3)])
+            fc = client.forecast(["old-a"])[0]
+            assert fc.samples_in_window == 3 and fc.bandwidth_mbps == pytest.approx(9000.0)
+            assert_current(client, ref, "old-a")
+
+    def test_idle_expiry(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """The peer expires while its job runs: NOT_FOUND, then answered from
+        its new window when it returns."""
+        gate = Gate(monkeypatch)
+        with running_server(tmp_path, idle_expiry_s=1.0) as (server, client):
+            ref = Reference()
+            fill(client, "a", 100.0)
+            client.forecast(["a"])
+            client.push([sample("a", 120.0, latency_ms=5.0)])
+            gate.begun(1)
+            assert server.core is not None
+            core = server.core
+            time.sleep(1.2)
+            assert on_loop(server, core.expire_idle) == 1
+            gate.release()
+            eager_idle(server)
+            assert eager_count(server, "dropped") == 1
+            assert not_found(lambda: client.forecast(["a"]))
+            client.push([sample("a", 9000.0, latency_ms=5.0) for _ in range(3)])
+            assert client.forecast(["a"])[0].bandwidth_mbps == pytest.approx(9000.0)
+            assert_current(client, ref, "a")
+
+    def test_restore(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A snapshot restored while the job runs: the restored window is
+        answered, not the one the job read."""
+        gate = Gate(monkeypatch)
+        with running_server(tmp_path) as (server, client):
+            ref = Reference()
+            fill(client, "a", 100.0)
+            assert server.core is not None
+            store = server.core.store
+            snap = on_loop(server, store.snapshot)
+            client.forecast(["a"])
+            client.push([sample("a", 5000.0, latency_ms=5.0) for _ in range(10)])
+            gate.begun(1)
+            assert on_loop(server, lambda: store.restore(snap, time.time(), 3600.0)) == 1
+            gate.release()
+            eager_idle(server)
+            assert eager_count(server, "dropped") == 1
+            assert client.forecast(["a"])[0].bandwidth_mbps < 1000.0
+            assert_current(client, ref, "a")
+
+    def test_reload(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A model reloaded while a job runs on the old one: its result is
+        dropped, and the new model answers."""
+        gate = Gate(monkeypatch)
+        model_dir = make_model_dir(tmp_path / "model", version="v1", seed=1)
+        with running_server(tmp_path, model_dir=str(model_dir)) as (server, client):
+            fill(client, "a", 100.0)
+            client.allocate(["a"])
+            client.push([sample("a", 130.0, latency_ms=5.0)])
+            gate.begun(1)
+            make_model_dir(model_dir, version="v2", seed=2, forecast_scale=3.0)
+            loop = server._wake._loop  # type: ignore[union-attr]
+            assert asyncio.run_coroutine_threadsafe(server.reload(), loop).result(timeout=60)
+            gate.release()
+            eager_idle(server)
+            assert eager_count(server, "dropped") == 1 and eager_count(server, "stored") == 0
+            assert client.forecast(["a"])[0].model_version == "v2"
+            assert client.allocate(["a"])[0].model_version == "v2"
+            assert_current(client, Reference(model_dir), "a")
+
+    def test_question_waits(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A question that arrives while its answer is computed waits for
+        that computation and is answered by it (stored once, computed
+        nowhere else)."""
+        gate = Gate(monkeypatch)
+        with running_server(tmp_path) as (server, client):
+            ref = Reference()
+            fill(client, "a", 100.0)
+            client.allocate(["a"])
+            client.push([sample("a", 700.0, latency_ms=5.0)])
+            gate.begun(1)
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                asked = pool.submit(client.allocate, ["a"])
+                time.sleep(0.3)
+                assert not asked.done()  # held behind the job
+                gate.release()
+                al = asked.result(timeout=30)[0]
+            assert eager_count(server, "stored") == 1 and eager_count(server, "dropped") == 0
+            action, capacity = ref.allocate(client.peer("a"))
+            assert al.action == action
+            np.testing.assert_allclose(al.reference_capacity_mbps, capacity, rtol=1e-5)
+            assert_current(client, ref, "a")
