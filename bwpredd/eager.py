@@ -171,6 +171,7 @@ class Eager:
         self._executor: ThreadPoolExecutor | None = None
         self._closed = False
         self._running: _Job | None = None
+        self._scheduled = False  # a _start_soon is due on the loop
         self._queue: dict[int, None] = {}  # slots waiting for the next job, in order
         self._queue_done = asyncio.Event()
         # slot -> (the window version its pending answer is for, set when done)
@@ -216,7 +217,7 @@ class Eager:
         if not wanted.size:
             return
         try:
-            asyncio.get_running_loop()
+            loop = asyncio.get_running_loop()
         except RuntimeError:  # called off the event loop (a test): no worker
             return
         version = self.store.version
@@ -224,7 +225,16 @@ class Eager:
         for slot in wanted.tolist():
             queue[slot] = None
             waits[slot] = (version[slot], done)
-        if self._running is None:
+        if self._running is None and not self._scheduled:
+            # Once the handler that ingested them has handed its reply to
+            # grpc: on a busy machine a worker woken now could take the core
+            # the reply needs.
+            self._scheduled = True
+            loop.call_soon(self._start_soon)
+
+    def _start_soon(self) -> None:
+        self._scheduled = False
+        if self._running is None and not self._closed:
             self._start()
 
     def _start(self) -> None:
