@@ -57,6 +57,7 @@ from bwpredd.livescore import LiveScores
 from bwpredd.logging import RateLimitedLine, get_logger
 from bwpredd.metrics import Metrics
 from bwpredd.modeldir import LoadedModel
+from bwpredd.state import step_seconds
 from bwpredd.windows import WindowStore
 
 __all__ = ["EAGER_INTEREST_UPDATES", "EAGER_MAX_BATCH", "Eager", "compute", "take"]
@@ -68,6 +69,7 @@ EAGER_MAX_BATCH = 64  # peers in one job at most: a waiter waits for one job
 _NEVER = -(2**62)
 I64 = npt.NDArray[np.int64]
 F32 = npt.NDArray[np.float32]
+F64 = npt.NDArray[np.float64]
 BOOL = npt.NDArray[np.bool_]
 log = get_logger(__name__)
 
@@ -127,13 +129,14 @@ class _Job:
 
 
 def _run(
-    job: _Job, windows: F32, counts: I64, fallback: BOOL, step_s: F32
+    job: _Job, windows: F32, counts: I64, fallback: BOOL, times: F64
 ) -> tuple[Forecasts, I64, F32]:
-    """:func:`compute` for ``job``, on the worker thread."""
+    """:func:`compute` for ``job``, on the worker thread (``times``: the
+    sample times of the rows whose allocation is wanted)."""
     job.started = True
-    return compute(
-        job.model, windows, counts, fallback=fallback, alloc_rows=job.alloc_rows, step_s=step_s
-    )
+    rows = job.alloc_rows
+    step = step_seconds(times, counts[rows]) if rows.size else np.empty(0, np.float32)
+    return compute(job.model, windows, counts, fallback=fallback, alloc_rows=rows, step_s=step)
 
 
 class Eager:
@@ -171,7 +174,6 @@ class Eager:
         self._executor: ThreadPoolExecutor | None = None
         self._closed = False
         self._running: _Job | None = None
-        self._scheduled = False  # a _start_soon is due on the loop
         self._queue: dict[int, None] = {}  # slots waiting for the next job, in order
         self._queue_done = asyncio.Event()
         # slot -> (the window version its pending answer is for, set when done)
@@ -217,7 +219,7 @@ class Eager:
         if not wanted.size:
             return
         try:
-            loop = asyncio.get_running_loop()
+            asyncio.get_running_loop()
         except RuntimeError:  # called off the event loop (a test): no worker
             return
         version = self.store.version
@@ -225,22 +227,17 @@ class Eager:
         for slot in wanted.tolist():
             queue[slot] = None
             waits[slot] = (version[slot], done)
-        if self._running is None and not self._scheduled:
-            # Once the handler that ingested them has handed its reply to
-            # grpc: on a busy machine a worker woken now could take the core
-            # the reply needs.
-            self._scheduled = True
-            loop.call_soon(self._start_soon)
-
-    def _start_soon(self) -> None:
-        self._scheduled = False
-        if self._running is None and not self._closed:
+        if self._running is None:
+            # Now, from inside the ingesting call: the job's inputs cost
+            # tens of microseconds to copy, and started after the reply
+            # (call_soon) it began hundreds of microseconds later, too late
+            # for the question that follows the reply.
             self._start()
 
     def _start(self) -> None:
         """Start a job on the peers waiting (at most ``EAGER_MAX_BATCH``),
-        skipping those with nothing left to compute."""
-        queue, waits, store, answers = self._queue, self._waits, self.store, self.answers
+        skipping those released or changed since they were queued."""
+        queue, waits, store = self._queue, self._waits, self.store
         version = store.version
         while queue:
             done = self._queue_done
@@ -262,25 +259,18 @@ class Eager:
                     del waits[slot]
                 else:
                     slots.append(slot)
-            arr = np.asarray(slots, dtype=np.int64)
-            want_alloc = store.versions[arr] - self._allocate_at[arr] <= EAGER_INTEREST_UPDATES
-            alloc_rows = np.flatnonzero(want_alloc)
-            # Answers already current (a question computed them inline) stay.
-            stale = arr.size and (
-                answers.stale(arr).any() or answers.alloc_stale(arr[alloc_rows]).any()
-            )
-            if stale:
-                self._submit(arr, alloc_rows, done)
+            if slots:
+                arr = np.asarray(slots, dtype=np.int64)
+                want_alloc = store.versions[arr] - self._allocate_at[arr] <= EAGER_INTEREST_UPDATES
+                self._submit(arr, np.flatnonzero(want_alloc), done)
                 return
-            for slot in slots:
-                del waits[slot]
             done.set()
 
     def _submit(self, slots: I64, alloc_rows: I64, done: asyncio.Event) -> None:
         """Copy the inputs of ``slots`` and run the job on the worker."""
         store, answers = self.store, self.answers
         windows, counts = store.gather(slots)
-        step = store.step_s(slots[alloc_rows]) if alloc_rows.size else np.empty(0, np.float32)
+        times = store.times(slots[alloc_rows]) if alloc_rows.size else np.empty((0, 0))
         job = _Job(
             slots,
             store.versions[slots].copy(),
@@ -293,7 +283,7 @@ class Eager:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="bwpredd-eager")
         loop = asyncio.get_running_loop()
         future = self._executor.submit(
-            _run, job, windows, counts, self.scores.fallback_mask(slots), step
+            _run, job, windows, counts, self.scores.fallback_mask(slots), times
         )
         self._running = job
 
@@ -323,17 +313,20 @@ class Eager:
             # does its allocation's input: an allocation is stored only with
             # the forecast it was computed from.
             store_fc = current & answers.stale(slots)
-            fc_rows = np.flatnonzero(store_fc)
-            if fc_rows.size:
-                answers.put(slots[fc_rows], take(fc, fc_rows))
-            al_keep = store_fc[job.alloc_rows] & answers.alloc_stale(slots[job.alloc_rows])
-            if al_keep.any():
-                rows = job.alloc_rows[al_keep]
-                answers.put_allocations(slots[rows], action[al_keep], capacity[al_keep])
-            if fc_rows.size:
-                self._stored.inc(int(fc_rows.size))
-            if fc_rows.size < len(slots):
-                self._dropped.inc(len(slots) - int(fc_rows.size))
+            n, k = int(store_fc.sum()), len(slots)
+            if n == k:  # the common case: no rows to pick
+                answers.put(slots, fc)
+            elif n:
+                answers.put(slots[store_fc], take(fc, np.flatnonzero(store_fc)))
+            if job.alloc_rows.size and n:
+                keep = store_fc[job.alloc_rows]
+                if n < k:
+                    action, capacity = action[keep], capacity[keep]
+                answers.put_allocations(slots[job.alloc_rows[keep]], action, capacity)
+            if n:
+                self._stored.inc(n)
+            if n < k:
+                self._dropped.inc(k - n)
         waits = self._waits
         for slot in job.slots.tolist():
             entry = waits.get(slot)
