@@ -133,10 +133,9 @@ class Config:
     guardrail: bool = True
     guardrail_margin: float = 0.1
     guardrail_steps: int = 20
-    # Compute a peer's forecast (and allocation) right after its new sample,
-    # off the request path, when it was asked about on its own after one of
-    # its last 2 updates (bwpredd.eager); a question arriving meanwhile waits
-    # for that result instead of computing it again.
+    # Compute a peer's forecast (and allocation) right after its new samples,
+    # before the question about it arrives, when it was asked about on its
+    # own after one of its last 2 updates (bwpredd.eager).
     eager_answers: bool = True
     # Watch the model directory's manifest and reload when it changes.
     watch_model_dir: bool = False

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -277,17 +277,8 @@ class Core:
             if slot is not None:
                 self.eager.asked(slot, allocate)
 
-    def ready(self, peer_ids: Sequence[str]) -> Awaitable[None] | None:
-        """What to await before answering a question about ``peer_ids``: the
-        eager computation of their answers, when one is under way for the
-        windows they hold now; None when there is none (answer at once)."""
-        eager = self.eager
-        if eager is None or not eager.busy:
-            return None
-        return eager.wait(peer_ids)
-
     def close(self) -> None:
-        """Stop the eager worker (at shutdown, after the last call)."""
+        """Stop eager answers (at shutdown, after the last call)."""
         if self.eager is not None:
             self.eager.close()
 

@@ -105,9 +105,9 @@ class Metrics:
         )
         self.eager = Counter(
             "eager_answers_total",
-            "Peers whose answers were computed right after their sample, off the request "
-            "path (eager_answers), by outcome: stored, or dropped (the window or the model "
-            "changed before it finished, or a question computed it meanwhile).",
+            "Peers queued for eager answers (eager_answers) right after their samples, by "
+            "outcome: computed, or skipped (a question had computed them first, or the "
+            "peer's window changed or went away before the computation ran).",
             ["outcome"],
             namespace=namespace,
             registry=registry,

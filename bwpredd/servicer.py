@@ -216,9 +216,6 @@ class BandwidthPredictorServicer(pb_grpc.BandwidthPredictorServiceServicer):
         self, request: pb.ForecastRequest, context: Any, detail: dict[str, Any]
     ) -> pb.ForecastResponse:
         detail["peers"] = len(request.peer_ids)
-        ready = self.core.ready(request.peer_ids)
-        if ready is not None:  # its answer is being computed: take that one
-            await ready
         if request.horizon_seconds != 0:  # NaN too: the core names the rule
             detail["horizon_seconds"] = request.horizon_seconds
             peer_ids = list(request.peer_ids)
@@ -234,9 +231,6 @@ class BandwidthPredictorServicer(pb_grpc.BandwidthPredictorServiceServicer):
         self, request: pb.AllocateRequest, context: Any, detail: dict[str, Any]
     ) -> pb.AllocateResponse:
         detail["peers"] = len(request.peer_ids)
-        ready = self.core.ready(request.peer_ids)
-        if ready is not None:
-            await ready
         reply = self.core.allocation_reply(request.peer_ids, _allocate_response)
         if self.log_rpcs:
             detail["sources"] = reply.sources
@@ -307,9 +301,6 @@ class BandwidthPredictorServicer(pb_grpc.BandwidthPredictorServiceServicer):
         self, request: pb.AdviseRequest, context: Any, detail: dict[str, Any]
     ) -> pb.AdviseResponse:
         check_peer_id(request.peer_id)
-        ready = self.core.ready([request.peer_id])
-        if ready is not None:
-            await ready
         advice, fc = self.core.advise(
             [request.peer_id],
             request.payload_bytes,
@@ -323,9 +314,6 @@ class BandwidthPredictorServicer(pb_grpc.BandwidthPredictorServiceServicer):
         self, request: pb.RankPeersRequest, context: Any, detail: dict[str, Any]
     ) -> pb.RankPeersResponse:
         peer_ids = list(request.peer_ids)
-        ready = self.core.ready(peer_ids)
-        if ready is not None:
-            await ready
         ranked, fc = self.core.rank_peers(
             peer_ids,
             request.payload_bytes,

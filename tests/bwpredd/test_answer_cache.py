@@ -7,17 +7,15 @@ model reload) and checks, through a real server, that the next answer is the
 one computed afresh from the window the daemon now holds: NOT_FOUND for a
 peer that is gone, and the new window's forecast for a peer that came back.
 
-Eager answers (:mod:`bwpredd.eager`) write the same cache from a worker
-thread: :class:`TestEagerInFlight` makes each of those changes while a job
-is held on the worker (:class:`Gate`), and the differential test runs with
-them on and off.
+Eager answers (:mod:`bwpredd.eager`) write the same cache from a callback
+the event loop runs right after the ingesting call: :class:`TestEagerPending`
+makes each of those changes between a sample and that callback, and the
+differential test runs with eager answers on and off.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,11 +25,11 @@ import grpc
 import numpy as np
 import pytest
 
-from bwpredd import eager as eager_mod
 from bwpredd.client import Client, pb
 from bwpredd.engine import Engine
 from bwpredd.modeldir import DEFAULT_MODEL_DIR, load_model
 from bwpredd.server import Server
+from bwpredd.servicer import extract_batch
 from bwpredd.state import step_seconds
 from tests.conftest_models import make_model_dir
 from tests.helpers import running_server, sample
@@ -106,20 +104,15 @@ def assert_current(client: Client, ref: Reference, peer_id: str) -> None:
     np.testing.assert_allclose(al.reference_capacity_mbps, capacity, rtol=1e-5)
 
 
-def wait_until(check: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not reached")
-        time.sleep(0.005)
-
-
 def eager_idle(server: Server) -> None:
-    """Wait until no eager answer is queued or in flight."""
+    """Let the event loop run the eager callbacks due (nothing queued)."""
     core = server.core
     assert core is not None and core.eager is not None
     eager = core.eager
-    wait_until(lambda: not on_loop(server, lambda: eager.busy))
+    deadline = time.monotonic() + 30
+    while on_loop(server, lambda: eager.pending):
+        assert time.monotonic() < deadline, "eager answers never ran"
+        time.sleep(0.005)
 
 
 def eager_count(server: Server, outcome: str) -> float:
@@ -127,34 +120,11 @@ def eager_count(server: Server, outcome: str) -> float:
     return value or 0.0
 
 
-class Gate:
-    """Holds each eager job on the worker thread until released, then runs
-    the real computation: the window of a job in flight, as wide as a test
-    needs.
-
-    Args:
-        monkeypatch: replaces :func:`bwpredd.eager.compute` for the test.
-    """
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.real = eager_mod.compute
-        self.jobs: list[int] = []  # peers of each job begun, in order
-        self._sem = threading.Semaphore(0)
-        monkeypatch.setattr(eager_mod, "compute", self)
-
-    def __call__(self, model: Any, windows: Any, counts: Any, **kw: Any) -> Any:
-        self.jobs.append(len(windows))
-        if not self._sem.acquire(timeout=60):
-            raise TimeoutError("gate never opened")
-        return self.real(model, windows, counts, **kw)
-
-    def release(self, jobs: int = 1) -> None:
-        for _ in range(jobs):
-            self._sem.release()
-
-    def begun(self, jobs: int) -> None:
-        """Wait until ``jobs`` jobs have begun on the worker."""
-        wait_until(lambda: len(self.jobs) >= jobs)
+def ingest(server: Server, *samples: pb.Sample) -> None:
+    """Ingest on the event loop, as PushSamples does (for a callback that
+    changes something else before the eager callback runs)."""
+    assert server.core is not None
+    assert server.core.ingest(extract_batch(samples)).accepted == len(samples)
 
 
 def fill(client: Client, peer: str, level: float, n: int = 10) -> None:
@@ -269,9 +239,9 @@ class TestDifferential:
     @pytest.mark.parametrize("eager", [True, False], ids=["eager", "plain"])
     def test_random_operations(self, tmp_path: Path, eager: bool) -> None:
         """300 random operations over 12 peer ids on a 6-peer table; with
-        eager answers, some questions come while their answer is computed on
-        the worker and some after it was stored, and eager answers are
-        among those checked."""
+        eager answers, questions come right after the samples and after the
+        eager computation has run, and eager answers are among those
+        checked."""
         rng = np.random.default_rng(7)
         ids = [f"peer-{i}" for i in range(12)]
         now = int(time.time()) - 3000
@@ -314,56 +284,54 @@ class TestDifferential:
                         action, capacity = ref.allocate(peer)
                         assert got.action == action
                         np.testing.assert_allclose(got.reference_capacity_mbps, capacity, rtol=1e-5)
-            stored = eager_count(server, "stored")
-            assert (stored >= 5) if eager else (stored == 0)
+            computed = eager_count(server, "computed")
+            assert (computed >= 5) if eager else (computed == 0)
 
 
-class TestEagerInFlight:
-    """Each way a window changes, made while an eager job for it is held on
-    the worker: the job's result is dropped, and the answer served is the one
-    computed afresh from the window the daemon holds."""
+class TestEagerPending:
+    """Each way a window changes, made on the event loop between a peer's
+    sample and the eager callback that follows it: the answer served is the
+    one computed afresh from the window the daemon holds."""
 
-    def test_sample(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-        """A second sample while the first one's job is in flight: that
-        result is never stored for the new window; the next job's is."""
-        gate = Gate(monkeypatch)
+    def test_sample(self, tmp_path: Path) -> None:
+        """A second sample before the callback: the peer is computed once,
+        for the newest window."""
         with running_server(tmp_path) as (server, client):
             ref = Reference()
             fill(client, "a", 100.0)
             client.forecast(["a"])  # interest
-            client.push([sample("a", 400.0, latency_ms=5.0)])
-            gate.begun(1)
-            client.push([sample("a", 3000.0, latency_ms=50.0)])
-            gate.release()
-            gate.begun(2)  # the first job finished; the second holds
-            assert server.core is not None
-            core = server.core
-            slot = core.store.slot("a")
-            assert slot is not None
-            assert eager_count(server, "dropped") == 1
-            assert on_loop(server, lambda: bool(core.answers.stale(np.array([slot]))[0]))
-            gate.release()
+            on_loop(
+                server,
+                lambda: (
+                    ingest(server, sample("a", 400.0, latency_ms=5.0)),
+                    ingest(server, sample("a", 3000.0, latency_ms=50.0)),
+                ),
+            )
             eager_idle(server)
-            assert eager_count(server, "stored") == 1
+            assert eager_count(server, "computed") == 1
             assert_current(client, ref, "a")
 
-    def test_lru_eviction(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-        """The peer is evicted (and its slot given to another) while its job
-        runs: it is NOT_FOUND, the slot's new peer is answered from its own
-        window, and the returning peer from its new one."""
-        gate = Gate(monkeypatch)
+    def test_lru_eviction(self, tmp_path: Path) -> None:
+        """The peer is evicted (and its slot given to another) before the
+        callback: it is skipped, the peer is NOT_FOUND, the slot's new peer
+        is answered from its own window, the returning peer from its new
+        one."""
         with running_server(tmp_path, max_peers=512) as (server, client):
             ref = Reference()
             fill(client, "old-a", 100.0)
             fill(client, "old-b", 200.0)
             client.allocate(["old-a"])  # interest, allocation included
-            client.push([sample("old-a", 150.0, latency_ms=5.0)])
-            gate.begun(1)
-            client.push([sample(f"p{i}", 50.0) for i in range(510)])
-            client.push([sample("new", 7000.0) for _ in range(10)])  # evicts old-a, old-b
-            gate.release()
+            others = [sample(f"p{i}", 50.0) for i in range(510)]
+            on_loop(
+                server,
+                lambda: (
+                    ingest(server, sample("old-a", 150.0, latency_ms=5.0)),
+                    ingest(server, *others),
+                    ingest(server, *[sample("new", 7000.0) for _ in range(10)]),  # evicts old-a
+                ),
+            )
             eager_idle(server)
-            assert eager_count(server, "dropped") == 1 and eager_count(server, "stored") == 0
+            assert eager_count(server, "skipped") == 1 and eager_count(server, "computed") == 0
             assert not_found(lambda: client.forecast(["old-a"]))
             assert not_found(lambda: client.allocate(["old-a"]))
             assert_current(client, ref, "new")
@@ -372,32 +340,32 @@ class TestEagerInFlight:
             assert fc.samples_in_window == 3 and fc.bandwidth_mbps == pytest.approx(9000.0)
             assert_current(client, ref, "old-a")
 
-    def test_idle_expiry(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-        """The peer expires while its job runs: NOT_FOUND, then answered from
-        its new window when it returns."""
-        gate = Gate(monkeypatch)
+    def test_idle_expiry(self, tmp_path: Path) -> None:
+        """The peer expires before the callback: skipped, NOT_FOUND, then
+        answered from its new window when it returns."""
         with running_server(tmp_path, idle_expiry_s=1.0) as (server, client):
             ref = Reference()
             fill(client, "a", 100.0)
             client.forecast(["a"])
-            client.push([sample("a", 120.0, latency_ms=5.0)])
-            gate.begun(1)
             assert server.core is not None
-            core = server.core
-            time.sleep(1.2)
-            assert on_loop(server, core.expire_idle) == 1
-            gate.release()
+            store = server.core.store
+            on_loop(
+                server,
+                lambda: (
+                    ingest(server, sample("a", 120.0, latency_ms=5.0)),
+                    store.expire_idle(time.time() + 60.0, 1.0),
+                ),
+            )
             eager_idle(server)
-            assert eager_count(server, "dropped") == 1
+            assert eager_count(server, "skipped") == 1 and eager_count(server, "computed") == 0
             assert not_found(lambda: client.forecast(["a"]))
             client.push([sample("a", 9000.0, latency_ms=5.0) for _ in range(3)])
             assert client.forecast(["a"])[0].bandwidth_mbps == pytest.approx(9000.0)
             assert_current(client, ref, "a")
 
-    def test_restore(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-        """A snapshot restored while the job runs: the restored window is
-        answered, not the one the job read."""
-        gate = Gate(monkeypatch)
+    def test_restore(self, tmp_path: Path) -> None:
+        """A snapshot restored before the callback: skipped; the restored
+        window is answered, not the one the sample made."""
         with running_server(tmp_path) as (server, client):
             ref = Reference()
             fill(client, "a", 100.0)
@@ -405,54 +373,60 @@ class TestEagerInFlight:
             store = server.core.store
             snap = on_loop(server, store.snapshot)
             client.forecast(["a"])
-            client.push([sample("a", 5000.0, latency_ms=5.0) for _ in range(10)])
-            gate.begun(1)
-            assert on_loop(server, lambda: store.restore(snap, time.time(), 3600.0)) == 1
-            gate.release()
+            on_loop(
+                server,
+                lambda: (
+                    ingest(server, *[sample("a", 5000.0, latency_ms=5.0) for _ in range(10)]),
+                    store.restore(snap, time.time(), 3600.0),
+                ),
+            )
             eager_idle(server)
-            assert eager_count(server, "dropped") == 1
+            assert eager_count(server, "skipped") == 1 and eager_count(server, "computed") == 0
             assert client.forecast(["a"])[0].bandwidth_mbps < 1000.0
             assert_current(client, ref, "a")
 
-    def test_reload(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-        """A model reloaded while a job runs on the old one: its result is
-        dropped, and the new model answers."""
-        gate = Gate(monkeypatch)
+    def test_reload(self, tmp_path: Path) -> None:
+        """A model swapped in between the sample and the callback: the new
+        model computes, and answers."""
         model_dir = make_model_dir(tmp_path / "model", version="v1", seed=1)
         with running_server(tmp_path, model_dir=str(model_dir)) as (server, client):
             fill(client, "a", 100.0)
             client.allocate(["a"])
-            client.push([sample("a", 130.0, latency_ms=5.0)])
-            gate.begun(1)
             make_model_dir(model_dir, version="v2", seed=2, forecast_scale=3.0)
-            loop = server._wake._loop  # type: ignore[union-attr]
-            assert asyncio.run_coroutine_threadsafe(server.reload(), loop).result(timeout=60)
-            gate.release()
+            v2 = load_model(model_dir, 1)
+            assert server.core is not None
+            core = server.core
+            on_loop(
+                server,
+                lambda: (ingest(server, sample("a", 130.0, latency_ms=5.0)), core.swap_model(v2)),
+            )
             eager_idle(server)
-            assert eager_count(server, "dropped") == 1 and eager_count(server, "stored") == 0
+            assert eager_count(server, "computed") == 1
             assert client.forecast(["a"])[0].model_version == "v2"
             assert client.allocate(["a"])[0].model_version == "v2"
             assert_current(client, Reference(model_dir), "a")
 
-    def test_question_waits(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-        """A question that arrives while its answer is computed waits for
-        that computation and is answered by it (stored once, computed
-        nowhere else)."""
-        gate = Gate(monkeypatch)
+    def test_question_first(self, tmp_path: Path) -> None:
+        """A question answered before the callback runs computes inline;
+        the callback then has nothing to compute and changes nothing."""
         with running_server(tmp_path) as (server, client):
             ref = Reference()
             fill(client, "a", 100.0)
             client.allocate(["a"])
-            client.push([sample("a", 700.0, latency_ms=5.0)])
-            gate.begun(1)
-            with concurrent.futures.ThreadPoolExecutor(1) as pool:
-                asked = pool.submit(client.allocate, ["a"])
-                time.sleep(0.3)
-                assert not asked.done()  # held behind the job
-                gate.release()
-                al = asked.result(timeout=30)[0]
-            assert eager_count(server, "stored") == 1 and eager_count(server, "dropped") == 0
-            action, capacity = ref.allocate(client.peer("a"))
-            assert al.action == action
-            np.testing.assert_allclose(al.reference_capacity_mbps, capacity, rtol=1e-5)
+            assert server.core is not None
+            core = server.core
+
+            def sample_then_ask() -> tuple[float, float]:
+                ingest(server, sample("a", 700.0, latency_ms=5.0))
+                al = core.allocate(["a"])
+                return float(al.forecasts.point[0]), float(al.capacity[0])
+
+            asked = on_loop(server, sample_then_ask)
+            eager_idle(server)
+            assert eager_count(server, "skipped") == 1 and eager_count(server, "computed") == 0
+            fc = client.forecast(["a"])[0]
+            assert (fc.bandwidth_mbps, client.allocate(["a"])[0].reference_capacity_mbps) == (
+                pytest.approx(asked[0]),
+                pytest.approx(asked[1]),
+            )
             assert_current(client, ref, "a")

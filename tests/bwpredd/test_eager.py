@@ -1,9 +1,9 @@
-"""Eager answers (bwpredd.eager): which peers get them, how jobs are batched,
+"""Eager answers (bwpredd.eager): which peers get them, how they are batched,
 and that they are the answers the plain path gives, through a real server.
 
-The cache's correctness under every way a window changes while a job is in
-flight is in ``test_answer_cache.py`` (``TestEagerInFlight`` and the
-differential test).
+The cache's correctness under every way a window changes between a sample
+and its eager computation is in ``test_answer_cache.py``
+(``TestEagerPending`` and the differential test).
 """
 
 from __future__ import annotations
@@ -15,19 +15,18 @@ import numpy as np
 import pytest
 from structlog.testing import capture_logs
 
-from bwpredd import eager as eager_mod
 from bwpredd.cli import _parser
 from bwpredd.client import Client, pb
 from bwpredd.config import Config
-from bwpredd.eager import EAGER_INTEREST_UPDATES, EAGER_MAX_BATCH
+from bwpredd.eager import EAGER_INTEREST_UPDATES, EAGER_MAX_BATCH, Eager
 from bwpredd.server import Server
 from tests.bwpredd.test_answer_cache import (
-    Gate,
     Reference,
     assert_current,
     eager_count,
     eager_idle,
     fill,
+    ingest,
     on_loop,
 )
 from tests.helpers import running_server, sample
@@ -70,7 +69,7 @@ class TestInterest:
             push_one(client, "a", 130.0)
             eager_idle(server)
             assert fresh(server, "a") == (True, True)
-            assert eager_count(server, "stored") == 2
+            assert eager_count(server, "computed") == 2
 
     def test_interest_lapses(self, tmp_path: Path) -> None:
         """An ask makes the next EAGER_INTEREST_UPDATES updates eager and
@@ -81,11 +80,11 @@ class TestInterest:
             for i in range(EAGER_INTEREST_UPDATES + 2):
                 push_one(client, "a", 100.0 + i)
                 eager_idle(server)
-            assert eager_count(server, "stored") == EAGER_INTEREST_UPDATES
+            assert eager_count(server, "computed") == EAGER_INTEREST_UPDATES
             client.allocate(["a"])
             push_one(client, "a", 90.0)
             eager_idle(server)
-            assert eager_count(server, "stored") == EAGER_INTEREST_UPDATES + 1
+            assert eager_count(server, "computed") == EAGER_INTEREST_UPDATES + 1
 
     def test_update_is_a_request(self, tmp_path: Path) -> None:
         """Several samples of the peer in one request are one update: a peer
@@ -97,7 +96,7 @@ class TestInterest:
                 batch = [sample("a", 100.0 + i + 0.1 * k, latency_ms=5.0) for k in range(5)]
                 assert client.push(batch).accepted == 5
                 eager_idle(server)
-            assert eager_count(server, "stored") == 4
+            assert eager_count(server, "computed") == 4
 
     def test_advise_marks_interest(self, tmp_path: Path) -> None:
         """Advise for one peer marks it, as Forecast does."""
@@ -122,12 +121,12 @@ class TestInterest:
                 assert client.push([sample(p, 140.0) for p in peers]).accepted == len(peers)
             assert server.core is not None and server.core.eager is not None
             eager = server.core.eager
-            assert not on_loop(server, lambda: eager.busy)
-            assert eager_count(server, "stored") == eager_count(server, "dropped") == 0
+            assert on_loop(server, lambda: eager.pending) == 0
+            assert eager_count(server, "computed") == eager_count(server, "skipped") == 0
             assert fresh(server, "p0") == (False, False)
 
     def test_off(self, tmp_path: Path) -> None:
-        """eager_answers = false: no worker, nothing computed early, the
+        """eager_answers = false: nothing computed early, the
         same answers."""
         with running_server(tmp_path, eager_answers=False) as (server, client):
             assert server.core is not None and server.core.eager is None
@@ -136,51 +135,62 @@ class TestInterest:
             push_one(client, "a", 120.0)
             assert fresh(server, "a") == (False, False)
             assert_current(client, Reference(), "a")
-            assert eager_count(server, "stored") == 0
+            assert eager_count(server, "computed") == 0
+
+
+class Batches:
+    """Records the peers of each eager computation (the real one runs)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.sizes: list[int] = []
+        real = Eager.compute
+
+        def compute(eager: Eager, slots: np.ndarray, alloc: np.ndarray) -> int:
+            self.sizes.append(len(slots))
+            return real(eager, slots, alloc)
+
+        monkeypatch.setattr(Eager, "compute", compute)
 
 
 class TestBatching:
-    """Peers noted while a job runs are computed together in the next."""
+    """The peers noted before the callback runs are computed together."""
 
     def test_coalesced(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-        """Samples for 5 peers arriving while another peer's job runs are
-        computed in one job of 5, whose answers equal the plain ones."""
-        gate = Gate(monkeypatch)
+        """Samples for 6 peers in two ingest calls before the callback runs
+        are computed in one batch of 6, whose answers equal the plain ones."""
+        batches = Batches(monkeypatch)
         with running_server(tmp_path) as (server, client):
             ref = Reference()
             peers = [f"p{i}" for i in range(6)]
             for i, p in enumerate(peers):
                 fill(client, p, 10.0 * 3**i)
                 client.allocate([p])
-            push_one(client, "p0", 5.0)
-            gate.begun(1)
-            batch = [sample(p, 20.0 * 3**i, latency_ms=5.0) for i, p in enumerate(peers[1:])]
-            assert client.push(batch).accepted == 5
-            gate.release(2)
+            rest = [sample(p, 20.0 * 3**i, latency_ms=5.0) for i, p in enumerate(peers[1:])]
+            on_loop(
+                server,
+                lambda: (ingest(server, sample("p0", 5.0, latency_ms=5.0)), ingest(server, *rest)),
+            )
             eager_idle(server)
-            assert gate.jobs == [1, 5]
-            assert eager_count(server, "stored") == 6
+            assert batches.sizes == [6]
+            assert eager_count(server, "computed") == 6
             for p in peers:
                 assert fresh(server, p) == (True, True)
                 assert_current(client, ref, p)
 
     def test_batch_cap(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-        """More peers waiting than EAGER_MAX_BATCH go in several jobs, and a
-        question about a peer of a later job waits for its own job."""
-        gate = Gate(monkeypatch)
+        """More peers than EAGER_MAX_BATCH are computed in several
+        callbacks, each at most EAGER_MAX_BATCH."""
+        batches = Batches(monkeypatch)
         n = EAGER_MAX_BATCH + 6
         with running_server(tmp_path) as (server, client):
             peers = [f"p{i:03d}" for i in range(n)]
             assert client.push([sample(p, 50.0) for p in peers for _ in range(10)]).accepted
             for p in peers:
                 client.forecast([p])
-            push_one(client, "p000", 70.0)
-            gate.begun(1)
-            assert client.push([sample(p, 60.0) for p in peers[1:]]).accepted == n - 1
-            gate.release(3)
+            assert client.push([sample(p, 60.0) for p in peers]).accepted == n
             eager_idle(server)
-            assert gate.jobs == [1, EAGER_MAX_BATCH, n - 1 - EAGER_MAX_BATCH]
-            assert eager_count(server, "stored") == n
+            assert batches.sizes == [EAGER_MAX_BATCH, n - EAGER_MAX_BATCH]
+            assert eager_count(server, "computed") == n
             assert_current(client, Reference(), peers[-1])
 
 
@@ -223,17 +233,17 @@ class TestSameAnswers:
                         b = c_off.stub.Advise(req, timeout=10).advice
                         assert a == b
                         sources.add(a.forecast.source)
-            assert eager_count(on, "stored") > 50
+            assert eager_count(on, "computed") > 50
             assert MODEL in sources
 
-    def test_worker_failure(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-        """A job that fails logs a warning (rate-limited) and the question
-        is answered inline, correctly."""
+    def test_failure(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """An eager computation that fails logs a warning (rate-limited) and
+        the question is answered inline, correctly."""
 
-        def broken(*args: object, **kwargs: object) -> None:
+        def broken(*args: object, **kwargs: object) -> int:
             raise RuntimeError("broken on purpose")
 
-        monkeypatch.setattr(eager_mod, "compute", broken)
+        monkeypatch.setattr(Eager, "compute", broken)
         with capture_logs() as logs, running_server(tmp_path) as (server, client):
             fill(client, "a", 100.0)
             client.allocate(["a"])
@@ -243,7 +253,7 @@ class TestSameAnswers:
                 assert_current(client, Reference(), "a")
         failed = [e for e in logs if e["event"] == "eager_answers_failed"]
         assert len(failed) == 1 and "broken on purpose" in failed[0]["error"]
-        assert eager_count(server, "stored") == 0
+        assert eager_count(server, "computed") == 0
 
 
 class TestConfig:
