@@ -208,15 +208,20 @@ class Eager:
         """
         engine, store, answers = self.engine, self.store, self.answers
         stale = answers.stale(slots)
+        al_stale = alloc & answers.alloc_stale(slots)
         miss = slots[stale]
+        fc: Forecasts | None = None
         if miss.size:
             windows, counts = store.gather(miss)
-            answers.put(miss, engine.forecast(windows, counts, self.scores.fallback_mask(miss)))
-        al_stale = alloc & answers.alloc_stale(slots)
+            fc = engine.forecast(windows, counts, self.scores.fallback_mask(miss))
+            answers.put(miss, fc)
         al_miss = slots[al_stale]
         if al_miss.size:
-            windows, counts = store.gather(al_miss)
-            fc: Forecasts = answers.get(al_miss, engine.version)
+            # The same peers as the forecasts just computed (an Allocate's
+            # peer, the common case): their windows and forecasts as they are.
+            if fc is None or not np.array_equal(stale, al_stale):
+                windows, counts = store.gather(al_miss)
+                fc = answers.get(al_miss, engine.version)
             al = engine.allocate(windows, counts, fc, store.step_s(al_miss))
             answers.put_allocations(al_miss, al.action, al.capacity)
         return int(np.count_nonzero(stale | al_stale))
