@@ -18,8 +18,8 @@ Why on the event loop and not a worker thread: both were built and measured
 the client, a worker thread computing while the reply and the question
 travel slowed that round trip by about what it computed (more runnable
 threads than cores, a thread wake-up and a hand-back per job), and took the
-after-sample path from 1.95x to 1.75x the echo; the loop, idle at that
-moment anyway, took it to 1.53x. The loop is never held longer than one
+after-sample Forecast from 1.96x to 1.72x the echo; the loop, idle at that
+moment anyway, took it to 1.55x. The loop is never held longer than one
 batch (``EAGER_MAX_BATCH`` peers), as for any batched request.
 
 **Interest.** A peer is of interest while a Forecast, Allocate, Advise or
