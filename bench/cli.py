@@ -53,6 +53,7 @@ from bench.scenarios import (
     Plan,
     batch_section,
     fill_daemon,
+    fresh_section,
     ingest_section,
     latency_section,
     memory_section,
@@ -175,6 +176,14 @@ def _daemon_runs(
             if pool is not None and plan.every_variant:
                 progress("concurrency, log_rpcs off")
                 res["concurrency_log_off"] = mixed(d.address, d.pid, FORECAST, fx.forecast_one)
+    if plan.every_variant and "latency" in res:
+        with Daemon(work, "eager-off", {"BWPREDD_EAGER_ANSWERS": "false"}) as d:
+            progress(f"daemon (eager_answers off) pid {d.pid}: after each new sample")
+            fill_daemon(d, fx)
+            sizes = res["latency"]["bytes"]
+            res["fresh_eager_off"] = fresh_section(
+                d, floors["aio"], (sizes["forecast"][1], sizes["allocate"][1]), plan.latency_calls
+            )
     if "threads" in sections:
         with Daemon(work, "threads-2", {"BWPREDD_ORT_THREADS": "2"}) as d:
             progress(f"daemon (ort_threads 2) pid {d.pid}")

@@ -149,15 +149,24 @@ def mesh_section(workdir: Path, plan: Plan) -> dict[str, Any]:
     peer's allocation refreshed once a second, one Allocate per peer right
     after its sample or one batched Allocate per second; against the same
     samples with no Allocate. Every pattern runs ``plan.mesh_s`` seconds on
-    one daemon with production defaults."""
+    one daemon with production defaults; the per-peer pattern runs again on
+    a daemon with eager answers off (``per_peer_eager_off``)."""
     n, seconds = plan.mesh_peers, max(1, round(plan.mesh_s))
     peers = [f"mesh-{i:04d}" for i in range(n)]
     out: dict[str, Any] = {"peers": n, "seconds_per_pattern": seconds, "tick_ms": MESH_TICK_S * 1e3}
     with Daemon(workdir, "mesh") as d:
         fill(d.address, window_batches(peers, synthetic_windows(n, seed=3)))
         pushes = _mesh_pushes(peers, round(1 / MESH_TICK_S), seconds, seed=4)
-        for pattern in ("none", "per_peer", "batched"):
+        # The batched pattern before the per-peer one: a peer asked about
+        # alone stays of interest for eager answers (bwpredd.eager) for two
+        # more updates, which a node using one pattern never carries over.
+        for pattern in ("none", "batched", "per_peer"):
             progress(f"mesh: {n} peers at 1 Hz, allocations {pattern}, {seconds} s")
             _settle(d.pid, timeout_s=30)
             out[pattern] = _mesh_run(d, peers, pushes, pattern, seconds)
+    with Daemon(workdir, "mesh-eager-off", {"BWPREDD_EAGER_ANSWERS": "false"}) as d:
+        fill(d.address, window_batches(peers, synthetic_windows(n, seed=3)))
+        progress(f"mesh: {n} peers at 1 Hz, allocations per_peer, eager_answers off, {seconds} s")
+        _settle(d.pid, timeout_s=30)
+        out["per_peer_eager_off"] = _mesh_run(d, peers, pushes, "per_peer", seconds)
     return out

@@ -172,6 +172,19 @@ def table_rows(res: dict[str, Any]) -> list[list[str]]:
                 "",
             )
         )
+        off = res.get("fresh_eager_off")
+        if not tag and off is not None:
+            rows.append(
+                _row(
+                    "  the same with eager_answers off (another daemon): Forecast, Allocate p50",
+                    f"{off['forecast']['p50_us']:.0f}, {off['allocate']['p50_us']:.0f} us",
+                    f"{off['forecast']['echo_p50_us']:.0f}, "
+                    f"{off['allocate']['echo_p50_us']:.0f} us aio echo",
+                    f"{off['forecast_p50_ratio']:.2f}x, {off['allocate_p50_ratio']:.2f}x",
+                    "",
+                    "",
+                )
+            )
         sync_us = lat["echo_sync_forecast_size"]["p50_us"]
         aio_us = lat["echo_aio_forecast_size"]["p50_us"]
         rows.append(
@@ -294,8 +307,11 @@ def table_rows(res: dict[str, Any]) -> list[list[str]]:
         none = m["none"]
         for pattern, label in (
             ("per_peer", "1 Allocate per peer"),
+            ("per_peer_eager_off", "1 Allocate per peer, eager_answers off,"),
             ("batched", "1 batched Allocate"),
         ):
+            if pattern not in m:
+                continue
             r = m[pattern]
             late = f", {r['dropped']:,} dropped" if r["dropped"] else ""
             rows.append(

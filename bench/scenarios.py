@@ -52,6 +52,7 @@ __all__ = [
     "Plan",
     "batch_section",
     "fill_daemon",
+    "fresh_section",
     "ingest_section",
     "latency_section",
     "memory_section",
@@ -204,17 +205,7 @@ def latency_section(
         },
     }
     out.update(summaries(times))
-    fresh = pb.ForecastRequest(peer_ids=[FRESH_PEER]).SerializeToString()
-    fresh_al = pb.AllocateRequest(peer_ids=[FRESH_PEER]).SerializeToString()
-    out["fresh"] = _fresh_latency(
-        daemon,
-        floors["aio"],
-        {
-            "forecast": (FORECAST, fresh, len(fc_resp)),
-            "allocate": (ALLOCATE, fresh_al, len(al_resp)),
-        },
-        max(50, calls // 3),
-    )
+    out["fresh"] = fresh_section(daemon, floors["aio"], (len(fc_resp), len(al_resp)), calls)
     for rpc in ("forecast", "allocate"):
         floors_p50 = {k: out[f"echo_{k}_{rpc}_size"]["p50_us"] for k in floors}
         best = min(floors_p50, key=lambda k: floors_p50[k])
@@ -230,6 +221,29 @@ def latency_section(
             out[rpc]["server_cpu_us"] - out["daemon_health_check"]["server_cpu_us"], 1
         )
     return out
+
+
+def fresh_section(
+    daemon: Daemon, floor: Floor, reply_bytes: tuple[int, int], calls: int
+) -> dict[str, Any]:
+    """Forecast and Allocate of one peer right after each of its new samples
+    (:func:`_fresh_latency`), ``calls // 3`` (at least 50) of each.
+
+    Args:
+        reply_bytes: the sizes of a one-peer Forecast and Allocate reply,
+            for the echo timed alongside.
+    """
+    fresh = pb.ForecastRequest(peer_ids=[FRESH_PEER]).SerializeToString()
+    fresh_al = pb.AllocateRequest(peer_ids=[FRESH_PEER]).SerializeToString()
+    return _fresh_latency(
+        daemon,
+        floor,
+        {
+            "forecast": (FORECAST, fresh, reply_bytes[0]),
+            "allocate": (ALLOCATE, fresh_al, reply_bytes[1]),
+        },
+        max(50, calls // 3),
+    )
 
 
 def _fresh_latency(

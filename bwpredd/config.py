@@ -156,6 +156,10 @@ class Config:
     guardrail: bool = True
     guardrail_margin: float = 0.1
     guardrail_steps: int = 20
+    # Compute a peer's forecast (and allocation) right after its new samples,
+    # before the question about it arrives, when it was asked about on its
+    # own after one of its last 2 updates (bwpredd.eager).
+    eager_answers: bool = True
     # Watch the model directory's manifest and reload when it changes.
     watch_model_dir: bool = False
     # Record every accepted sample under <state_dir>/recordings/ (nothing is

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -22,6 +22,7 @@ import numpy.typing as npt
 from bwpredd.advise import Advice, CodecTable, advise_many, rank
 from bwpredd.answers import Answers, Replies, Reply, served
 from bwpredd.config import Config
+from bwpredd.eager import Eager
 from bwpredd.engine import SOURCE_LABELS as _SOURCE_NAMES
 from bwpredd.engine import Allocations, Engine, Forecasts, Source
 from bwpredd.errors import InvalidArgument, PeerNotFound, ResourceExhausted
@@ -102,6 +103,12 @@ class Core:
                 lambda slots: recorder.assign(slots, [peer_at(s) or "" for s in slots.tolist()])
             )
         self.answers = Answers(self.store)
+        # Answers computed right after a sample, for peers asked about alone.
+        self.eager = (
+            Eager(self.store, self.scores, self.answers, engine, metrics)
+            if config.eager_answers
+            else None
+        )
         self.watch = WatchHub(config.max_peers, config.max_watchers, config.max_watchers_per_peer)
         self.codecs = CodecTable.load()
         self._forecast_replies: Replies[Any] = Replies(self)
@@ -153,7 +160,10 @@ class Core:
         if accepted and self.recorder is not None:
             self.recorder.add(stored.slots, stored.ts, stored.rows, stored.unsent)
         if accepted:
-            self._score(result.slots[result.accepted], valid.rows[result.accepted, BW])
+            slots = result.slots[result.accepted]
+            self._score(slots, valid.rows[result.accepted, BW])
+            if self.eager is not None:
+                self.eager.samples(slots)
             if len(self.watch):
                 ids = valid.peer_ids
                 self.watch.publish(ids[i] for i in np.flatnonzero(result.accepted).tolist())
@@ -271,6 +281,19 @@ class Core:
             answers.put_allocations(miss, al.action, al.capacity)
         return Allocations(answers.action[slots], answers.capacity[slots], fc.source, fc)
 
+    def _asked(self, peer_ids: Sequence[str], allocate: bool = False) -> None:
+        """A question named ``peer_ids``: one peer alone marks its interest
+        in eager answers (:mod:`bwpredd.eager`)."""
+        if self.eager is not None and len(peer_ids) == 1:
+            slot = self.store.slot(peer_ids[0])
+            if slot is not None:
+                self.eager.asked(slot, allocate)
+
+    def close(self) -> None:
+        """Stop eager answers (at shutdown, after the last call)."""
+        if self.eager is not None:
+            self.eager.close()
+
     def stamp(self, peer_ids: list[str]) -> Stamp:
         """Where the answers of these known peers stand now: compare it later
         with :meth:`unchanged` to know whether an answer built from them (a
@@ -310,6 +333,7 @@ class Core:
             return reply
         ids = list(key)
         fc = self.forecast(ids)
+        self._asked(ids)
         return replies.put(key, build(ids, fc), fc.source)
 
     def allocation_reply(
@@ -329,6 +353,7 @@ class Core:
         if reply is None:
             ids = list(key)
             al = self.allocate(ids)
+            self._asked(ids, allocate=True)
             reply = replies.put(key, build(ids, al), al.source)
         return reply
 
@@ -402,6 +427,7 @@ class Core:
             )
         slots = self._slots(peer_ids)
         fc = self._forecast_slots(slots)
+        self._asked(peer_ids)
         windows, counts = self.store.gather(slots)
         covered = np.zeros(len(slots))
         found = self._horizon_curves(slots, windows, counts)
@@ -434,6 +460,7 @@ class Core:
         slots = self._slots(peer_ids)
         windows, counts = self.store.gather(slots)
         fc = self._forecast_slots(slots)
+        self._asked(peer_ids)
         advice = advise_many(
             peer_ids,
             fc.point,

@@ -104,6 +104,15 @@ class Metrics:
             namespace=namespace,
             registry=registry,
         )
+        self.eager = Counter(
+            "eager_answers_total",
+            "Peers queued for eager answers (eager_answers) right after their samples, by "
+            "outcome: computed, or skipped (a question had computed them first, or the "
+            "peer's window changed or went away before the computation ran).",
+            ["outcome"],
+            namespace=namespace,
+            registry=registry,
+        )
         self.model_info = Gauge(
             "model_info",
             "The model being served (value 1), by version.",

@@ -527,6 +527,8 @@ class Server:
         if self._server is not None:
             grace = 0 if self.force_exit else self.config.grace_period_s
             await self._server.stop(grace)
+        if self.core is not None:
+            self.core.close()
         if self.recorder is not None:
             # No more ingest: write what the recorder holds, off the loop.
             await asyncio.get_running_loop().run_in_executor(None, self.recorder.close)

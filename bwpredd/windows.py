@@ -351,8 +351,13 @@ class WindowStore:
     def step_s(self, slots: I64) -> F32:
         """Seconds between samples of each slot's window
         (:func:`bwpredd.state.step_seconds`)."""
-        ts = self._ts[slots[:, None], self._oldest_first(slots)]
-        return step_seconds(ts, self._count[slots])
+        return step_seconds(self.times(slots), self._count[slots])
+
+    def times(self, slots: I64) -> F64:
+        """``[k, W]`` sample times of each slot's window, oldest first (a
+        copy; padding rows hold stale values, as :meth:`step_s` expects)."""
+        ts: F64 = self._ts[slots[:, None], self._oldest_first(slots)]
+        return ts
 
     def _oldest_first(self, slots: I64) -> I64:
         """``[k, W]`` ring positions of each slot's rows, oldest first."""

@@ -6,6 +6,11 @@ window one way (a sample, LRU eviction, idle expiry, a snapshot restore, a
 model reload) and checks, through a real server, that the next answer is the
 one computed afresh from the window the daemon now holds: NOT_FOUND for a
 peer that is gone, and the new window's forecast for a peer that came back.
+
+Eager answers (:mod:`bwpredd.eager`) write the same cache from a callback
+the event loop runs right after the ingesting call: :class:`TestEagerPending`
+makes each of those changes between a sample and that callback, and the
+differential test runs with eager answers on and off.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from bwpredd.client import Client, pb
 from bwpredd.engine import Engine
 from bwpredd.modeldir import DEFAULT_MODEL_DIR, load_model
 from bwpredd.server import Server
+from bwpredd.servicer import extract_batch
 from bwpredd.state import step_seconds
 from tests.conftest_models import make_model_dir
 from tests.helpers import running_server, sample
@@ -96,6 +102,29 @@ def assert_current(client: Client, ref: Reference, peer_id: str) -> None:
     action, capacity = ref.allocate(peer)
     assert al.action == action
     np.testing.assert_allclose(al.reference_capacity_mbps, capacity, rtol=1e-5)
+
+
+def eager_idle(server: Server) -> None:
+    """Let the event loop run the eager callbacks due (nothing queued)."""
+    core = server.core
+    assert core is not None and core.eager is not None
+    eager = core.eager
+    deadline = time.monotonic() + 30
+    while on_loop(server, lambda: eager.pending):
+        assert time.monotonic() < deadline, "eager answers never ran"
+        time.sleep(0.005)
+
+
+def eager_count(server: Server, outcome: str) -> float:
+    value = server.registry.get_sample_value("bwpredd_eager_answers_total", {"outcome": outcome})
+    return value or 0.0
+
+
+def ingest(server: Server, *samples: pb.Sample) -> None:
+    """Ingest on the event loop, as PushSamples does (for a callback that
+    changes something else before the eager callback runs)."""
+    assert server.core is not None
+    assert server.core.ingest(extract_batch(samples)).accepted == len(samples)
 
 
 def fill(client: Client, peer: str, level: float, n: int = 10) -> None:
@@ -207,12 +236,17 @@ class TestDifferential:
     """A random mix of samples, evictions, Forecast and Allocate: every answer
     equals the one computed afresh from the window GetPeer shows."""
 
-    def test_random_operations(self, tmp_path: Path) -> None:
-        """300 random operations over 12 peer ids on a 6-peer table."""
+    @pytest.mark.parametrize("eager", [True, False], ids=["eager", "plain"])
+    def test_random_operations(self, tmp_path: Path, eager: bool) -> None:
+        """300 random operations over 12 peer ids on a 6-peer table; with
+        eager answers, questions come right after the samples and after the
+        eager computation has run, and eager answers are among those
+        checked."""
         rng = np.random.default_rng(7)
         ids = [f"peer-{i}" for i in range(12)]
         now = int(time.time()) - 3000
-        with running_server(tmp_path, max_peers=6, guardrail=False) as (_, client):
+        settings = {"max_peers": 6, "guardrail": False, "eager_answers": eager}
+        with running_server(tmp_path, **settings) as (server, client):
             ref = Reference()
             for _ in range(300):
                 op = rng.integers(3)
@@ -227,6 +261,8 @@ class TestDifferential:
                             s.timestamp.seconds = now
                             batch.append(s)
                     assert client.push(batch).accepted == len(batch)
+                    if eager and rng.integers(2):
+                        eager_idle(server)  # the next question finds it stored
                     continue
                 tracked = {p.peer_id for p in client.peers()}
                 call = client.forecast if op == 1 else client.allocate
@@ -248,3 +284,149 @@ class TestDifferential:
                         action, capacity = ref.allocate(peer)
                         assert got.action == action
                         np.testing.assert_allclose(got.reference_capacity_mbps, capacity, rtol=1e-5)
+            computed = eager_count(server, "computed")
+            assert (computed >= 5) if eager else (computed == 0)
+
+
+class TestEagerPending:
+    """Each way a window changes, made on the event loop between a peer's
+    sample and the eager callback that follows it: the answer served is the
+    one computed afresh from the window the daemon holds."""
+
+    def test_sample(self, tmp_path: Path) -> None:
+        """A second sample before the callback: the peer is computed once,
+        for the newest window."""
+        with running_server(tmp_path) as (server, client):
+            ref = Reference()
+            fill(client, "a", 100.0)
+            client.forecast(["a"])  # interest
+            on_loop(
+                server,
+                lambda: (
+                    ingest(server, sample("a", 400.0, latency_ms=5.0)),
+                    ingest(server, sample("a", 3000.0, latency_ms=50.0)),
+                ),
+            )
+            eager_idle(server)
+            assert eager_count(server, "computed") == 1
+            assert_current(client, ref, "a")
+
+    def test_lru_eviction(self, tmp_path: Path) -> None:
+        """The peer is evicted (and its slot given to another) before the
+        callback: it is skipped, the peer is NOT_FOUND, the slot's new peer
+        is answered from its own window, the returning peer from its new
+        one."""
+        with running_server(tmp_path, max_peers=512) as (server, client):
+            ref = Reference()
+            fill(client, "old-a", 100.0)
+            fill(client, "old-b", 200.0)
+            client.allocate(["old-a"])  # interest, allocation included
+            others = [sample(f"p{i}", 50.0) for i in range(510)]
+            on_loop(
+                server,
+                lambda: (
+                    ingest(server, sample("old-a", 150.0, latency_ms=5.0)),
+                    ingest(server, *others),
+                    ingest(server, *[sample("new", 7000.0) for _ in range(10)]),  # evicts old-a
+                ),
+            )
+            eager_idle(server)
+            assert eager_count(server, "skipped") == 1 and eager_count(server, "computed") == 0
+            assert not_found(lambda: client.forecast(["old-a"]))
+            assert not_found(lambda: client.allocate(["old-a"]))
+            assert_current(client, ref, "new")
+            client.push([sample("old-a", 9000.0) for _ in range(3)])
+            fc = client.forecast(["old-a"])[0]
+            assert fc.samples_in_window == 3 and fc.bandwidth_mbps == pytest.approx(9000.0)
+            assert_current(client, ref, "old-a")
+
+    def test_idle_expiry(self, tmp_path: Path) -> None:
+        """The peer expires before the callback: skipped, NOT_FOUND, then
+        answered from its new window when it returns."""
+        with running_server(tmp_path, idle_expiry_s=1.0) as (server, client):
+            ref = Reference()
+            fill(client, "a", 100.0)
+            client.forecast(["a"])
+            assert server.core is not None
+            store = server.core.store
+            on_loop(
+                server,
+                lambda: (
+                    ingest(server, sample("a", 120.0, latency_ms=5.0)),
+                    store.expire_idle(time.time() + 60.0, 1.0),
+                ),
+            )
+            eager_idle(server)
+            assert eager_count(server, "skipped") == 1 and eager_count(server, "computed") == 0
+            assert not_found(lambda: client.forecast(["a"]))
+            client.push([sample("a", 9000.0, latency_ms=5.0) for _ in range(3)])
+            assert client.forecast(["a"])[0].bandwidth_mbps == pytest.approx(9000.0)
+            assert_current(client, ref, "a")
+
+    def test_restore(self, tmp_path: Path) -> None:
+        """A snapshot restored before the callback: skipped; the restored
+        window is answered, not the one the sample made."""
+        with running_server(tmp_path) as (server, client):
+            ref = Reference()
+            fill(client, "a", 100.0)
+            assert server.core is not None
+            store = server.core.store
+            snap = on_loop(server, store.snapshot)
+            client.forecast(["a"])
+            on_loop(
+                server,
+                lambda: (
+                    ingest(server, *[sample("a", 5000.0, latency_ms=5.0) for _ in range(10)]),
+                    store.restore(snap, time.time(), 3600.0),
+                ),
+            )
+            eager_idle(server)
+            assert eager_count(server, "skipped") == 1 and eager_count(server, "computed") == 0
+            assert client.forecast(["a"])[0].bandwidth_mbps < 1000.0
+            assert_current(client, ref, "a")
+
+    def test_reload(self, tmp_path: Path) -> None:
+        """A model swapped in between the sample and the callback: the new
+        model computes, and answers."""
+        model_dir = make_model_dir(tmp_path / "model", version="v1", seed=1)
+        with running_server(tmp_path, model_dir=str(model_dir)) as (server, client):
+            fill(client, "a", 100.0)
+            client.allocate(["a"])
+            make_model_dir(model_dir, version="v2", seed=2, forecast_scale=3.0)
+            v2 = load_model(model_dir, 1)
+            assert server.core is not None
+            core = server.core
+            on_loop(
+                server,
+                lambda: (ingest(server, sample("a", 130.0, latency_ms=5.0)), core.swap_model(v2)),
+            )
+            eager_idle(server)
+            assert eager_count(server, "computed") == 1
+            assert client.forecast(["a"])[0].model_version == "v2"
+            assert client.allocate(["a"])[0].model_version == "v2"
+            assert_current(client, Reference(model_dir), "a")
+
+    def test_question_first(self, tmp_path: Path) -> None:
+        """A question answered before the callback runs computes inline;
+        the callback then has nothing to compute and changes nothing."""
+        with running_server(tmp_path) as (server, client):
+            ref = Reference()
+            fill(client, "a", 100.0)
+            client.allocate(["a"])
+            assert server.core is not None
+            core = server.core
+
+            def sample_then_ask() -> tuple[float, float]:
+                ingest(server, sample("a", 700.0, latency_ms=5.0))
+                al = core.allocate(["a"])
+                return float(al.forecasts.point[0]), float(al.capacity[0])
+
+            asked = on_loop(server, sample_then_ask)
+            eager_idle(server)
+            assert eager_count(server, "skipped") == 1 and eager_count(server, "computed") == 0
+            fc = client.forecast(["a"])[0]
+            assert (fc.bandwidth_mbps, client.allocate(["a"])[0].reference_capacity_mbps) == (
+                pytest.approx(asked[0]),
+                pytest.approx(asked[1]),
+            )
+            assert_current(client, ref, "a")
