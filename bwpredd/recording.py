@@ -628,7 +628,9 @@ def read_recording_file(path: Path | str) -> dict[str, Any]:
         raise RecordingError(f"{path}: unreadable: {type(exc).__name__}: {exc}") from None
     version = cols["version"]
     if version.shape != () or version.dtype.kind not in "iu" or int(version) != FORMAT_VERSION:
-        raise RecordingError(f"{path}: version: expected {FORMAT_VERSION}, got {version!r}")
+        raise RecordingError(
+            f"{path}: version: expected {FORMAT_VERSION}, got {version.tolist()!r}"
+        )
     node, peer = cols["node"], cols["peer"]
     if node.shape != () or node.dtype.kind != "U":
         raise RecordingError(f"{path}: node: expected a unicode scalar")

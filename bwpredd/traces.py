@@ -77,7 +77,6 @@ import io
 import itertools
 import json
 import os
-import re
 import warnings
 import zipfile
 import zlib
@@ -88,6 +87,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bwpredd import recording
 from bwpredd.schema import BW, DEFAULTS, FEATURES, OPTIONAL, TRACE_CSV_REQUIRED, WIDTH
 
 __all__ = [
@@ -114,9 +114,6 @@ SOURCES = (
 # Descriptive files that live next to the data; not traces, not "unknown".
 _IGNORED_NAMES = frozenset({"MANIFEST.csv", "README.md", "README", "README.txt", "LICENSE"})
 _MAHIMAHI_PACKET_BITS = 1500 * 8
-# A completed recording file (temporaries start with "." and are never read).
-_RECORDING_FILE = re.compile(r"rec-[0-9]{15}-[0-9a-f]{8}\.npz")
-_RECORDING_VERSION = 1
 # Recordings' sources are "recordings:<node>".
 RECORDING_SOURCE = "recordings"
 # A step longer than this many times the peer's median step starts a new segment.
@@ -510,31 +507,15 @@ class _Recording:
 
 
 def _read_recording(path: Path) -> _Recording:
-    """Read and check one recording file (format 1).
+    """One recording file, read and checked by the format's own reader
+    (:func:`bwpredd.recording.read_recording_file`).
 
     Raises:
-        ValueError: a column is missing, misshapen or of the wrong kind, or
-            the version is not 1.
+        bwpredd.recording.RecordingError: (a ValueError) unreadable, or not
+            format 1.
     """
-    with np.load(path, allow_pickle=False) as z:
-        missing = {"version", "node", "peer", "t", "features", "sent"} - set(z.files)
-        if missing:
-            raise ValueError(f"missing columns {sorted(missing)}")
-        version = int(z["version"])
-        if version != _RECORDING_VERSION:
-            raise ValueError(f"version {version}, this reader knows {_RECORDING_VERSION}")
-        node, peer = z["node"], z["peer"]
-        t = z["t"].astype(np.float64)
-        features = z["features"].astype(np.float32)
-        sent = z["sent"].astype(np.uint8)
-    if node.shape != () or node.dtype.kind != "U" or not str(node):
-        raise ValueError("node: must be a non-empty unicode scalar")
-    n = len(t)
-    if peer.dtype.kind != "U" or peer.shape != (n,) or t.shape != (n,) or sent.shape != (n,):
-        raise ValueError(f"peer, t and sent must be [{n}] (peer unicode)")
-    if features.shape != (n, WIDTH):
-        raise ValueError(f"features: shape {list(features.shape)}, want [{n}, {WIDTH}]")
-    return _Recording(str(node), peer, t, features, sent)
+    cols = recording.read_recording_file(path)
+    return _Recording(cols["node"], cols["peer"], cols["t"], cols["features"], cols["sent"])
 
 
 def _segments(t: np.ndarray) -> list[tuple[int, int]]:
@@ -755,7 +736,7 @@ def load_traces(
         if path.name in _IGNORED_NAMES:
             continue
         rel = path.relative_to(base).as_posix()
-        if _RECORDING_FILE.fullmatch(path.name):
+        if recording.NAME_RE.fullmatch(path.name):
             recordings.append((path, rel))  # assembled across files below
             continue
         parts = rel.split("/")

@@ -156,9 +156,9 @@ class TestBadFiles:
     @pytest.mark.parametrize(
         ("change", "reason"),
         [
-            ({"version": np.int64(2)}, "version 2"),
-            ({"features": np.zeros((5, 3), np.float32)}, "features: shape"),
-            ({"peer": np.zeros(5)}, "peer unicode"),
+            ({"version": np.int64(2)}, "version: expected 1, got 2"),
+            ({"features": np.zeros((5, 3), np.float32)}, "features: expected float32 (5, 4)"),
+            ({"peer": np.zeros(5)}, "peer: expected a unicode array"),
         ],
     )
     def test_wrong_columns_named(self, tmp_path: Path, change: dict, reason: str) -> None:
