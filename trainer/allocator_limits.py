@@ -88,6 +88,20 @@ def _train_arm(
     return arm, model, history
 
 
+def train_arms(
+    prepared: dict[str, list[list[PreparedTrace]]], cfg: AgentConfig, seed: int
+) -> dict[str, tuple[Any, dict[str, Any]]]:
+    """One agent per arm, trained on the arm's prepared (train, val, ...)
+    crops, two at a time in spawned processes: ``{arm: (model, history)}``."""
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=2, mp_context=ctx) as pool:
+        futures = [
+            pool.submit(_train_arm, arm, parts[0], parts[1], cfg, seed)
+            for arm, parts in prepared.items()
+        ]
+        return {arm: (model, hist) for arm, model, hist in (f.result() for f in futures)}
+
+
 def run(args: argparse.Namespace) -> int:
     """Train both arms, score them, print the split, write ``--json``."""
     from trainer.train_agent import crop_splits, training_split
@@ -107,13 +121,7 @@ def run(args: argparse.Namespace) -> int:
     shipped = [prepare_traces(part, forecast) for part in crops]
     prepared = {"shipped_state": shipped, "oracle_state": [oracle_state_traces(p) for p in shipped]}
     print(f"prepared in {time.perf_counter() - t0:.0f} s; training both arms", flush=True)
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=2, mp_context=ctx) as pool:
-        futures = [
-            pool.submit(_train_arm, arm, prepared[arm][0], prepared[arm][1], cfg, args.seed)
-            for arm in ARMS
-        ]
-        trained = {arm: (model, hist) for arm, model, hist in (f.result() for f in futures)}
+    trained = train_arms(prepared, cfg, args.seed)
     doc: dict[str, Any] = {
         "model": desc,
         "traces": str(args.traces),

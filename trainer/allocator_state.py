@@ -30,11 +30,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import sys
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -45,7 +43,8 @@ import numpy.typing as npt
 from bwpredd.schema import WINDOW
 from bwpredd.state import STATE_LAYOUT, reference_capacity
 from bwpredd.transfer import HorizonCurves
-from trainer.dqn import AgentConfig, train_loop
+from trainer.allocator_limits import train_arms
+from trainer.dqn import AgentConfig
 from trainer.env import PreparedTrace, prepare_traces
 from trainer.evaluate_allocator import (
     bootstrap_margin,
@@ -135,14 +134,6 @@ def horizon_features(
         offset += n
         out.append(replace(tr, extra=extra))
     return out
-
-
-def _train_arm(
-    arm: str, train: list[PreparedTrace], val: list[PreparedTrace], cfg: AgentConfig, seed: int
-) -> tuple[str, Any, dict[str, Any]]:
-    """One arm's training (module level: it runs in a spawned process)."""
-    model, history = train_loop(train, val, cfg, seed, progress=False)
-    return arm, model, history
 
 
 def _per_source(res: dict[str, Any]) -> dict[str, float]:
@@ -333,12 +324,7 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"prepared in {time.perf_counter() - t0:.0f} s; training {len(prepared)} arms", flush=True
     )
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=2, mp_context=ctx) as pool:
-        futures = [
-            pool.submit(_train_arm, arm, p[0], p[1], cfg, train_seed) for arm, p in prepared.items()
-        ]
-        trained = {arm: (model, hist) for arm, model, hist in (f.result() for f in futures)}
+    trained = train_arms(prepared, cfg, train_seed)
     doc: dict[str, Any] = {
         "model": desc,
         "traces": str(args.traces),

@@ -16,7 +16,9 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
+import sys
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -170,3 +172,19 @@ def state_digest(module: nn.Module) -> str:
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
         h.update(t.reshape(-1).numpy().tobytes())
     return h.hexdigest()
+
+
+def finish(model: nn.Module, report: str) -> dict[str, Any]:
+    """End the data-parallel part of a run: gather every rank's digest of
+    ``model``, leave the process group, and on rank 0 warn (naming
+    ``report``) when the digests differ. Returns the report's
+    ``"distributed"`` block: :func:`describe` plus ``rank_weights_sha256``."""
+    main = is_main()  # before leaving the group: afterwards every process is rank 0
+    info: dict[str, Any] = {
+        **describe(),
+        "rank_weights_sha256": all_gather_str(state_digest(model)),
+    }
+    shutdown()
+    if main and len(set(info["rank_weights_sha256"])) > 1:
+        print(f"warning: the ranks' weights differ (see {report})", file=sys.stderr)
+    return info

@@ -508,13 +508,12 @@ def run(args: argparse.Namespace) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``python -m trainer eval-transfer``."""
+    from trainer.evaluate import add_selection_arguments
+
     parser.add_argument("--traces", required=True, help="a supported traces directory")
     parser.add_argument("--model", required=True, help="a model directory")
     parser.add_argument("--json", help="write the full results here")
-    parser.add_argument(
-        "--split-from", help="a run directory: evaluate only the files of its split.json"
-    )
-    parser.add_argument("--split", default="test", choices=("train", "val", "test"))
+    add_selection_arguments(parser)
     parser.add_argument("--reports", help="also write transfer.md, .json and the plot here")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)

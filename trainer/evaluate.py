@@ -325,14 +325,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags :func:`selected_traces` reads: ``--split-from``, ``--split``."""
+    parser.add_argument(
+        "--split-from", help="a run directory: evaluate only the files of its split.json"
+    )
+    parser.add_argument("--split", default="test", choices=("train", "val", "test"))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``python -m trainer eval``."""
     parser.add_argument("--traces", required=True, help="a supported traces directory")
     parser.add_argument("--model", required=True, help="checkpoint .pt or model directory")
     parser.add_argument("--json", help="write the full results here")
-    parser.add_argument(
-        "--split-from", help="a run directory: evaluate only the files of its split.json"
-    )
-    parser.add_argument("--split", default="test", choices=("train", "val", "test"))
+    add_selection_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)

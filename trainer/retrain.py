@@ -269,16 +269,9 @@ def _run(args: argparse.Namespace) -> int:
         threads=args.threads,
     )
     model, hist = train_forecaster(train, val, cfg, progress=not args.quiet, init_from=base.model)
-    # Every rank's digest of its weights: equal digests, one model.
-    dist_info: dict[str, Any] = {
-        **distributed.describe(),
-        "rank_weights_sha256": distributed.all_gather_str(distributed.state_digest(model)),
-    }
-    distributed.shutdown()
+    dist_info = distributed.finish(model, "retrain.json")
     if not main:
         return 0
-    if len(set(dist_info["rank_weights_sha256"])) > 1:
-        print("warning: the ranks' weights differ (see retrain.json)", file=sys.stderr)
     print(f"forecaster: {hist.stopped}; best epoch {hist.best_epoch}, {hist.seconds:.0f} s")
     scale = calibrate_interval(model, val)
     print(f"interval scale calibrated on the validation part: {scale:.3f}")

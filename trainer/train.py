@@ -244,16 +244,9 @@ def _run(args: argparse.Namespace) -> int:
         # The first member's curves, and every member's summary.
         history = _json_safe(hists[0].to_json())
         history["members"] = [_json_safe(h.to_json()) for h in hists]
-    # Every rank's digest of its weights: equal digests, one model.
-    dist_info: dict[str, Any] = {
-        **distributed.describe(),
-        "rank_weights_sha256": distributed.all_gather_str(distributed.state_digest(model)),
-    }
-    distributed.shutdown()
+    dist_info = distributed.finish(model, "training_report.json")
     if not main:
         return 0
-    if len(set(dist_info["rank_weights_sha256"])) > 1:
-        print("warning: the ranks' weights differ (see training_report.json)", file=sys.stderr)
     if val:
         scale = calibrate_interval(model, val)
         print(f"interval scale calibrated on the validation split: {scale:.3f}")
