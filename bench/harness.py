@@ -251,6 +251,23 @@ def wait_for_health(
         raise
 
 
+def scrape_metrics(addr: str) -> dict[str, float]:
+    """Every sample of the metrics endpoint at ``host:port`` as
+    ``name{k=v,...}`` -> value (labels sorted; ``name{}`` when it has none).
+
+    Raises:
+        OSError: the endpoint did not answer.
+    """
+    with urllib.request.urlopen(f"http://{addr}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}"] = s.value
+    return out
+
+
 class Daemon:
     """``python -m bwpredd`` as a child process on a unix socket, with its
     output in a log file and its metrics on a free loopback port: how the
@@ -331,21 +348,8 @@ class Daemon:
         return None
 
     def scrape(self) -> dict[str, float]:
-        """Every sample of the metrics endpoint as ``name{k=v,...}`` -> value
-        (labels sorted; ``name{}`` when it has none).
-
-        Raises:
-            OSError: the endpoint did not answer.
-        """
-        url = f"http://{self.metrics_addr}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            text = resp.read().decode()
-        out: dict[str, float] = {}
-        for fam in text_string_to_metric_families(text):
-            for s in fam.samples:
-                labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
-                out[f"{s.name}{{{labels}}}"] = s.value
-        return out
+        """:func:`scrape_metrics` of this daemon's metrics endpoint."""
+        return scrape_metrics(self.metrics_addr)
 
     def metric(self, key: str) -> float:
         """One sample of :meth:`scrape` (0 when absent, NaN when the endpoint

@@ -10,7 +10,6 @@ import signal
 import stat
 import subprocess
 import time
-import urllib.request
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,9 +18,9 @@ from typing import Any
 import numpy as np
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
-from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
+from bench.harness import scrape_metrics
 from bwpredd import recording
 from bwpredd.recording import (
     NAME_RE,
@@ -432,7 +431,7 @@ class TestDropping:
             resp = client.push([sample(f"f{i % 10}", float(i + 1)) for i in range(1000)])
             assert resp.accepted == 1000
             deadline = time.monotonic() + 20
-            while _scrape(metrics).get(f"{DROPPED}{{reason=write_failed}}", 0) < 1000:
+            while scrape_metrics(metrics).get(f"{DROPPED}{{reason=write_failed}}", 0) < 1000:
                 assert time.monotonic() < deadline, "the failed write was not counted"
                 time.sleep(0.1)
             assert sum(p.sample_count for p in client.peers()) == 1000
@@ -452,17 +451,6 @@ def _spawned(env: dict[str, str], wrap: list[str]) -> Iterator[subprocess.Popen[
         if proc.poll() is None:
             proc.kill()
         proc.wait(timeout=10)
-
-
-def _scrape(addr: str) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://{addr}/metrics", timeout=5) as resp:
-        text = resp.read().decode()
-    out: dict[str, float] = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
-            out[f"{s.name}{{{labels}}}"] = s.value
-    return out
 
 
 class TestKills:
