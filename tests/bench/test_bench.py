@@ -22,6 +22,19 @@ from bench.profile import summarize_profile
 SECTIONS = "startup,latency,batch,ingest,watchers,concurrency,memory,recording"
 
 
+def _bench(*args: str) -> None:
+    """``python -m bench ARGS``, which must exit 0."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 @pytest.mark.slow
 class TestQuickBench:
     """``python -m bench --quick`` on a temporary output directory."""
@@ -29,16 +42,7 @@ class TestQuickBench:
     def test_quick_run_writes_json_and_markdown(self, tmp_path: Path) -> None:
         """A quick run exits 0 and writes bench.json with machine info, every
         section's figures and a pass/fail per target, and a bench.md table."""
-        args = ["--quick", "--only", SECTIONS, "--out", str(tmp_path)]
-        proc = subprocess.run(
-            [sys.executable, "-m", "bench", *args],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        _bench("--quick", "--only", SECTIONS, "--out", str(tmp_path))
         report = json.loads((tmp_path / "bench.json").read_text())
         assert report["quick"] is True
         machine = report["machine"]
@@ -88,15 +92,7 @@ class TestQuickBench:
         first = ["--quick", "--only", "startup", "--out", str(tmp_path)]
         second = ["--quick", "--only", "recording", "--merge", "--out", str(tmp_path)]
         for args in (first, second):
-            proc = subprocess.run(
-                [sys.executable, "-m", "bench", *args],
-                cwd=REPO,
-                capture_output=True,
-                text=True,
-                timeout=300,
-                check=False,
-            )
-            assert proc.returncode == 0, proc.stderr[-3000:]
+            _bench(*args)
         report = json.loads((tmp_path / "bench.json").read_text())
         assert set(report["results"]) == {"startup", "recording"}
         assert "--only startup" in report["command"]
