@@ -42,6 +42,7 @@ import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from bench.harness import REPO, Daemon, channel
+from bwpredd import recording
 from bwpredd.accuracy import nmae
 from bwpredd.baselines import ewma
 from bwpredd.client import Client, pb
@@ -123,22 +124,23 @@ def score_live(client: Client, links: list[Link], steps: range, t0: float, phase
 
 
 def wait_recorded(state_dirs: list[Path], expected: int, timeout: float = 120.0) -> int:
-    """Wait until the recordings hold ``expected`` rows in all; return them."""
+    """Wait until the recordings hold ``expected`` rows in all; return them.
+    A recording in place is complete and never changes: each is read once."""
     deadline = time.monotonic() + timeout
-    rows = 0
-    while time.monotonic() < deadline:
-        rows = 0
+    counted: dict[Path, int] = {}
+    while True:
         for d in state_dirs:
-            for f in sorted((d / "recordings").glob("rec-*.npz")):
-                try:
-                    with np.load(f, allow_pickle=False) as z:
-                        rows += len(z["peer"])
-                except (OSError, ValueError, KeyError):
-                    continue
+            for f in recording.recording_files(d / recording.DIR_NAME):
+                if f not in counted:
+                    counted[f] = len(recording.read_recording_file(f)["peer"])
+        rows = sum(counted.values())
         if rows >= expected:
             return rows
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"recordings hold {rows} of {expected} samples after {timeout:.0f} s"
+            )
         time.sleep(0.5)
-    raise TimeoutError(f"recordings hold {rows} of {expected} samples after {timeout:.0f} s")
 
 
 def wait_version(d: Daemon, peer: str, version: str, timeout: float = 60.0) -> None:
