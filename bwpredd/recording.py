@@ -17,7 +17,9 @@ rate-limited log line (``recording_dropped``).
 Format v1, one file per write (the contract with the trainer's reader):
 
 - name ``rec-<T>-<R>.npz``: T the write time in Unix milliseconds, 15 digits
-  zero-padded (name order is time order), R 8 random hex digits; anything
+  zero-padded, R 8 random hex digits; name order is write order (a file
+  written in the same millisecond as the newest one there, or after the
+  clock stepped back, takes the newest one's T plus one); anything
   else in the directory (temporaries start with ``.``) is not a recording;
 - a NumPy ``.npz`` loadable with ``numpy.load(path, allow_pickle=False)``:
   ``version`` int64 () = 1; ``node`` unicode () the recording node's name;
@@ -230,6 +232,10 @@ class Recorder:
         self._names_arr: npt.NDArray[np.str_] = np.zeros(0, dtype="<U1")
         self._peer_buf: npt.NDArray[Any] = np.empty(0, dtype="<U1")
         self._files: collections.deque[_File] = collections.deque()
+        # The newest T in the directory: the next file's T is above it, so
+        # name order stays write order within a millisecond and across a
+        # clock stepped back.
+        self._last_ms = -1
         self._bytes = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -404,7 +410,8 @@ class Recorder:
             "features": [ring.features[q] for q in parts],
             "sent": [sent],
         }
-        when_ms = int(self.clock() * 1000)
+        when_ms = max(int(self.clock() * 1000), self._last_ms + 1)
+        self._last_ms = when_ms
         try:
             name, size_on_disk = self._save(columns, when_ms)
         except Exception as exc:  # whatever failed, the rows are counted as lost
@@ -463,6 +470,7 @@ class Recorder:
                     os.unlink(entry.name, dir_fd=self._dir_fd)
         files.sort(key=lambda f: f.name)
         self._files = collections.deque(files)
+        self._last_ms = max((f.when_ms for f in files), default=-1)
         self._bytes = sum(f.size for f in files)
 
     def _prune(self) -> None:
@@ -521,9 +529,7 @@ def _save_npz(fd: int, columns: Mapping[str, list[npt.NDArray[Any]]], when: floa
     its size. The zip is written here, not by :mod:`zipfile`, so the writer
     releases the interpreter lock a dozen times per file instead of a few
     dozen: each time it takes it back, the event loop stops for it."""
-    clock = time.localtime(when)
-    dos_date = (clock.tm_year - 1980) << 9 | clock.tm_mon << 5 | clock.tm_mday
-    dos_time = clock.tm_hour << 11 | clock.tm_min << 5 | clock.tm_sec // 2
+    dos_date, dos_time = _dos_stamp(when)
     out: list[bytes | memoryview] = []
     central: list[bytes] = []
     offset = 0
@@ -562,6 +568,21 @@ def _save_npz(fd: int, columns: Mapping[str, list[npt.NDArray[Any]]], when: floa
     total = sum(len(piece) for piece in out)
     _writev_all(fd, out)
     return total
+
+
+def _dos_stamp(when: float) -> tuple[int, int]:
+    """Zip's (date, time) fields for Unix time ``when`` (local time), clamped
+    to the years they hold, 1980-2107, as ``zipfile`` does with
+    ``strict_timestamps=False``: a node whose clock still reads 1970 (no
+    real-time clock, before time sync) records all the same."""
+    clock = time.localtime(when)
+    if clock.tm_year < 1980:
+        return 0 << 9 | 1 << 5 | 1, 0
+    if clock.tm_year > 2107:
+        return 127 << 9 | 12 << 5 | 31, 23 << 11 | 59 << 5 | 29
+    dos_date = (clock.tm_year - 1980) << 9 | clock.tm_mon << 5 | clock.tm_mday
+    dos_time = clock.tm_hour << 11 | clock.tm_min << 5 | clock.tm_sec // 2
+    return dos_date, dos_time
 
 
 def _writev_all(fd: int, pieces: list[bytes | memoryview]) -> None:

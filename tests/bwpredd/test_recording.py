@@ -24,6 +24,7 @@ from bench.harness import scrape_metrics
 from bwpredd import recording
 from bwpredd.recording import (
     NAME_RE,
+    Recorder,
     file_name,
     read_recording_file,
     read_recordings,
@@ -238,6 +239,47 @@ class TestFiles:
             files = recording_files(_dir(state))
         assert [len(_load(f)["t"]) for f in files] == [1500, 1500, 1000]
         assert _rows(state) == {f"w{p}": [float(i) for i in range(p, 4000, 7)] for p in range(7)}
+
+    def test_name_order_is_write_order(self, tmp_path: Path) -> None:
+        """Files written in the same millisecond, and after the clock stepped
+        back behind the newest file there, still sort in write order: the
+        reader's stable sort keeps equal timestamps in that order. A clock
+        still at 1970 records (zip dates start in 1980)."""
+        directory = tmp_path / "recordings"
+        ahead = _plant(directory, 5_000_000, "ffffffff", ["old"])
+        frozen = 1_000.0  # seconds: behind the planted file's 5,000 s
+        rec = Recorder(
+            directory,
+            "n",
+            4,
+            max_bytes=1 << 30,
+            max_age_s=0,
+            flush_s=3600.0,
+            clock=lambda: frozen,
+        )
+        try:
+            rec.assign(np.array([0], dtype=np.int64), ["p"])
+            for k in range(5):
+                rec.add(
+                    np.array([0], dtype=np.int64),
+                    np.array([7.0]),
+                    np.array([[1.0, float(k), 0.0, 1.0]], dtype=np.float32),
+                    np.zeros((1, 4), dtype=np.bool_),
+                )
+                rec.flush()
+        finally:
+            rec.close()
+        files = recording_files(directory)
+        assert files[0] == ahead
+        stamps = [int(NAME_RE.fullmatch(f.name).group(1)) for f in files]  # type: ignore[union-attr]
+        assert stamps == list(range(5_000_000, 5_000_006))
+        with zipfile.ZipFile(files[1]) as z:  # a 1970 clock: zip's earliest date
+            assert {i.date_time for i in z.infolist()} == {(1980, 1, 1, 0, 0, 0)}
+        got = [read_recording_file(f)["features"][:, 1].tolist() for f in files[1:]]
+        assert got == [[float(k)] for k in range(5)]
+        assert [t.features[:, 1].tolist() for t in read_recordings(directory) if t.peer == "p"] == [
+            [0.0, 1.0, 2.0, 3.0, 4.0]
+        ]
 
     def test_queue_wraps_around(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         """Rows queued across the end of the queue's ring (100 rows here)
