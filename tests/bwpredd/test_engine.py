@@ -36,6 +36,7 @@ class TestLoad:
             "forecaster.onnx",
             "allocator.onnx",
             "horizon.onnx",
+            "policy.onnx",
         }
 
     def test_flipped_byte_refused(self, tmp_path: Path) -> None:

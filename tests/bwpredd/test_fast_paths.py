@@ -288,3 +288,70 @@ def test_private_run_falls_back_to_the_public_one(engine: Engine) -> None:
     assert proxy.public_runs == 1
     for g, w in zip(got, want, strict=True):
         np.testing.assert_array_equal(g, w)
+
+
+def test_forecast_allocate_matches_two_runs(engine: Engine) -> None:
+    """Engine.forecast_allocate (the policy graph's one run where it applies)
+    gives Engine.forecast's forecasts bit for bit and Engine.allocate's
+    actions and capacities on mixed batches: cold-start counts, the
+    guardrail's forced baseline, steps from 50 ms to 30 s."""
+    model = engine.model
+    assert model is not None and model.policy is not None, model and model.policy_note
+    rng = np.random.default_rng(11)
+    fused_batches = 0
+    for windows, counts in cases(12, 120):
+        n = len(windows)
+        force = rng.random(n) < 0.3 if rng.random() < 0.25 else None
+        step = rng.choice([0.05, 0.5, 1.0, 4.0, 30.0], size=n).astype(np.float32)
+        got = engine.forecast_allocate(windows, counts, step, force)
+        fc = engine.forecast(windows, counts, force)
+        want = engine.allocate(windows, counts, fc, step)
+        for name in ("point", "low", "high", "source", "baseline", "model_point", "counts"):
+            np.testing.assert_array_equal(getattr(got.forecasts, name), getattr(fc, name), name)
+        np.testing.assert_array_equal(got.action, want.action)
+        np.testing.assert_array_equal(got.capacity, want.capacity)
+        np.testing.assert_array_equal(got.source, want.source)
+        fused_batches += int((counts == W).all() and (force is None or not force.any()))
+    assert fused_batches >= 20  # the one-run path was taken, not only the fallback
+
+
+def test_policy_one_session_matches_general(engine: Engine) -> None:
+    """The policy graph's batch-of-one session answers as the general one."""
+    model = engine.model
+    assert model is not None and model.policy is not None and model.policy_one is not None
+    rng = np.random.default_rng(13)
+    windows = random_windows(rng, 200)
+    for i in range(len(windows)):
+        feed = {"window": windows[i : i + 1], "step_s": np.full((1, 1), 0.5, np.float32)}
+        want = model.policy.run(None, feed)
+        got = model.policy_one.run(None, feed)
+        for a, b in zip(want, got, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_without_policy_graph_two_runs_answer() -> None:
+    """A model directory without a policy graph loads, says so, and
+    forecast_allocate answers with the two graphs."""
+    import json
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        old = Path(tmp) / "m"
+        shutil.copytree(DEFAULT_MODEL_DIR, old)
+        (old / "policy.onnx").unlink()
+        raw = json.loads((old / "manifest.json").read_text())
+        del raw["policy"]
+        (old / "manifest.json").write_text(json.dumps(raw))
+        model = load_model(old)
+    assert model.policy is None and model.policy_note == "not declared"
+    with pytest.raises(ValueError, match="no policy graph in use"):
+        model.run_policy(np.zeros((1, W, WIDTH), np.float32), np.ones(1, np.float32))
+    plain = Engine(model)
+    fused = Engine(load_model(DEFAULT_MODEL_DIR))
+    windows, counts = random_windows(np.random.default_rng(17), 64), np.full(64, W)
+    a = plain.forecast_allocate(windows, counts, 1.0)
+    b = fused.forecast_allocate(windows, counts, 1.0)
+    np.testing.assert_array_equal(a.forecasts.point, b.forecasts.point)
+    np.testing.assert_array_equal(a.action, b.action)
