@@ -31,6 +31,7 @@ from bwpredd.modeldir import DEFAULT_MODEL_DIR, load_model
 from bwpredd.server import Server
 from bwpredd.servicer import extract_batch
 from bwpredd.state import step_seconds
+from tests.bwpredd.test_reload import reload
 from tests.conftest_models import make_model_dir
 from tests.helpers import running_server, sample
 
@@ -430,3 +431,188 @@ class TestEagerPending:
                 pytest.approx(asked[1]),
             )
             assert_current(client, ref, "a")
+
+
+def fresh(server: Server, ids: list[str], horizon_s: float = 0.0) -> dict[str, Any]:
+    """What Forecast (with ``horizon_s``, 0: the next step) and Allocate must
+    say of ``ids`` now, computed on the daemon's loop from its windows, its
+    guardrail mask and its model, without any cache."""
+    core = server.core
+    assert core is not None
+
+    def compute() -> dict[str, Any]:
+        store, engine = core.store, core.engine
+        slots = np.array([store.slot(p) for p in ids], dtype=np.int64)
+        windows, counts = store.gather(slots)
+        fc = engine.forecast(windows, counts, core.scores.fallback_mask(slots))
+        al = engine.allocate(windows, counts, fc, store.step_s(slots))
+        out = {
+            "point": fc.point.copy(),
+            "low": fc.low.copy(),
+            "high": fc.high.copy(),
+            "source": fc.source.copy(),
+            "covered": np.zeros(len(ids)),
+            "action": al.action,
+            "capacity": al.capacity,
+            "version": fc.model_version,
+        }
+        full = np.flatnonzero(counts >= windows.shape[1])
+        curves = engine.horizon_curves(windows[full], store.step_s(slots[full]))
+        if horizon_s and full.size and curves is not None:
+            out["point"][full], out["low"][full], out["high"][full] = curves.at(horizon_s)
+            out["source"][full] = MODEL
+            out["covered"][full] = horizon_s
+        return out
+
+    return on_loop(server, compute)
+
+
+class TestEveryInput:
+    """Inputs the tests above leave out: the guardrail switching a peer to
+    the baseline, model swaps between a model with horizons and one without,
+    Forecast with horizon_seconds, Advise, rejected samples, requests naming
+    peers in any order."""
+
+    @pytest.mark.parametrize("eager", [True, False], ids=["eager", "plain"])
+    def test_random_operations(self, tmp_path: Path, eager: bool) -> None:
+        """300 random operations over 8 peer ids on a 7-peer table, under a
+        model that forecasts 5x too high or one 5x too low (so the guardrail
+        switches peers to the baseline after 2 scored steps), the first with
+        horizons, the second without: samples (some rejected), Forecast
+        with and without horizon_seconds, Allocate, Advise, model swaps,
+        snapshots restored. Every answer equals the one computed without any
+        cache from the daemon's state at that moment."""
+        wrong = make_model_dir(
+            tmp_path / "wrong", version="wrong", forecast_scale=5.0, horizon=True
+        )
+        low = make_model_dir(tmp_path / "low", version="low", seed=2, forecast_scale=0.2)
+        models = [load_model(wrong, 1), load_model(low, 1)]
+        rng = np.random.default_rng(11)
+        ids = [f"peer-{i}" for i in range(8)]
+        levels = {p: float(10 ** rng.uniform(0, 4)) for p in ids}
+        now = int(time.time()) - 3000
+        served: list[int] = []
+        settings = {"max_peers": 7, "guardrail_steps": 2, "eager_answers": eager}
+        with running_server(tmp_path, model_dir=str(wrong), **settings) as (server, client):
+            core = server.core
+            assert core is not None
+            store = core.store
+            snap = None
+            for _ in range(300):
+                op = int(rng.choice(8, p=[0.3, 0.2, 0.15, 0.1, 0.1, 0.05, 0.05, 0.05]))
+                chosen = [str(p) for p in rng.choice(ids, size=rng.integers(1, 4), replace=False)]
+                if op == 0:
+                    batch = []
+                    for p in chosen:
+                        for _ in range(int(rng.integers(1, 5))):
+                            now += 1
+                            bw = levels[p] * float(rng.uniform(0.8, 1.2))
+                            s = sample(p, bw, latency_ms=float(rng.uniform(1, 50)))
+                            s.timestamp.seconds = now
+                            batch.append(s)
+                    accepted = len(batch)
+                    if rng.integers(4) == 0:  # out of order: rejected
+                        late = sample(chosen[0], 1.0)
+                        late.timestamp.seconds = now - 2000
+                        batch.append(late)
+                    assert client.push(batch).accepted == accepted
+                    if eager and rng.integers(2):
+                        eager_idle(server)
+                    continue
+                if op == 5:
+                    model = models[int(rng.integers(2))]
+                    on_loop(server, lambda m=model: core.swap_model(m))  # type: ignore[misc]
+                    continue
+                if op == 6:
+                    if snap is None or rng.integers(2):
+                        snap = on_loop(server, store.snapshot)
+                    else:
+                        on_loop(server, lambda s=snap: store.restore(s, time.time(), 1e9))  # type: ignore[misc]
+                    continue
+                if not set(chosen) <= set(on_loop(server, store.peer_ids)):
+                    assert not_found(lambda c=chosen: client.forecast(c))  # type: ignore[misc]
+                    continue
+                if op in (1, 3):
+                    horizon = float(rng.choice([0.5, 7.0, 100.0])) if op == 3 else 0.0
+                    got = client.forecast(chosen, horizon_seconds=horizon)
+                    want = fresh(server, chosen, horizon)
+                    for i, fc in enumerate(got):
+                        assert fc.peer_id == chosen[i]
+                        assert fc.source == want["source"][i]
+                        assert fc.horizon_seconds == want["covered"][i]
+                        assert fc.model_version == want["version"]
+                        np.testing.assert_allclose(
+                            [fc.bandwidth_mbps, fc.low_mbps, fc.high_mbps],
+                            [want["point"][i], want["low"][i], want["high"][i]],
+                            rtol=1e-5,
+                        )
+                        served.append(fc.source)
+                elif op in (2, 4):
+                    allocations = client.allocate(chosen)
+                    want = fresh(server, chosen)
+                    for i, al in enumerate(allocations):
+                        assert al.peer_id == chosen[i]
+                        assert (al.source, al.action) == (want["source"][i], want["action"][i])
+                        assert al.model_version == want["version"]
+                        np.testing.assert_allclose(
+                            al.reference_capacity_mbps, want["capacity"][i], rtol=1e-5
+                        )
+                else:
+                    req = pb.AdviseRequest(peer_id=chosen[0], payload_bytes=10**7)
+                    advice = client.stub.Advise(req, timeout=10).advice
+                    want = fresh(server, chosen[:1])
+                    assert advice.forecast.source == want["source"][0]
+                    np.testing.assert_allclose(
+                        advice.forecast.bandwidth_mbps, want["point"][0], rtol=1e-5
+                    )
+            assert pb.FORECAST_SOURCE_BASELINE_FALLBACK in served
+            computed = eager_count(server, "computed")
+            assert (computed >= 5) if eager else (computed == 0)
+
+    def test_rejected_samples_keep_answers(self, tmp_path: Path) -> None:
+        """Samples rejected (out of order, out of range) change no answer:
+        the cached replies stay current and no eager answer is computed."""
+        with running_server(tmp_path) as (server, client):
+            t0 = int(time.time()) - 100
+            batch = []
+            for i in range(10):
+                s = sample("a", 100.0 + i, latency_ms=5.0)
+                s.timestamp.seconds = t0 + i
+                batch.append(s)
+            client.push(batch)
+            fc, al = client.forecast(["a"]), client.allocate(["a"])
+            core = server.core
+            assert core is not None
+            stamp = on_loop(server, lambda: core.stamp(["a"]))
+            late = sample("a", 9000.0)
+            late.timestamp.seconds = t0
+            resp = client.push([late, sample("a", -5.0)])
+            assert (resp.accepted, resp.rejected) == (0, 2)
+            eager_idle(server)
+            assert on_loop(server, lambda: core.unchanged(stamp))
+            assert eager_count(server, "computed") == eager_count(server, "skipped") == 0
+            assert (client.forecast(["a"]), client.allocate(["a"])) == (fc, al)
+            assert_current(client, Reference(), "a")
+
+    def test_reload_without_horizons_and_back(self, tmp_path: Path) -> None:
+        """A Forecast with horizon_seconds follows the reloaded model: a
+        directory without horizons answers the next step (horizon 0, the
+        plain Forecast's answer), one with other horizon weights answers
+        from them."""
+        model_dir = make_model_dir(tmp_path / "model", version="h1", seed=1, horizon=True)
+        with running_server(tmp_path, model_dir=str(model_dir)) as (server, client):
+            fill(client, "a", 200.0)
+            plain = client.forecast(["a"])[0]
+            first = client.forecast(["a"], horizon_seconds=30.0)[0]
+            assert first.horizon_seconds == 30.0
+            assert client.forecast(["a"])[0] == plain
+            make_model_dir(model_dir, version="none", seed=1)
+            assert reload(server)
+            now = client.forecast(["a"], horizon_seconds=30.0)[0]
+            assert (now.horizon_seconds, now.model_version) == (0.0, "none")
+            assert now == client.forecast(["a"])[0]
+            make_model_dir(model_dir, version="h2", seed=5, horizon=True)
+            assert reload(server)
+            last = client.forecast(["a"], horizon_seconds=30.0)[0]
+            assert (last.horizon_seconds, last.model_version) == (30.0, "h2")
+            assert last.bandwidth_mbps != first.bandwidth_mbps
