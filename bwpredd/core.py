@@ -435,20 +435,21 @@ class Core:
                 "horizon_seconds", f"must be finite, > 0 and <= {MAX_HORIZON_S:g}, got {horizon_s}"
             )
         slots = self._slots(peer_ids)
-        fc = self._forecast_slots(slots)
+        fc = self._forecast_slots(slots, count=False)  # counted as the reply's sources
         self._asked(peer_ids)
         windows, counts = self.store.gather(slots)
         covered = np.zeros(len(slots))
         found = self._horizon_curves(slots, windows, counts)
-        if found is None:
-            return fc, covered
-        rows, curves = found
-        point, low, high = fc.point.copy(), fc.low.copy(), fc.high.copy()
-        source = fc.source.copy()
-        point[rows], low[rows], high[rows] = curves.at(horizon_s)
-        source[rows] = Source.MODEL
-        covered[rows] = horizon_s
-        return replace(fc, point=point, low=low, high=high, source=source), covered
+        if found is not None:
+            rows, curves = found
+            point, low, high = fc.point.copy(), fc.low.copy(), fc.high.copy()
+            source = fc.source.copy()
+            point[rows], low[rows], high[rows] = curves.at(horizon_s)
+            source[rows] = Source.MODEL
+            covered[rows] = horizon_s
+            fc = replace(fc, point=point, low=low, high=high, source=source)
+        self._count_sources(fc.source)
+        return fc, covered
 
     def advise(
         self,

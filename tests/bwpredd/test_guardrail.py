@@ -81,6 +81,33 @@ class TestGuardrail:
             assert last[-1] == MODEL
             assert not client.peer("p").live_accuracy.guardrail_active
 
+    def test_horizon_answers_counted_as_served(self, tmp_path: Path) -> None:
+        """A peer the guardrail gave to the baseline is still answered by the
+        horizon model for a horizon: bwpredd_forecasts_total counts the
+        source the reply says (MODEL), not the next step's fallback."""
+        bad = make_model_dir(tmp_path / "model", version="wrong", forecast_scale=5.0, horizon=True)
+        with running_server(
+            tmp_path, model_dir=str(bad), guardrail_steps=5, guardrail_margin=0.1
+        ) as (server, client):
+            client.push([sample("p", 100.0, latency_ms=10.0) for _ in range(10)])
+            for _ in range(8):
+                step(client, "p", 100.0)
+            assert client.peer("p").live_accuracy.guardrail_active
+
+            def served(source: str) -> float:
+                value = server.registry.get_sample_value(  # type: ignore[attr-defined]
+                    "bwpredd_forecasts_total", {"source": source}
+                )
+                return value or 0.0
+
+            model, fallback = served("model"), served("baseline_fallback")
+            (fc,) = client.stub.Forecast(
+                pb.ForecastRequest(peer_ids=["p"], horizon_seconds=30.0), timeout=10
+            ).forecasts
+            assert fc.source == MODEL and fc.horizon_seconds == 30.0
+            assert served("model") == model + 1
+            assert served("baseline_fallback") == fallback
+
     def test_disabled(self, tmp_path: Path) -> None:
         """With guardrail = false the losing model keeps serving, still scored."""
         bad = make_model_dir(tmp_path / "model", version="wrong", forecast_scale=5.0)
