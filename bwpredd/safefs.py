@@ -31,11 +31,14 @@ __all__ = [
     "move_aside",
     "open_new",
     "open_private_dir",
+    "open_trusted_dir",
     "private_dir",
     "temp_name",
 ]
 
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_MAX_LINKS = 40  # symlinks followed on one path at most (the kernel's limit)
 
 
 class UnsafePath(OSError):
@@ -95,6 +98,81 @@ def open_private_dir(path: Path, mode: int = 0o700) -> int:
     dir_stat(path)
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
+        problem = _unsafe_dir(os.fstat(fd))
+        if problem:
+            raise UnsafePath(path, problem)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _changeable(st: os.stat_result) -> str | None:
+    """Why another user could replace what a directory holds, or None."""
+    if st.st_uid not in (os.geteuid(), 0):
+        return f"owned by uid {st.st_uid}"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+        return f"writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
+def open_trusted_dir(path: Path, mode: int = 0o777, *, whole_path: bool = False) -> int:
+    """Open a directory only the caller's user may write, reached through
+    no link another user placed, and return its descriptor (the caller
+    closes it). For tools that root may run on paths under another user's
+    directory (``/var/lib/bwpredd`` belongs to the service's user).
+
+    The path (made absolute against the working directory) is walked one
+    name at a time, each opened relative to the one above with
+    ``O_NOFOLLOW``: a symlink is followed (by walking its target) only when
+    the caller's user or root owns it. What is missing is created (the last
+    directory with ``mode``, those above with 0777; the umask narrows both).
+
+    Args:
+        path: the directory.
+        mode: permission bits of the directory if it is created here.
+        whole_path: also refuse when another user could replace a directory
+            on the way (one they own, or one group or others may write that is
+            not sticky): needed by a caller that goes on to use paths under
+            ``path`` rather than the descriptor.
+
+    Raises:
+        OSError: a name cannot be created or opened (``NotADirectoryError``
+            for a file); UnsafePath naming why the path is refused.
+    """
+    todo = list((Path.cwd() / path).parts)
+    fd = os.open(todo.pop(0), _DIR)
+    where = Path("/")
+    links = 0
+    try:
+        while todo:
+            problem = _changeable(os.fstat(fd)) if whole_path else None
+            if problem:
+                raise UnsafePath(where, problem)
+            name = todo.pop(0)
+            try:
+                link = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(name, 0o777 if todo else mode, dir_fd=fd)
+                link = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            if stat.S_ISLNK(link.st_mode):
+                if link.st_uid not in (os.geteuid(), 0):
+                    raise UnsafePath(where / name, f"a symlink owned by uid {link.st_uid}")
+                links += 1
+                if links > _MAX_LINKS:
+                    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(path))
+                target = Path(os.readlink(name, dir_fd=fd))
+                if target.is_absolute():
+                    os.close(fd)
+                    fd, where = os.open("/", _DIR), Path("/")
+                    todo[:0] = target.parts[1:]
+                else:
+                    todo[:0] = target.parts
+                continue
+            new = os.open(name, _DIR, dir_fd=fd)
+            os.close(fd)
+            fd, where = new, where / name
         problem = _unsafe_dir(os.fstat(fd))
         if problem:
             raise UnsafePath(path, problem)
