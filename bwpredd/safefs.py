@@ -3,8 +3,10 @@ planted path can redirect.
 
 A daemon that may run as root must never write through a path someone else
 could have placed: a symlink at a predictable name would make it overwrite
-the link's target. So a directory is opened once and checked through that
-open descriptor (owned by the daemon's user, writable by no one else), every
+the link's target. So a directory is opened once, one name at a time from
+``/`` with ``O_NOFOLLOW`` (a symlink on the way is followed only when the
+daemon's user or root owns it), and checked through that open descriptor
+(owned by the daemon's user, writable by no one else), every
 name in it is resolved relative to the descriptor, a new file is created with
 ``O_CREAT | O_EXCL | O_NOFOLLOW`` (an existing name, link or not, is an error,
 never followed or reused), and a file is moved aside with ``link`` +
@@ -81,7 +83,9 @@ def open_private_dir(path: Path, mode: int = 0o700) -> int:
     descriptor (the caller closes it).
 
     A missing directory is created with ``mode`` (parents as needed; the
-    umask may narrow it).
+    umask may narrow it). The path is walked as :func:`open_trusted_dir`
+    walks it, so no symlink another user owns is followed, above the
+    directory or at it.
 
     Args:
         path: the directory.
@@ -91,20 +95,9 @@ def open_private_dir(path: Path, mode: int = 0o700) -> int:
     Raises:
         OSError: it cannot be created or opened (``NotADirectoryError`` for
             a file); UnsafePath when another user owns it, others may write
-            it, or it is a symlink another user owns.
+            it, or a symlink on the way belongs to another user.
     """
-    with contextlib.suppress(FileExistsError):
-        path.mkdir(mode=mode, parents=True)
-    dir_stat(path)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        problem = _unsafe_dir(os.fstat(fd))
-        if problem:
-            raise UnsafePath(path, problem)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    return open_trusted_dir(path, mode)
 
 
 def _changeable(st: os.stat_result) -> str | None:
