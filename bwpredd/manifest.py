@@ -34,6 +34,7 @@ __all__ = [
     "TensorSpec",
     "dump_manifest",
     "load_manifest",
+    "manifest_text",
     "sha256_file",
     "verify_files",
 ]
@@ -473,11 +474,16 @@ def verify_files(model_dir: Path, manifest: Manifest) -> dict[str, bytes]:
     return out
 
 
+def manifest_text(manifest: Manifest) -> str:
+    """A manifest as the indented JSON a model directory holds (used by export)."""
+    return json.dumps(manifest.to_json(), indent=2, sort_keys=True) + "\n"
+
+
 def dump_manifest(manifest: Manifest, path: Path) -> None:
-    """Write a manifest as indented JSON (used by export).
+    """Write a manifest as indented JSON.
 
     Args:
         manifest: the manifest.
         path: where to write it.
     """
-    path.write_text(json.dumps(manifest.to_json(), indent=2, sort_keys=True) + "\n")
+    path.write_text(manifest_text(manifest))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import re
 import sys
 import time
@@ -31,6 +32,7 @@ from bwpredd.accuracy import nmae
 from bwpredd.baselines import ewma
 from bwpredd.client import Client, pb
 from bwpredd.engine import BASELINE_ALPHA, SOURCE_LABELS
+from bwpredd.safefs import open_trusted_dir
 from bwpredd.schema import BW, FEATURES, OPTIONAL, TRACE_CSV_REQUIRED, WIDTH, WINDOW
 from bwpredd.traces import Trace, load_traces
 
@@ -314,7 +316,8 @@ def replay(
         Per-file and pooled scores of the daemon, last value and EWMA.
 
     Raises:
-        ReplayError: no trace was found, or ``speedup`` is not positive.
+        ReplayError: no trace was found, ``speedup`` is not positive, or
+            ``plot`` is in a directory another user could write (or swap).
         FileNotFoundError: a path does not exist.
         grpc.RpcError: the daemon failed a call.
     """
@@ -373,6 +376,15 @@ def _plot(report: ReplayReport, out: Path) -> None:
     axes[0, 0].legend(loc="upper right", fontsize=8)
     axes[-1, 0].set_xlabel("step")
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
+    # Written by path (savefig): refuse a directory another user could plant
+    # a link in, or swap a directory of, on the way (root may run this).
+    try:
+        os.close(open_trusted_dir(out.parent, whole_path=True))
+    except OSError as exc:
+        plt.close(fig)
+        raise ReplayError(
+            f"--plot {out}: {exc.filename}: {exc.strerror}; write the plot where no other "
+            "user may write (nor in any directory above it)"
+        ) from None
     fig.savefig(out, dpi=110)
     plt.close(fig)

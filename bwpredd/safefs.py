@@ -3,8 +3,10 @@ planted path can redirect.
 
 A daemon that may run as root must never write through a path someone else
 could have placed: a symlink at a predictable name would make it overwrite
-the link's target. So a directory is opened once and checked through that
-open descriptor (owned by the daemon's user, writable by no one else), every
+the link's target. So a directory is opened once, one name at a time from
+``/`` with ``O_NOFOLLOW`` (a symlink on the way is followed only when the
+daemon's user or root owns it), and checked through that open descriptor
+(owned by the daemon's user, writable by no one else), every
 name in it is resolved relative to the descriptor, a new file is created with
 ``O_CREAT | O_EXCL | O_NOFOLLOW`` (an existing name, link or not, is an error,
 never followed or reused), and a file is moved aside with ``link`` +
@@ -31,11 +33,14 @@ __all__ = [
     "move_aside",
     "open_new",
     "open_private_dir",
+    "open_trusted_dir",
     "private_dir",
     "temp_name",
 ]
 
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_MAX_LINKS = 40  # symlinks followed on one path at most (the kernel's limit)
 
 
 class UnsafePath(OSError):
@@ -78,7 +83,9 @@ def open_private_dir(path: Path, mode: int = 0o700) -> int:
     descriptor (the caller closes it).
 
     A missing directory is created with ``mode`` (parents as needed; the
-    umask may narrow it).
+    umask may narrow it). The path is walked as :func:`open_trusted_dir`
+    walks it, so no symlink another user owns is followed, above the
+    directory or at it.
 
     Args:
         path: the directory.
@@ -88,13 +95,77 @@ def open_private_dir(path: Path, mode: int = 0o700) -> int:
     Raises:
         OSError: it cannot be created or opened (``NotADirectoryError`` for
             a file); UnsafePath when another user owns it, others may write
-            it, or it is a symlink another user owns.
+            it, or a symlink on the way belongs to another user.
     """
-    with contextlib.suppress(FileExistsError):
-        path.mkdir(mode=mode, parents=True)
-    dir_stat(path)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    return open_trusted_dir(path, mode)
+
+
+def _changeable(st: os.stat_result) -> str | None:
+    """Why another user could replace what a directory holds, or None."""
+    if st.st_uid not in (os.geteuid(), 0):
+        return f"owned by uid {st.st_uid}"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+        return f"writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
+def open_trusted_dir(path: Path, mode: int = 0o777, *, whole_path: bool = False) -> int:
+    """Open a directory only the caller's user may write, reached through
+    no link another user placed, and return its descriptor (the caller
+    closes it). For tools that root may run on paths under another user's
+    directory (``/var/lib/bwpredd`` belongs to the service's user).
+
+    The path (made absolute against the working directory) is walked one
+    name at a time, each opened relative to the one above with
+    ``O_NOFOLLOW``: a symlink is followed (by walking its target) only when
+    the caller's user or root owns it. What is missing is created (the last
+    directory with ``mode``, those above with 0777; the umask narrows both).
+
+    Args:
+        path: the directory.
+        mode: permission bits of the directory if it is created here.
+        whole_path: also refuse when another user could replace a directory
+            on the way (one they own, or one group or others may write that is
+            not sticky): needed by a caller that goes on to use paths under
+            ``path`` rather than the descriptor.
+
+    Raises:
+        OSError: a name cannot be created or opened (``NotADirectoryError``
+            for a file); UnsafePath naming why the path is refused.
+    """
+    todo = list((Path.cwd() / path).parts)
+    fd = os.open(todo.pop(0), _DIR)
+    where = Path("/")
+    links = 0
     try:
+        while todo:
+            problem = _changeable(os.fstat(fd)) if whole_path else None
+            if problem:
+                raise UnsafePath(where, problem)
+            name = todo.pop(0)
+            try:
+                link = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(name, 0o777 if todo else mode, dir_fd=fd)
+                link = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            if stat.S_ISLNK(link.st_mode):
+                if link.st_uid not in (os.geteuid(), 0):
+                    raise UnsafePath(where / name, f"a symlink owned by uid {link.st_uid}")
+                links += 1
+                if links > _MAX_LINKS:
+                    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(path))
+                target = Path(os.readlink(name, dir_fd=fd))
+                if target.is_absolute():
+                    os.close(fd)
+                    fd, where = os.open("/", _DIR), Path("/")
+                    todo[:0] = target.parts[1:]
+                else:
+                    todo[:0] = target.parts
+                continue
+            new = os.open(name, _DIR, dir_fd=fd)
+            os.close(fd)
+            fd, where = new, where / name
         problem = _unsafe_dir(os.fstat(fd))
         if problem:
             raise UnsafePath(path, problem)

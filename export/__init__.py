@@ -10,6 +10,7 @@ publish it with a rename. ``python -m export`` is the command-line face.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import datetime as dt
@@ -17,7 +18,7 @@ import hashlib
 import os
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,9 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from bwpredd.manifest import MANIFEST_NAME, Manifest, dump_manifest
+from bwpredd.manifest import MANIFEST_NAME, Manifest, manifest_text
 from bwpredd.modeldir import DEFAULT_MODEL_DIR, session
+from bwpredd.safefs import UnsafePath, open_new, open_trusted_dir
 from bwpredd.schema import DEFAULTS
 from bwpredd.state import STATE_LAYOUT
 from export.manifest import build_manifest, default_version, weights_digest
@@ -320,23 +322,12 @@ def publish_new_dir(
     ``dest`` is left as it was.
 
     Raises:
-        ExportError: ``dest`` exists without ``force``, or the built
+        ExportError: ``dest`` exists without ``force``, its parent is one
+            another user could write or is reached through a link another
+            user owns (:func:`bwpredd.safefs.open_trusted_dir`), or the built
             directory fails the daemon's checks.
     """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(dest, "building")
-    tmp.mkdir()
-    try:
-        for name, data in files.items():
-            _write_synced(tmp / name, data)
-        dump_manifest(manifest, tmp / MANIFEST_NAME)
-        _fsync_file(tmp / MANIFEST_NAME)
-        _fsync_dir(tmp)
-        _self_check(tmp)
-        publish_dir(tmp, dest, force=force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    _build_and_publish(dest, {**files, MANIFEST_NAME: manifest_text(manifest).encode()}, force)
 
 
 def publish_dir(src: Path, dest: Path, *, force: bool = False) -> None:
@@ -353,22 +344,11 @@ def publish_dir(src: Path, dest: Path, *, force: bool = False) -> None:
         force: replace an existing ``dest``.
 
     Raises:
-        ExportError: ``dest`` exists and ``force`` is false.
+        ExportError: ``dest`` exists and ``force`` is false, or its parent is
+            refused as in :func:`publish_new_dir`.
     """
-    if not dest.exists():
-        os.rename(src, dest)
-        _fsync_dir(dest.parent)
-        return
-    if not force:
-        raise ExportError(f"{dest}: exists (pass --force to replace it)")
-    if _exchange(src, dest):
-        old = src  # after the exchange, src holds the old directory
-    else:
-        old = _tmp_sibling(dest, "old")
-        os.rename(dest, old)
-        os.rename(src, dest)
-    _fsync_dir(dest.parent)
-    shutil.rmtree(old, ignore_errors=True)
+    with _parent(dest) as parent:
+        _publish(parent, src.name, dest, force=force)
 
 
 def copy_model_dir(src: Path, dest: Path, *, log: Callable[[str], None] = print) -> None:
@@ -379,21 +359,79 @@ def copy_model_dir(src: Path, dest: Path, *, log: Callable[[str], None] = print)
         src: a published model directory.
         dest: e.g. ``bwpredd/models/default``.
         log: where progress lines go.
+
+    Raises:
+        ExportError: as :func:`publish_new_dir`.
     """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(dest, "building")
-    tmp.mkdir()
-    try:
-        for item in sorted(src.iterdir()):
-            if item.is_file():
-                _write_synced(tmp / item.name, item.read_bytes())
-        _fsync_dir(tmp)
-        _self_check(tmp)
-        publish_dir(tmp, dest, force=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    files = {item.name: item.read_bytes() for item in sorted(src.iterdir()) if item.is_file()}
+    _build_and_publish(dest, files, force=True)
     log(f"export: refreshed {dest}")
+
+
+@contextlib.contextmanager
+def _parent(dest: Path) -> Iterator[int]:
+    """The directory ``dest`` goes in (created if missing), opened so that
+    nothing another user placed on the way is followed; refused if anyone
+    but this user may write it. Root may publish under the service's own
+    ``/var/lib/bwpredd``: every name is then used relative to this
+    descriptor, never through the path again."""
+    try:
+        fd = open_trusted_dir(dest.parent)
+    except UnsafePath as exc:
+        raise ExportError(
+            f"{exc.filename}: {exc.strerror}: another user could redirect or replace what "
+            "export writes there; publish into a directory only this user may write"
+        ) from None
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _build_and_publish(dest: Path, files: Mapping[str, bytes], force: bool) -> None:
+    """Write ``files`` into a fresh hidden sibling of ``dest``, fsync, check
+    it as the daemon would and publish it (:func:`_publish`); on any
+    failure remove the sibling."""
+    with _parent(dest) as parent:
+        tmp = _tmp_name(dest, "building")
+        os.mkdir(tmp, dir_fd=parent)
+        try:
+            fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent)
+            try:
+                for name, data in files.items():
+                    with open_new(name, fd, 0o666) as fh:
+                        fh.write(data)
+                        fh.flush()
+                        os.fsync(fh.fileno())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            _self_check(dest.parent / tmp)
+            _publish(parent, tmp, dest, force=force)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True, dir_fd=parent)
+            raise
+
+
+def _publish(parent: int, src: str, dest: Path, *, force: bool) -> None:
+    """:func:`publish_dir` for names in the directory ``parent``."""
+    name = dest.name
+    try:
+        os.stat(name, dir_fd=parent, follow_symlinks=False)
+    except FileNotFoundError:
+        os.rename(src, name, src_dir_fd=parent, dst_dir_fd=parent)
+        os.fsync(parent)
+        return
+    if not force:
+        raise ExportError(f"{dest}: exists (pass --force to replace it)")
+    if _exchange(parent, src, name):
+        old = src  # after the exchange, src holds the old directory
+    else:
+        old = _tmp_name(dest, "old")
+        os.rename(name, old, src_dir_fd=parent, dst_dir_fd=parent)
+        os.rename(src, name, src_dir_fd=parent, dst_dir_fd=parent)
+    os.fsync(parent)
+    shutil.rmtree(old, ignore_errors=True, dir_fd=parent)
 
 
 def _self_check(model_dir: Path) -> None:
@@ -439,36 +477,15 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _tmp_sibling(dest: Path, what: str) -> Path:
+def _tmp_name(dest: Path, what: str) -> str:
+    """A hidden name beside ``dest`` that nobody can predict."""
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
-    return dest.parent / f".{dest.name}.{what}-{stamp}-{os.getpid()}-{os.urandom(3).hex()}"
+    return f".{dest.name}.{what}-{stamp}-{os.getpid()}-{os.urandom(3).hex()}"
 
 
-def _write_synced(path: Path, data: bytes) -> None:
-    with path.open("xb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths with Linux ``renameat2``; False if unsupported."""
+def _exchange(parent: int, a: str, b: str) -> bool:
+    """Atomically swap two names in the directory ``parent`` with Linux
+    ``renameat2``; False if unsupported."""
     name = ctypes.util.find_library("c")
     if name is None:
         return False
@@ -477,6 +494,5 @@ def _exchange(a: Path, b: Path) -> bool:
         renameat2 = libc.renameat2
     except (OSError, AttributeError):
         return False
-    at_fdcwd = -100
-    rc = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
+    rc = renameat2(parent, os.fsencode(a), parent, os.fsencode(b), _RENAME_EXCHANGE)
     return bool(rc == 0)

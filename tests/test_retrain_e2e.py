@@ -126,6 +126,38 @@ class TestRetrain:
             assert got["macro"]["model"]["n_windows"] == report["test"]["macro"]["windows"]
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown")
+class TestPlantedPaths:
+    """retrain as root writes its run through no path another user could
+    have placed."""
+
+    def test_run_dir_another_user_owns_refused(
+        self, mesh: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """--out in a directory another user owns (as the service's user owns
+        /var/lib/bwpredd), with split.json a link they planted: refused with
+        exit 2 naming --out, the link's target untouched."""
+        state = tmp_path / "var-lib-bwpredd"
+        state.mkdir(mode=0o700)
+        os.chown(state, 65534, 65534)
+        out = state / "run"
+        out.mkdir()
+        os.chown(out, 65534, 65534)
+        victim = tmp_path / "victim"
+        victim.write_text("precious")
+        (out / "split.json").symlink_to(victim)
+        os.lchown(out / "split.json", 65534, 65534)
+        args = ["retrain", "--recordings", str(mesh), "--base", str(DEFAULT_MODEL_DIR)]
+        assert trainer_main([*args, "--out", str(out), "--quick", "--quiet"]) == 2
+        assert "--out" in capsys.readouterr().err
+        assert victim.read_text() == "precious"
+        # Nor would root create a run directory there: the user could swap it.
+        new = state / "new"
+        assert trainer_main([*args, "--out", str(new), "--quick", "--quiet"]) == 2
+        assert "owned by uid 65534" in capsys.readouterr().err
+        assert not new.exists()
+
+
 class TestTorchrun:
     def test_two_ranks_fine_tune_one_model(self, mesh: Path, tmp_path: Path) -> None:
         """``torchrun --nproc-per-node 2 -m trainer retrain``: both ranks end

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shlex
 import shutil
 import sys
@@ -45,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from bwpredd.errors import BwpreddError
+from bwpredd.safefs import open_trusted_dir
 from bwpredd.schema import WINDOW
 from bwpredd.traces import RECORDING_SOURCE, Trace, load_traces
 from trainer import distributed
@@ -227,7 +229,18 @@ def _run(args: argparse.Namespace) -> int:
     main = distributed.is_main()
     out = Path(args.out)
     if main:
-        out.mkdir(parents=True, exist_ok=True)
+        # The run is written by path, by many hands (torch.save, reports):
+        # refuse a directory another user could plant a link in, or swap
+        # a directory of, anywhere on the way (root may run this).
+        try:
+            os.close(open_trusted_dir(out, whole_path=True))
+        except OSError as exc:
+            print(
+                f"retrain: --out {out}: {exc.filename}: {exc.strerror}; write the run where "
+                "no other user may write (nor in any directory above it)",
+                file=sys.stderr,
+            )
+            return 2
         (out / REPORT_JSON).unlink(missing_ok=True)  # an earlier run's figures are not gated
     split_rec = {
         "seed": args.seed,

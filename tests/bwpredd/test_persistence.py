@@ -392,6 +392,26 @@ class TestPlantedPaths:
         ):
             pass
 
+    @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown")
+    def test_link_above_state_dir_refused(self, tmp_path: Path) -> None:
+        """A state directory reached through a symlink another user planted
+        above it (in a directory they may write) is refused at start-up:
+        nothing is created or written where the link points."""
+        shared = tmp_path / "shared"
+        shared.mkdir()
+        os.chown(shared, 65534, 65534)
+        victim = tmp_path / "victim"
+        victim.mkdir()
+        link = shared / "bwpredd"
+        link.symlink_to(victim)
+        os.lchown(link, 65534, 65534)
+        with (
+            pytest.raises(StartupError, match=r"^state_dir: .*a symlink owned by uid 65534"),
+            running_server(tmp_path, state_dir=str(link / "state")),
+        ):
+            pass
+        assert list(victim.iterdir()) == []
+
 
 class TestStateDirAtStartup:
     """An unusable state directory stops start-up like any bad option (issue 14, item 8)."""

@@ -67,6 +67,27 @@ class TestReplay:
         assert "overall (1 traces)" in report.table()
         assert report.to_json()["files"][0]["samples"] == n
 
+    @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown")
+    def test_plot_through_planted_link_refused(self, tmp_path: Path) -> None:
+        """--plot into a directory another user owns (as the service's user
+        owns /var/lib/bwpredd), where they planted a link at the plot's
+        name: refused, naming the path, and the link's target untouched."""
+        _need_traces()
+        state = tmp_path / "var-lib-bwpredd"
+        state.mkdir()
+        os.chown(state, 65534, 65534)
+        victim = tmp_path / "victim"
+        victim.write_text("precious")
+        plot = state / "replay.png"
+        plot.symlink_to(victim)
+        os.lchown(plot, 65534, 65534)
+        with (
+            running_server(tmp_path) as (_, client),
+            pytest.raises(ReplayError, match=r"--plot .*owned by uid 65534"),
+        ):
+            replay(client, [OBOE], speedup=None, plot=plot)
+        assert victim.read_text() == "precious"
+
     def test_speedup_sleeps_between_samples(self, tmp_path: Path) -> None:
         """At a huge speed-up a trace still replays, and bad speed-ups fail."""
         _need_traces()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -216,6 +217,61 @@ class TestPublish:
             p.name for p in helper_dir.iterdir()
         )
         assert load_manifest(dest).version == "test-1"
+
+
+NOBODY = 65534
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown")
+class TestPlantedPaths:
+    """Publishing as root under a directory another user owns (as the service's
+    dynamic user owns /var/lib/bwpredd) follows no link that user planted and
+    writes into no directory that user may write."""
+
+    @staticmethod
+    def _service_dir(tmp_path: Path) -> Path:
+        d = tmp_path / "var-lib-bwpredd"
+        d.mkdir(mode=0o700)
+        os.chown(d, NOBODY, NOBODY)
+        return d
+
+    def test_planted_parent_link_not_followed(
+        self, cli_export: tuple[int, Path, Path], tmp_path: Path
+    ) -> None:
+        """--force --out <service dir>/models/current, ``models`` a symlink the
+        service's user planted: the link's target is neither replaced nor
+        written to, and export fails."""
+        state = self._service_dir(tmp_path)
+        victim = tmp_path / "victim"
+        (victim / "current").mkdir(parents=True)
+        (victim / "current" / "precious").write_text("x")
+        link = state / "models"
+        link.symlink_to(victim)
+        os.lchown(link, NOBODY, NOBODY)
+        argv = ["--run", str(cli_export[1]), "--out", str(link / "current"), "--force"]
+        assert export_main([*argv, "--version", "v2", "--parity-windows", "256"]) == 1
+        assert [p.name for p in victim.iterdir()] == ["current"]
+        assert [p.name for p in (victim / "current").iterdir()] == ["precious"]
+
+    def test_parent_another_user_owns_refused(self, helper_dir: Path, tmp_path: Path) -> None:
+        """A parent directory another user owns (they could swap what export
+        writes there) is refused, naming its owner; nothing is created in it."""
+        state = self._service_dir(tmp_path)
+        with pytest.raises(ExportError, match=r"owned by uid 65534"):
+            copy_model_dir(helper_dir, state / "current", log=lambda _s: None)
+        assert list(state.iterdir()) == []
+
+    def test_own_parent_inside_service_dir_publishes(
+        self, helper_dir: Path, tmp_path: Path
+    ) -> None:
+        """A parent export creates (root's, mode 0755) under the service's
+        directory is fine: the model is published there and readable."""
+        dest = self._service_dir(tmp_path) / "models" / "current"
+        copy_model_dir(helper_dir, dest, log=lambda _s: None)
+        copy_model_dir(helper_dir, dest, log=lambda _s: None)  # replacing it too
+        assert load_manifest(dest).version == "test-1"
+        assert [p.name for p in dest.parent.iterdir()] == ["current"]
+        assert dest.parent.stat().st_uid == os.geteuid()
 
 
 class TestHelper:
