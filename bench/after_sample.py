@@ -1,8 +1,7 @@
 """``python -m bench.after_sample``: the after-sample path in-process, piece by piece.
 
 Times :meth:`Engine.forecast` and :meth:`Engine.allocate` and the pieces
-they are made of, and :meth:`Engine.forecast_allocate` (the policy graph's
-one run), on one peer's full window (and a 1,000-peer batch), as
+they are made of on one peer's full window (and a 1,000-peer batch), as
 thread CPU time, the minimum over interleaved rounds: the breakdown
 ``reports/profile.md`` gives for the path right after a new sample, where
 the models run. Prints one line per piece in microseconds per call.
@@ -50,8 +49,6 @@ def pieces(k: int) -> dict[str, Callable[[], object]]:
         "forecast+allocate": lambda: engine.allocate(
             windows, counts, engine.forecast(windows, counts), step
         ),
-        "Engine.forecast_allocate": lambda: engine.forecast_allocate(windows, counts, step),
-        "  run_policy": lambda: model.run_policy(windows, step),
     }
 
 

@@ -269,17 +269,8 @@ class Core:
             PeerNotFound: a peer with no window.
         """
         slots = self._slots(peer_ids)
-        answers = self.answers
-        both = answers.stale(slots) & answers.alloc_stale(slots)
-        if both.any():  # forecast and allocation in one go (a policy graph's one run)
-            miss = slots[both]
-            windows, counts = self.store.gather(miss)
-            al = self.engine.forecast_allocate(
-                windows, counts, self.store.step_s(miss), self.scores.fallback_mask(miss)
-            )
-            answers.put(miss, al.forecasts)
-            answers.put_allocations(miss, al.action, al.capacity)
         fc = self._forecast_slots(slots, count=False)
+        answers = self.answers
         stale = answers.alloc_stale(slots)
         if stale.any():
             miss = slots[stale]

@@ -61,7 +61,7 @@ import numpy as np
 import numpy.typing as npt
 
 from bwpredd.answers import Answers
-from bwpredd.engine import Engine
+from bwpredd.engine import Engine, Forecasts
 from bwpredd.livescore import LiveScores
 from bwpredd.logging import RateLimitedLine, get_logger
 from bwpredd.metrics import Metrics
@@ -209,24 +209,19 @@ class Eager:
         engine, store, answers = self.engine, self.store, self.answers
         stale = answers.stale(slots)
         al_stale = alloc & answers.alloc_stale(slots)
-        if np.array_equal(stale, al_stale) and al_stale.any():
-            # An Allocate's peers (the common case): both answers in one go.
-            miss = slots[stale]
-            windows, counts = store.gather(miss)
-            al = engine.forecast_allocate(
-                windows, counts, store.step_s(miss), self.scores.fallback_mask(miss)
-            )
-            answers.put(miss, al.forecasts)
-            answers.put_allocations(miss, al.action, al.capacity)
-            return int(miss.size)
         miss = slots[stale]
+        fc: Forecasts | None = None
         if miss.size:
             windows, counts = store.gather(miss)
-            answers.put(miss, engine.forecast(windows, counts, self.scores.fallback_mask(miss)))
+            fc = engine.forecast(windows, counts, self.scores.fallback_mask(miss))
+            answers.put(miss, fc)
         al_miss = slots[al_stale]
         if al_miss.size:
-            windows, counts = store.gather(al_miss)
-            fc = answers.get(al_miss, engine.version)
+            # The same peers as the forecasts just computed (an Allocate's
+            # peer, the common case): their windows and forecasts as they are.
+            if fc is None or not np.array_equal(stale, al_stale):
+                windows, counts = store.gather(al_miss)
+                fc = answers.get(al_miss, engine.version)
             al = engine.allocate(windows, counts, fc, store.step_s(al_miss))
             answers.put_allocations(al_miss, al.action, al.capacity)
         return int(np.count_nonzero(stale | al_stale))

@@ -116,26 +116,6 @@ def edge_pad(windows: F32, counts: I64) -> F32:
     return padded
 
 
-def _finite(p: F32, lo: F32, hi: F32) -> bool:
-    return bool(np.isfinite(p).all() & np.isfinite(lo).all() & np.isfinite(hi).all())
-
-
-def _model_forecasts(
-    p: F32, lo: F32, hi: F32, base: F32, counts: I64, *, version: str
-) -> Forecasts:
-    """Every peer answered by the model, its interval made to bracket the point."""
-    return Forecasts(
-        p.copy(),
-        np.minimum(lo, p),
-        np.maximum(hi, p),
-        np.full(len(p), _MODEL, dtype=np.int8),
-        base,
-        p.copy(),
-        counts,
-        version,
-    )
-
-
 class Engine:
     """Answers forecasts and allocations from the current model or the
     baselines. Swapping the model is one reference assignment.
@@ -190,8 +170,19 @@ class Engine:
             # all of them unless an output is not finite or the guardrail
             # says no, and then the general path below takes over.
             p, lo, hi = model.run_forecaster(np.ascontiguousarray(windows, dtype=np.float32))
-            if (force_baseline is None or not force_baseline.any()) and _finite(p, lo, hi):
-                return _model_forecasts(p, lo, hi, base, counts, version=version)
+            if (force_baseline is None or not force_baseline.any()) and bool(
+                np.isfinite(p).all() & np.isfinite(lo).all() & np.isfinite(hi).all()
+            ):
+                return Forecasts(
+                    p.copy(),
+                    np.minimum(lo, p),
+                    np.maximum(hi, p),
+                    np.full(k, _MODEL, dtype=np.int8),
+                    base,
+                    p.copy(),
+                    counts,
+                    version,
+                )
             outputs: tuple[F32, F32, F32] | None = (p, lo, hi)
         else:
             outputs = None
@@ -223,44 +214,6 @@ class Engine:
                 windows[rest], base[rest], counts[rest]
             )
         return Forecasts(point, low, high, source, base, model_point, counts, version)
-
-    def forecast_allocate(
-        self,
-        windows: F32,
-        counts: I64,
-        step_s: F32 | float,
-        force_baseline: npt.NDArray[np.bool_] | None = None,
-    ) -> Allocations:
-        """:meth:`allocate` of :meth:`forecast` (whose answers the result's
-        ``forecasts`` are): the same answers, in one onnxruntime run of the
-        policy graph in the common case (every window full, a model whose
-        policy graph is in use, no guardrail, finite forecasts).
-
-        Args:
-            windows: ``[k, W, WIDTH]`` oldest first.
-            counts: ``[k]`` real rows per window.
-            step_s: ``[k]`` (or one) seconds between samples.
-            force_baseline: as for :meth:`forecast`.
-        """
-        model = self._model  # one read: the whole call uses one model
-        k = len(windows)
-        if (
-            model is not None
-            and model.policy is not None
-            and k
-            and bool((counts >= windows.shape[1]).all())
-            and (force_baseline is None or not force_baseline.any())
-        ):
-            step = np.broadcast_to(np.asarray(step_s, np.float32), (k,))
-            p, lo, hi, q = model.run_policy(np.ascontiguousarray(windows, dtype=np.float32), step)
-            if _finite(p, lo, hi):
-                base = baselines.ewma(windows, None, BASELINE_ALPHA)
-                fc = _model_forecasts(p, lo, hi, base, counts, version=model.version)
-                action: I64 = np.argmax(q, axis=1).astype(np.int64)
-                return Allocations(action, reference_capacity(windows), fc.source, fc)
-        return self.allocate(
-            windows, counts, self.forecast(windows, counts, force_baseline), step_s
-        )
 
     def horizon_curves(self, windows: F32, step_s: F32 | float) -> HorizonCurves | None:
         """Horizon forecasts of full windows (:mod:`bwpredd.transfer`), or

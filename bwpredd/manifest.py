@@ -27,8 +27,6 @@ __all__ = [
     "HORIZON_INPUTS",
     "HORIZON_OUTPUTS",
     "MANIFEST_NAME",
-    "POLICY_INPUTS",
-    "POLICY_OUTPUTS",
     "Manifest",
     "ModelFile",
     "TensorSpec",
@@ -52,10 +50,6 @@ N_ACTIONS = 10
 HORIZON_INPUTS: tuple[str, ...] = ("window", "step_s")
 HORIZON_OUTPUTS: tuple[str, ...] = ("mean_mbps", "low_mbps", "high_mbps")
 MAX_HORIZONS = 64
-# The optional policy graph (``policy``): the forecaster, the allocator's state
-# and the allocator in one graph, giving both graphs' outputs in one run.
-POLICY_INPUTS: tuple[str, ...] = ("window", "step_s")
-POLICY_OUTPUTS: tuple[str, ...] = (*FORECASTER_OUTPUTS, ALLOCATOR_OUTPUT)
 MAX_HORIZON_S = 86_400.0
 # A model file is named by a plain name inside the directory.
 _FILE_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
@@ -137,13 +131,6 @@ class Manifest:
     the interval (``interval``'s quantiles) of the mean bandwidth over the
     next ``horizons[j]`` seconds. A directory without them serves the next
     step only.
-
-    ``policy`` is optional: the forecaster, the state of
-    :func:`bwpredd.state.build_state` and the allocator in one graph
-    (:mod:`export.policy`), taking ``window`` float32[N,10,4] and ``step_s``
-    float32[N,1] and giving the forecaster's three outputs and
-    ``q_values`` float32[N,10]. With it a peer's forecast and allocation are
-    one onnxruntime run; without it, two runs give the same answers.
     """
 
     format: int
@@ -164,13 +151,6 @@ class Manifest:
     extra: dict[str, Any] = field(default_factory=dict)
     horizon: ModelFile | None = None
     horizons: tuple[float, ...] = ()
-    policy: ModelFile | None = None
-
-    @property
-    def graphs(self) -> list[ModelFile]:
-        """Every graph the manifest declares."""
-        optional = (self.horizon, self.policy)
-        return [self.forecaster, self.allocator, *(g for g in optional if g is not None)]
 
     @classmethod
     def from_json(cls, raw: Any) -> Manifest:
@@ -230,10 +210,8 @@ class Manifest:
                 f"manifest.version: must be at most 128 printable characters, got {_show(version)}"
             )
         horizon, horizons = _horizon(obj)
-        policy = _policy(obj)
-        files = [g.file for g in (forecaster, allocator, horizon, policy) if g is not None]
-        if len(set(files)) != len(files):
-            raise ManifestError("manifest: each graph must have a file of its own")
+        if horizon is not None and horizon.file in (forecaster.file, allocator.file):
+            raise ManifestError("horizon.file: must differ from the other graphs' files")
         known = {f.name for f in cls.__dataclass_fields__.values()}
         return cls(
             format=FORMAT_VERSION,
@@ -254,7 +232,6 @@ class Manifest:
             extra={k: v for k, v in obj.items() if k not in known},
             horizon=horizon,
             horizons=horizons,
-            policy=policy,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -265,11 +242,7 @@ class Manifest:
             del out["horizon"], out["horizons"]
         else:
             out["horizons"] = list(self.horizons)
-        if self.policy is None:
-            del out["policy"]
-        for key in ("forecaster", "allocator", "horizon", "policy"):
-            if out.get(key) is None:
-                continue
+        for key in ("forecaster", "allocator", *(("horizon",) if self.horizon else ())):
             for io in ("inputs", "outputs"):
                 out[key][io] = [{**spec, "shape": list(spec["shape"])} for spec in out[key][io]]
         out["features"] = list(self.features)
@@ -339,29 +312,6 @@ def _horizon(obj: Mapping[str, Any]) -> tuple[ModelFile | None, tuple[float, ...
                 f"horizon output {t.name}: expected shape [N, {len(horizons)}] (one per horizon)"
             )
     return graph, horizons
-
-
-def _policy(obj: Mapping[str, Any]) -> ModelFile | None:
-    """The optional policy graph."""
-    if "policy" not in obj:
-        return None
-    graph = ModelFile.from_json(obj.get("policy"), "policy")
-    names = [t.name for t in graph.inputs]
-    if tuple(names) != POLICY_INPUTS:
-        raise ManifestError(f"policy.inputs: expected {list(POLICY_INPUTS)}, got {names}")
-    if graph.inputs[0].shape[1:] != (schema.WINDOW, schema.WIDTH) or graph.inputs[1].shape[1:] != (
-        1,
-    ):
-        raise ManifestError(
-            f"policy.inputs: expected shapes [N, {schema.WINDOW}, {schema.WIDTH}] and [N, 1]"
-        )
-    outs = [t.name for t in graph.outputs]
-    if tuple(outs) != POLICY_OUTPUTS:
-        raise ManifestError(f"policy.outputs: expected {list(POLICY_OUTPUTS)}, got {outs}")
-    want = [(1,)] * 3 + [(N_ACTIONS,)]
-    if [t.shape[1:] for t in graph.outputs] != want:
-        raise ManifestError(f"policy.outputs: expected shapes [N, 1] x 3 and [N, {N_ACTIONS}]")
-    return graph
 
 
 def _is_int(value: Any) -> TypeGuard[int]:
@@ -458,7 +408,10 @@ def verify_files(model_dir: Path, manifest: Manifest) -> dict[str, bytes]:
         ManifestError: a file is missing or its sha256 does not match.
     """
     out: dict[str, bytes] = {}
-    for model in manifest.graphs:
+    graphs = [manifest.forecaster, manifest.allocator]
+    if manifest.horizon is not None:
+        graphs.append(manifest.horizon)
+    for model in graphs:
         path = model_dir / model.file
         try:
             data = path.read_bytes()

@@ -9,20 +9,13 @@ what a valid directory is. In order, each stopping at the first failure:
    bytes that were checked;
 3. the allocator's ``state_layout`` is the one this bwpredd builds;
 4. every graph (the forecaster, the allocator and, when the manifest
-   declares them, the horizon and policy graphs) loads in onnxruntime, and
-   their inputs and outputs have the manifest's names (in order), dtypes and
-   shapes;
+   declares horizons, the horizon graph) loads in onnxruntime, and their
+   inputs and outputs have the manifest's names (in order), dtypes and shapes;
 5. a smoke run (also the warm-up) on :func:`smoke_windows`, batches of one
    and of all, gives finite float32 ``[N, 1]`` forecasts with ``low <= point
    <= high``, finite float32 ``[N, 10]`` ``q_values`` on states built as
    the daemon builds them, and (horizon graph) finite float32 ``[N, H]``
    means with ``0 <= low <= mean <= high`` at steps of 0.5, 1 and 5 s.
-
-The policy graph is an optimisation: it is used only when, on the smoke
-windows at those steps, it gives the forecaster's outputs exactly and the
-allocator's greedy actions (:func:`policy_agreement`); otherwise the model
-serves with two runs, as without it, and :attr:`LoadedModel.policy_note`
-says why.
 
 :func:`session` is the only place an ``onnxruntime.InferenceSession`` is made.
 """
@@ -53,8 +46,6 @@ from bwpredd.manifest import (
     HORIZON_INPUTS,
     HORIZON_OUTPUTS,
     N_ACTIONS,
-    POLICY_INPUTS,
-    POLICY_OUTPUTS,
     Manifest,
     ModelFile,
     TensorSpec,
@@ -68,7 +59,6 @@ __all__ = [
     "DEFAULT_MODEL_DIR",
     "LoadedModel",
     "load_model",
-    "policy_agreement",
     "session",
     "smoke_windows",
     "synthetic_windows",
@@ -82,11 +72,6 @@ _ORT_DTYPES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(
 # Output names as the lists onnxruntime takes, built once.
 _FORECASTER_OUTS = list(FORECASTER_OUTPUTS)
 _ALLOCATOR_OUTS = [ALLOCATOR_OUTPUT]
-_POLICY_OUTS = list(POLICY_OUTPUTS)
-# The policy graph's Q-values may differ from the two graphs' by float
-# rounding (its state is float32, build_state's float64), relative to
-# max(1, |q|): export's parity tolerance.
-POLICY_Q_TOLERANCE = 1e-4
 # A point forecast may stray outside its interval by float rounding only.
 _ORDER_SLACK = 1e-5
 
@@ -139,11 +124,6 @@ class LoadedModel:
     # its sample), when they give the general sessions' answers exactly.
     forecaster_one: ort.InferenceSession | None = None
     allocator_one: ort.InferenceSession | None = None
-    # The policy graph, when declared and in agreement with the two graphs
-    # (module docstring); else why not.
-    policy: ort.InferenceSession | None = None
-    policy_one: ort.InferenceSession | None = None
-    policy_note: str = "not declared"
 
     @property
     def version(self) -> str:
@@ -186,22 +166,6 @@ class LoadedModel:
         """Greedy actions ``[k]`` for states ``[k, S]``: argmax, never random."""
         actions: I64 = np.argmax(self.q_values(states), axis=1).astype(np.int64)
         return actions
-
-    def run_policy(self, windows: F32, step_s: F32) -> tuple[F32, F32, F32, F32]:
-        """Point, low, high ``[k]`` and Q-values ``[k, 10]`` of full windows
-        ``[k, W, F]`` at their steps ``[k]`` (seconds), in one run.
-
-        Raises:
-            ValueError: no policy graph is in use.
-        """
-        sess = self.policy
-        if sess is None:
-            raise ValueError(f"no policy graph in use ({self.policy_note})")
-        if len(windows) == 1 and self.policy_one is not None:
-            sess = self.policy_one
-        step = np.ascontiguousarray(step_s, dtype=np.float32).reshape(-1, 1)
-        p, lo, hi, q = _run(sess, _POLICY_OUTS, {POLICY_INPUTS[0]: windows, POLICY_INPUTS[1]: step})
-        return p[:, 0], lo[:, 0], hi[:, 0], q
 
 
 def _run(sess: ort.InferenceSession, outputs: list[str], feed: dict[str, Any]) -> list[Any]:
@@ -313,130 +277,53 @@ def _load(model_dir: Path, threads: int) -> LoadedModel:
     t0 = time.perf_counter()
     fsess = _session(blobs[manifest.forecaster.file], manifest.forecaster.file, threads)
     asess = _session(blobs[manifest.allocator.file], manifest.allocator.file, threads)
-    hsess = psess = None
+    hsess = None
     if manifest.horizon is not None:
         hsess = _session(blobs[manifest.horizon.file], manifest.horizon.file, threads)
-    if manifest.policy is not None:
-        psess = _session(blobs[manifest.policy.file], manifest.policy.file, threads)
     timings = {"load": (time.perf_counter() - t0) * 1e3}
     _check_io(fsess, manifest.forecaster)
     _check_io(asess, manifest.allocator)
     if hsess is not None and manifest.horizon is not None:
         _check_io(hsess, manifest.horizon)
-    if psess is not None and manifest.policy is not None:
-        _check_io(psess, manifest.policy)
     model = LoadedModel(manifest, model_dir, fsess, asess, 0.0, horizon=hsess)
     _smoke(model, timings)
     smoke = smoke_windows()
     states = build_state(smoke, *model.run_forecaster(smoke), DEFAULT_STEP_S)
     f_one = _batch_one(
-        blobs[manifest.forecaster.file],
-        fsess,
-        threads,
-        [{FORECASTER_INPUT: smoke[i : i + 1]} for i in range(16)],
+        blobs[manifest.forecaster.file], fsess, threads, FORECASTER_INPUT, smoke[:16]
     )
-    a_one = _batch_one(
-        blobs[manifest.allocator.file],
-        asess,
-        threads,
-        [{ALLOCATOR_INPUT: states[i : i + 1]} for i in range(16)],
-    )
-    policy, p_one, note = None, None, "not declared"
-    if psess is not None and manifest.policy is not None:
-        note = _policy_check(model, psess)
-        if not note:
-            policy, note = psess, "in use"
-            p_one = _batch_one(
-                blobs[manifest.policy.file],
-                psess,
-                threads,
-                [_policy_feed(smoke[i : i + 1], DEFAULT_STEP_S) for i in range(16)],
-            )
+    a_one = _batch_one(blobs[manifest.allocator.file], asess, threads, ALLOCATOR_INPUT, states[:16])
+    graphs = [manifest.forecaster, manifest.allocator]
+    if manifest.horizon is not None:
+        graphs.append(manifest.horizon)
     return LoadedModel(
         manifest=manifest,
         path=model_dir,
         forecaster=fsess,
         allocator=asess,
         load_seconds=time.perf_counter() - start,
-        sha256={m.file: m.sha256 for m in manifest.graphs},
+        sha256={m.file: m.sha256 for m in graphs},
         sizes={name: len(data) for name, data in blobs.items()},
         timings_ms={k: round(v, 3) for k, v in timings.items()},
         horizon=hsess,
         forecaster_one=f_one,
         allocator_one=a_one,
-        policy=policy,
-        policy_one=p_one,
-        policy_note=note,
     )
 
 
-def policy_agreement(
-    separate: Sequence[npt.NDArray[np.float32]], fused: Sequence[npt.NDArray[np.float32]]
-) -> tuple[str, float]:
-    """Compare the policy graph's ``(point, low, high [N], q [N, 10])`` with
-    the two graphs' on the same windows and steps.
-
-    Returns:
-        ``(problem, max |dq|)``: ``problem`` is empty when the forecasts are
-        identical, the greedy actions identical and every Q-value within
-        :data:`POLICY_Q_TOLERANCE` (relative to ``max(1, |q|)``).
-    """
-    for name, a, b in zip(FORECASTER_OUTPUTS, separate[:3], fused[:3], strict=True):
-        if not np.array_equal(a, b):
-            return f"{name} differs from the forecaster's", float("inf")
-    q, fq = np.asarray(separate[3], np.float64), np.asarray(fused[3], np.float64)
-    if q.shape != fq.shape:
-        return f"q_values came out {list(fq.shape)}, want {list(q.shape)}", float("inf")
-    err = np.abs(fq - q)
-    worst = float(err.max()) if err.size else 0.0
-    if not (err <= POLICY_Q_TOLERANCE * np.maximum(1.0, np.abs(q))).all():
-        return f"q_values differ from the allocator's by up to {worst:.3g}", worst
-    flips = int(np.count_nonzero(q.argmax(axis=1) != fq.argmax(axis=1)))
-    if flips:
-        return f"greedy actions differ from the allocator's on {flips} windows", worst
-    return "", worst
-
-
-def _policy_feed(windows: F32, step_s: float) -> dict[str, F32]:
-    return {
-        POLICY_INPUTS[0]: windows,
-        POLICY_INPUTS[1]: np.full((len(windows), 1), step_s, dtype=np.float32),
-    }
-
-
-def _policy_check(model: LoadedModel, psess: ort.InferenceSession) -> str:
-    """Why the policy graph must not serve (empty: it may): it is compared
-    with the two graphs on the smoke windows at the smoke steps."""
-    windows = smoke_windows()
-    try:
-        for step in _SMOKE_STEPS_S:
-            p, lo, hi = model.run_forecaster(windows)
-            steps = np.full(len(windows), step, dtype=np.float32)
-            states = build_state(windows, p, np.minimum(lo, p), np.maximum(hi, p), steps)
-            fused = psess.run(_POLICY_OUTS, _policy_feed(windows, step))
-            problem, _ = policy_agreement(
-                (p, lo, hi, model.q_values(states)), [*(o[:, 0] for o in fused[:3]), fused[3]]
-            )
-            if problem:
-                return f"unused: at step {step:g} s {problem}"
-    except Exception as exc:  # onnxruntime's own types: the two graphs serve instead
-        return f"unused: {type(exc).__name__}: {exc}"
-    return ""
-
-
 def _batch_one(
-    data: bytes, general: ort.InferenceSession, threads: int, feeds: Sequence[dict[str, Any]]
+    data: bytes, general: ort.InferenceSession, threads: int, name: str, rows: F32
 ) -> ort.InferenceSession | None:
     """``general``'s graph with its batch dimension fixed at 1, if it names
-    that dimension and answers each of ``feeds`` (batches of one) exactly as
-    ``general`` does; else None (the general session serves batches of one
-    too)."""
+    that dimension and answers each of ``rows`` exactly as ``general`` does;
+    else None (the general session serves batches of one too)."""
     dim = general.get_inputs()[0].shape[0]
     if not isinstance(dim, str) or not dim:
         return None
     try:
         one = session(data, threads=threads, batch_one=dim)
-        for feed in feeds:
+        for i in range(len(rows)):
+            feed = {name: rows[i : i + 1]}
             want, got = general.run(None, feed), one.run(None, feed)
             if not all(np.array_equal(a, b) for a, b in zip(want, got, strict=True)):
                 return None

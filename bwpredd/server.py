@@ -298,7 +298,6 @@ class Server:
                 model_version=model.version,
                 model_dir=str(model.path),
                 sha256=model.sha256,
-                policy_graph=model.policy_note,
                 load_ms=round(model.load_seconds * 1e3, 1),
             )
         self._restore()
@@ -512,7 +511,6 @@ class Server:
             model_version=model.version,
             previous_version=old or None,
             sha256=model.sha256,
-            policy_graph=model.policy_note,
             load_ms=round(model.load_seconds * 1e3, 1),
         )
         self.notifier.notify("READY=1", f"STATUS={self._status()}")

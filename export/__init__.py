@@ -44,7 +44,6 @@ from export.to_onnx import (
 )
 from export.verify import (
     F32,
-    ParityError,
     ParityReport,
     allocator_parity,
     forecaster_parity,
@@ -203,22 +202,6 @@ def export_model_dir(
 
         files[HORIZON_FILE] = kept["bytes"]
         log(f"export: horizon graph kept byte for byte from {keep_horizon_from}")
-    from export.policy import POLICY_FILE, fuse_policy, policy_manifest_entry, policy_parity
-
-    # The policy graph is an optimisation: one that disagrees with the two
-    # graphs is not shipped, and the directory serves with two runs.
-    p_bytes = fuse_policy(f_bytes, a_bytes)
-    p_par: dict[str, Any] | None = None
-    try:
-        p_par = policy_parity(f_bytes, a_bytes, p_bytes, windows)
-    except ParityError as exc:
-        log(f"verify: policy graph not shipped: {exc}")
-    else:
-        files[POLICY_FILE] = p_bytes
-        log(
-            f"verify: policy graph (forecaster + state + allocator): forecasts identical, "
-            f"greedy actions identical, Q-values within {p_par['max_abs_q_err']:.2e}"
-        )
     sizes = {name: len(data) for name, data in files.items()}
     extra: dict[str, Any] = {
         "parity": {
@@ -238,9 +221,6 @@ def export_model_dir(
             "provenance": dict(provenance or {}),
         },
     }
-    if p_par is not None:
-        extra.update(policy_manifest_entry(p_bytes))
-        extra["parity"]["policy"] = p_par | {"inputs": windows_source}
     if int8_report:
         extra["int8"] = int8_report
     if horizon is not None and h_par is not None:

@@ -5,9 +5,7 @@ third graph; a ``trainer retrain`` run has none and ships its base's horizon
 graph byte for byte (``<run>/base``). ``--add-horizon-to DIR`` instead adds
 the run's horizon graph to an already published directory, keeping its other
 graphs byte for byte (how the embedded default got its horizons without
-retraining the rest). ``--add-policy-to DIR`` (no ``--run``) adds the
-policy graph of DIR's forecaster and allocator (:mod:`export.policy`),
-keeping every other file and the version; every export ships one.
+retraining the rest).
 
 ``--gate`` (retrain runs only) publishes only a forecaster that earned it on
 the recordings' test part: ``retrain.json``'s figures, tied to
@@ -40,7 +38,6 @@ from bwpredd.state import STATE_LAYOUT
 from export import DEFAULT_MODEL_DIR, ExportError, copy_model_dir, export_model_dir
 from export.horizon import add_horizon
 from export.manifest import default_version, weights_digest
-from export.policy import add_policy
 from export.verify import ParityError, parity_windows
 from trainer.models.forecaster import load_checkpoint as load_forecaster
 from trainer.models.horizon import load_checkpoint as load_horizon
@@ -66,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Export forecaster.pt and allocator.pt of a run to a verified model directory.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--run", type=Path, help="run dir with the .pt checkpoints")
+    parser.add_argument("--run", type=Path, required=True, help="run dir with the .pt checkpoints")
     parser.add_argument("--out", type=Path, help="model dir to publish (default models/<version>)")
     parser.add_argument("--embed", action="store_true", help="also refresh bwpredd/models/default")
     parser.add_argument("--traces", type=Path, help="traces dir for parity windows")
@@ -92,19 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="DIR",
         help="add the run's horizon.pt to the published model directory DIR (see above)",
     )
-    parser.add_argument(
-        "--add-policy-to",
-        type=Path,
-        metavar="DIR",
-        help="add the policy graph to the published model directory DIR (no --run)",
-    )
     args = parser.parse_args(argv)
-    if args.add_policy_to is not None:
-        if args.run is not None or args.gate or args.add_horizon_to is not None:
-            parser.error("--add-policy-to takes no --run, --gate or --add-horizon-to")
-        return _add_policy(args)
-    if args.run is None:
-        parser.error("--run is required (except with --add-policy-to)")
     if args.gate and args.add_horizon_to is not None:
         parser.error("--gate publishes a retrain run; it does not combine with --add-horizon-to")
     if args.add_horizon_to is not None:
@@ -257,26 +242,6 @@ def _add_horizon(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     hz = list(manifest.horizons)
     print(f"export: OK {args.out or src} version {manifest.version} horizons {hz}")
-    return EXIT_OK
-
-
-def _add_policy(args: argparse.Namespace) -> int:
-    src = args.add_policy_to
-    windows, source = parity_windows(args.traces, args.parity_windows, args.seed)
-    try:
-        manifest = add_policy(
-            src,
-            args.out or src,
-            windows=windows,
-            windows_source=source,
-            force=args.force or args.out is None,
-        )
-        if args.embed:
-            copy_model_dir(args.out or src, DEFAULT_MODEL_DIR)
-    except (ExportError, ParityError, BwpreddError) as exc:
-        print(f"export: FAILED: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    print(f"export: OK {args.out or src} version {manifest.version} policy graph added")
     return EXIT_OK
 
 

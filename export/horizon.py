@@ -207,8 +207,9 @@ def add_horizon(
 
     exp["op_counts"][HORIZON_FILE] = op_counts(data)
     manifest = Manifest.from_json(json.loads(json.dumps(raw)))
-    kept = [old.forecaster, old.allocator, *((old.policy,) if old.policy else ())]
-    files = {graph.file: (src / graph.file).read_bytes() for graph in kept}
+    files = {
+        graph.file: (src / graph.file).read_bytes() for graph in (old.forecaster, old.allocator)
+    }
     publish_new_dir(dest, files | {HORIZON_FILE: data}, manifest, force=force)
     log(f"export: published {dest} (version {version}, horizons {list(horizons)})")
     return manifest

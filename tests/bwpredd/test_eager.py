@@ -8,11 +8,8 @@ and its eager computation is in ``test_answer_cache.py``
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -22,7 +19,6 @@ from bwpredd.cli import _parser
 from bwpredd.client import Client, pb
 from bwpredd.config import Config
 from bwpredd.eager import EAGER_INTEREST_UPDATES, EAGER_MAX_BATCH, Eager
-from bwpredd.modeldir import DEFAULT_MODEL_DIR, LoadedModel
 from bwpredd.server import Server
 from tests.bwpredd.test_answer_cache import (
     Reference,
@@ -239,59 +235,6 @@ class TestSameAnswers:
                         sources.add(a.forecast.source)
             assert eager_count(on, "computed") > 50
             assert MODEL in sources
-
-    @pytest.mark.parametrize("eager", [True, False])
-    def test_policy_graph_and_two_runs_agree(
-        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, eager: bool
-    ) -> None:
-        """Two daemons, one on the embedded default (its policy graph: one
-        run per Allocate's peer) and one on the same directory without the
-        policy graph (two runs), fed the same samples: Allocate and Forecast
-        after each sample give identical replies, eager answers on or off."""
-        plain_dir = tmp_path / "plain"
-        shutil.copytree(DEFAULT_MODEL_DIR, plain_dir)
-        (plain_dir / "policy.onnx").unlink()
-        raw = json.loads((plain_dir / "manifest.json").read_text())
-        del raw["policy"]
-        (plain_dir / "manifest.json").write_text(json.dumps(raw))
-        runs = [0]
-        run_policy = LoadedModel.run_policy
-
-        def counted(self: LoadedModel, windows: Any, step_s: Any) -> Any:
-            runs[0] += 1
-            return run_policy(self, windows, step_s)
-
-        monkeypatch.setattr(LoadedModel, "run_policy", counted)
-        rng = np.random.default_rng(5)
-        peers = [f"peer-{i}" for i in range(3)]
-        t0 = int(time.time()) - 1000
-        with (
-            running_server(tmp_path / "a", eager_answers=eager) as (a, c_a),
-            running_server(tmp_path / "b", eager_answers=eager, model_dir=str(plain_dir)) as (
-                b,
-                c_b,
-            ),
-        ):
-            assert a.core is not None and b.core is not None
-            assert a.core.engine.model is not None and a.core.engine.model.policy is not None
-            assert b.core.engine.model is not None and b.core.engine.model.policy is None
-            for step in range(30):
-                for j, p in enumerate(peers):
-                    s = sample(
-                        p,
-                        float(10 ** (1 + j) * rng.lognormal(0.0, 0.4)),
-                        latency_ms=float(rng.uniform(1, 80)),
-                        packet_loss=float(rng.uniform(0, 0.02)),
-                    )
-                    s.timestamp.seconds = t0 + 2 * step
-                    assert c_a.push([s]).accepted == c_b.push([s]).accepted == 1
-                    if step < 9:
-                        continue
-                    assert c_a.allocate([p]) == c_b.allocate([p])
-                    if step % 4 == 0:
-                        assert c_a.forecast([p]) == c_b.forecast([p])
-                assert c_a.allocate(peers) == c_b.allocate(peers)
-        assert runs[0] >= 40
 
     def test_failure(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         """An eager computation that fails logs a warning (rate-limited) and

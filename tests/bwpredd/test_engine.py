@@ -36,7 +36,6 @@ class TestLoad:
             "forecaster.onnx",
             "allocator.onnx",
             "horizon.onnx",
-            "policy.onnx",
         }
 
     def test_flipped_byte_refused(self, tmp_path: Path) -> None:

@@ -53,7 +53,7 @@ class TestCheckModel:
         result = check_model_dir(good_dir)
         assert result.ok, result.reason
         assert result.version == "test-good"
-        assert set(result.files) == {"forecaster.onnx", "allocator.onnx", "policy.onnx"}
+        assert set(result.files) == {"forecaster.onnx", "allocator.onnx"}
         assert all(v > 0 for v in result.files.values())
         assert {"load", "forecast_batch64", "allocate_batch64"} <= set(result.timings_ms)
 

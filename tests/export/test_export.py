@@ -73,10 +73,12 @@ class TestExportRoundTrip:
         assert rc == 0
         manifest = load_manifest(out)
         assert manifest.version == "v1"
-        graphs = {"forecaster.onnx", "allocator.onnx", "policy.onnx"}
-        assert set(verify_files(out, manifest)) == graphs
-        assert sorted(p.name for p in out.iterdir()) == sorted([*graphs, "manifest.json"])
-        assert load_model(out).policy_note == "in use"
+        assert set(verify_files(out, manifest)) == {"forecaster.onnx", "allocator.onnx"}
+        assert sorted(p.name for p in out.iterdir()) == [
+            "allocator.onnx",
+            "forecaster.onnx",
+            "manifest.json",
+        ]
         assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
 
     def test_parity_recorded_within_tolerance(self, cli_export: tuple[int, Path, Path]) -> None:
