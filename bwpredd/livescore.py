@@ -135,8 +135,9 @@ class LiveScores:
         """
         slots = np.asarray(slots, dtype=np.int64)
         actual = np.asarray(actual, dtype=np.float32)
-        slots, first = np.unique(slots, return_index=True)
-        actual = actual[first]
+        if len(slots) > 1:
+            slots, first = np.unique(slots, return_index=True)
+            actual = actual[first]
         pm = self._pending_model[slots]
         ok = np.isfinite(pm) & np.isfinite(actual)
         s, a = slots[ok], actual[ok]

@@ -192,6 +192,59 @@ class WindowStore:
         keep = np.flatnonzero(~full)
         if keep.size == 0:
             return IngestResult(accepted, reasons, slots_out, evicted, _nothing_stored())
+        if keep.size == 1:  # one sample (a worker's push): no grouping to do
+            one = int(keep[0])
+            stored = self._append_one(one, int(slots[one]), rows, float(ts[one]), now)
+            if stored is None:
+                reasons[one] = ("timestamp", "older than the peer's newest sample (out of order)")
+                return IngestResult(accepted, reasons, slots_out, evicted, _nothing_stored())
+            accepted[one], slots_out[one] = True, slots[one]
+            return IngestResult(accepted, reasons, slots_out, evicted, stored)
+        return self._append_many(keep, slots, rows, ts, now, accepted, reasons, slots_out, evicted)
+
+    def _append_one(
+        self, i: int, slot: int, rows: F64 | F32, t: float, now: float
+    ) -> StoredRows | None:
+        """Append sample ``i`` to ``slot``'s window (:meth:`ingest`'s rules);
+        None if it is older than the slot's newest sample."""
+        if not t >= self._last_ts[slot]:  # NaN too, as in the batch rule
+            return None
+        r = np.asarray(rows, dtype=np.float32)[i : i + 1]
+        unsent = np.isnan(r)
+        head = int(self._head[slot])
+        if unsent.any():
+            seed = self._data[slot, head - 1] if self._count[slot] > 0 else self.defaults
+            r = np.where(unsent, seed, r)
+        self._data[slot, head] = r[0]
+        self._ts[slot, head] = t
+        self._head[slot] = (head + 1) % self.window
+        self._count[slot] = min(int(self._count[slot]) + 1, self.window)
+        self._total[slot] += 1
+        self._last_ts[slot] = t
+        self._last_seen[slot] = now
+        self.version[slot] += 1
+        return StoredRows(
+            np.array([i], dtype=np.int64),
+            np.array([slot], dtype=np.int64),
+            np.array([t], dtype=np.float64),
+            r,
+            unsent,
+        )
+
+    def _append_many(  # noqa: PLR0917 (ingest's arrays, in its order)
+        self,
+        keep: I64,
+        slots: I64,
+        rows: F64 | F32,
+        ts: F64,
+        now: float,
+        accepted: BOOL,
+        reasons: dict[int, tuple[str, str]],
+        slots_out: I64,
+        evicted: int,
+    ) -> IngestResult:
+        """:meth:`ingest` of the samples ``keep`` (indices into the inputs)
+        whose peers have ``slots``: grouped by peer, each in request order."""
         s = slots[keep]
         t = np.asarray(ts, dtype=np.float64)[keep]
         # Group by slot, keeping the request's order inside each group.

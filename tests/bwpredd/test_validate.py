@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from bwpredd.errors import InvalidArgument
@@ -111,3 +112,63 @@ class TestPeerIds:
             check_peer_ids(["a", "b c"], 10)
         with pytest.raises(InvalidArgument, match="at most 2"):
             check_peer_ids(["a", "b", "c"], 2)
+
+
+class TestCleanBatchCheck:
+    """A batch that breaks no rule is checked with every rule at once: it must
+    give exactly what the rules one by one give, and every batch that breaks
+    one must still get the rule-by-rule reasons."""
+
+    @staticmethod
+    def random_batch(rng: np.random.Generator, n: int, p_bad: float) -> SampleBatch:
+        from bwpredd.schema import SCHEMA
+
+        values: list[list[float]] = []
+        given: list[list[bool]] = []
+        for f in SCHEMA:
+            v = rng.uniform(f.low, min(f.high, 1e4), n)
+            v[rng.random(n) < 0.1] = f.low  # the edges are within the rules
+            v[rng.random(n) < 0.1] = f.high
+            bad = rng.random(n) < p_bad
+            v[bad] = rng.choice([math.nan, math.inf, -math.inf, f.low - 1, f.high * 2], bad.sum())
+            values.append(v.tolist())
+            given.append((rng.random(n) < (1.0 if f.required else 0.7)).tolist())
+        if p_bad:
+            given[FEATURES.index("bandwidth_mbps")][int(rng.integers(n))] = bool(rng.random() < 0.5)
+        ts = (NOW + rng.uniform(-86_400.0, 300.0, n)).tolist()
+        for i in np.flatnonzero(rng.random(n) < 0.3):
+            ts[i] = math.nan
+        for i in np.flatnonzero(rng.random(n) < p_bad):
+            ts[i] = float(rng.choice([NOW + 301.0, NOW - 86_401.0, math.inf]))
+        ids = [f"peer-{i}" for i in rng.integers(0, 5, n)]
+        if p_bad and rng.random() < 0.3:
+            ids[int(rng.integers(n))] = "bad id!"
+        nanos = [(int(rng.integers(n)), -1)] if p_bad and rng.random() < 0.2 else []
+        return SampleBatch(ids, values, given, ts, nanos)
+
+    def test_same_as_rule_by_rule(self) -> None:
+        from bwpredd import validate as v
+
+        rng = np.random.default_rng(0)
+        clean = 0
+        for round_ in range(600):
+            n = int(rng.choice([1, 1, 2, 5, 40]))
+            b = self.random_batch(rng, n, 0.0 if round_ % 2 else 0.05)
+            now = NOW
+            got = validate_batch(b, now, {"peer-1"}, 300.0, 86_400.0)
+            values = np.asarray(b.values, dtype=np.float64).reshape(4, n)
+            given = np.asarray(b.given, dtype=bool).reshape(4, n)
+            ts = np.asarray(b.ts, dtype=np.float64)
+            ts = np.where(np.isnan(ts), now, ts)
+            id_bad = np.array(
+                [p != "peer-1" and v._PEER_RE.fullmatch(p) is None for p in b.peer_ids]
+            )
+            want = v._rule_by_rule(b, values, given, ts, id_bad, now, 300.0, 86_400.0)
+            assert got.reasons == want.reasons
+            np.testing.assert_array_equal(got.index, want.index)
+            assert got.peer_ids == want.peer_ids
+            np.testing.assert_array_equal(got.rows, want.rows)  # NaN where not given
+            assert got.rows.flags.c_contiguous
+            np.testing.assert_array_equal(got.ts, want.ts)
+            clean += not want.reasons
+        assert 250 < clean < 600  # both paths were taken

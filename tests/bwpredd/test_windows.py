@@ -281,3 +281,49 @@ class TestRestoreChecks:
         full = len(buf.getvalue())
         assert SNAPSHOT_OVERSIZE * full <= store.snapshot_max_bytes()
         assert store.snapshot_max_bytes() < SNAPSHOT_OVERSIZE * 2 * full + 65536
+
+
+class TestOneSample:
+    """A request of one sample skips the grouping: the store and what it
+    returns are exactly what the batch path gives."""
+
+    def test_same_as_the_batch_path(self) -> None:
+        rng = np.random.default_rng(1)
+        one = WindowStore(capacity=6, window=10, defaults=DEFAULTS)
+        many = WindowStore(capacity=6, window=10, defaults=DEFAULTS)
+        peers = [f"p{i}" for i in range(9)]  # more than the capacity: evictions
+        t = 0.0
+        for step in range(3000):
+            peer = str(rng.choice(peers))
+            row = rng.uniform(0, 100, (1, 4))
+            row[0, 2:] = rng.uniform(0, 1, 2)
+            row[rng.random((1, 4)) < 0.3] = NAN
+            row[0, 1] = rng.uniform(0, 100)  # bandwidth is required
+            t += float(rng.choice([1.0, 0.0, -3.0]))  # equal and out-of-order times too
+            ts = np.array([t])
+            now = 10.0 + step
+            a = one.ingest([peer], row, ts, now)
+            keep = np.array([0])
+            slots, evicted = many._assign([peer], now)
+            accepted = np.zeros(1, dtype=bool)
+            out = np.full(1, -1, dtype=np.int64)
+            b = many._append_many(keep, slots, row, ts, now, accepted, {}, out, evicted)
+            np.testing.assert_array_equal(a.accepted, b.accepted)
+            assert a.reasons == b.reasons and a.evicted == b.evicted
+            np.testing.assert_array_equal(a.slots, b.slots)
+            for name in ("index", "slots", "ts", "rows", "unsent"):
+                x, y = getattr(a.stored, name), getattr(b.stored, name)
+                assert x.dtype == y.dtype, name
+                np.testing.assert_array_equal(x, y, name)
+        for name in (
+            "_data",
+            "_ts",
+            "_head",
+            "_count",
+            "_total",
+            "_last_ts",
+            "_last_seen",
+            "versions",
+        ):
+            np.testing.assert_array_equal(getattr(one, name), getattr(many, name), name)
+        assert one._slots == many._slots
