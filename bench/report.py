@@ -172,6 +172,17 @@ def table_rows(res: dict[str, Any]) -> list[list[str]]:
                 "",
             )
         )
+        if "push" in fresh:
+            rows.append(
+                _row(
+                    f"  PushSamples of one sample (before each of those){tag}: p50",
+                    f"{fresh['push']['p50_us']:.0f} us",
+                    f"{fresh['push']['echo_p50_us']:.0f} us aio echo",
+                    f"{fresh['push_p50_ratio']:.2f}x",
+                    "",
+                    "",
+                )
+            )
         off = res.get("fresh_eager_off")
         if not tag and off is not None:
             rows.append(

@@ -67,6 +67,7 @@ HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 MODEL = pb.FORECAST_SOURCE_MODEL
 COLD_PEER = "cold-0"  # one sample: answered by the baseline, no model run
 FRESH_PEER = "fresh-0"  # gets a new sample before each timed call
+PUSH_REPLY_BYTES = 2  # a PushSamplesResponse accepting one sample (accepted: 1)
 F32 = npt.NDArray[np.float32]
 
 
@@ -253,8 +254,10 @@ def _fresh_latency(
     calls: int,
 ) -> dict[str, Any]:
     """Forecast and Allocate right after a new sample for the peer: no cached
-    answer, the model runs. Each timed call follows an untimed PushSamples and
-    is paired with an echo of the same sizes, timed alongside.
+    answer, the model runs. Each timed call follows a PushSamples of one
+    sample and is paired with an echo of the same sizes, timed alongside; the
+    PushSamples calls are timed too (``push``, against echoes of their own
+    sizes after the Forecast rounds).
 
     Args:
         rpcs: per name, ``(method, request bytes, reply size)``.
@@ -272,23 +275,36 @@ def _fresh_latency(
         for raw in pushes[calls:]:  # a full window: the model answers
             push(raw)
         echo = raw_unary(ech, ECHO_METHOD)
+        push_echo = echo_request(len(pushes[0]), PUSH_REPLY_BYTES)
+        push_ns: list[int] = []
+        push_floor_ns: list[int] = []
         for rpc, (method, req, size) in rpcs.items():
             call = raw_unary(dch, method)
             echo_req = echo_request(len(req), size)
             own: list[int] = []
             floor_ns: list[int] = []
             for i in range(calls):
+                t = clock()
                 push(pushes[i])
                 t0 = clock()
                 call(req)
                 t1 = clock()
                 echo(echo_req)
-                floor_ns.append(clock() - t1)
+                t2 = clock()
+                if len(push_ns) < calls:  # the first RPC's rounds
+                    echo(push_echo)
+                    push_floor_ns.append(clock() - t2)
+                    push_ns.append(t0 - t)
+                floor_ns.append(t2 - t1)
                 own.append(t1 - t0)
             mine = latency_summary(np.asarray(own, dtype=np.int64))
             base = latency_summary(np.asarray(floor_ns, dtype=np.int64))
             out[rpc] = {**mine, "echo_p50_us": base["p50_us"]}
             out[f"{rpc}_p50_ratio"] = ratio(mine["p50_us"], base["p50_us"])
+        mine = latency_summary(np.asarray(push_ns, dtype=np.int64))
+        base = latency_summary(np.asarray(push_floor_ns, dtype=np.int64))
+        out["push"] = {**mine, "echo_p50_us": base["p50_us"]}
+        out["push_p50_ratio"] = ratio(mine["p50_us"], base["p50_us"])
     return out
 
 
