@@ -29,13 +29,13 @@ from typing import BinaryIO
 
 __all__ = [
     "UnsafePath",
-    "dir_stat",
     "move_aside",
     "open_new",
     "open_private_dir",
     "open_trusted_dir",
     "private_dir",
     "temp_name",
+    "walk_dir",
 ]
 
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -48,19 +48,6 @@ class UnsafePath(OSError):
 
     def __init__(self, path: Path, why: str) -> None:
         super().__init__(errno.EPERM, why, str(path))
-
-
-def dir_stat(path: Path) -> os.stat_result:
-    """``stat`` of a directory path, refusing a symlink that someone other
-    than the daemon's user or root owns (they could point it anywhere).
-
-    Raises:
-        OSError: the path cannot be read; UnsafePath for a foreign symlink.
-    """
-    link = path.lstat()
-    if stat.S_ISLNK(link.st_mode) and link.st_uid not in (os.geteuid(), 0):
-        raise UnsafePath(path, f"a symlink owned by uid {link.st_uid}")
-    return path.stat()
 
 
 def _unsafe_dir(st: os.stat_result) -> str | None:
@@ -115,11 +102,8 @@ def open_trusted_dir(path: Path, mode: int = 0o777, *, whole_path: bool = False)
     closes it). For tools that root may run on paths under another user's
     directory (``/var/lib/bwpredd`` belongs to the service's user).
 
-    The path (made absolute against the working directory) is walked one
-    name at a time, each opened relative to the one above with
-    ``O_NOFOLLOW``: a symlink is followed (by walking its target) only when
-    the caller's user or root owns it. What is missing is created (the last
-    directory with ``mode``, those above with 0777; the umask narrows both).
+    The path is walked as :func:`walk_dir` walks it; then the directory
+    itself must belong to the caller's user and be writable by no one else.
 
     Args:
         path: the directory.
@@ -132,6 +116,40 @@ def open_trusted_dir(path: Path, mode: int = 0o777, *, whole_path: bool = False)
     Raises:
         OSError: a name cannot be created or opened (``NotADirectoryError``
             for a file); UnsafePath naming why the path is refused.
+    """
+    fd, _ = walk_dir(path, mode, whole_path=whole_path)
+    problem = _unsafe_dir(os.fstat(fd))
+    if problem:
+        os.close(fd)
+        raise UnsafePath(path, problem)
+    return fd
+
+
+def walk_dir(path: Path, mode: int = 0o777, *, whole_path: bool = False) -> tuple[int, Path]:
+    """Open a directory reached through no link another user placed, and
+    return its descriptor (the caller closes it) and its real path, but
+    leave the checks of the directory itself to the caller (the unix
+    socket's directory may be root's sticky ``/tmp``, which
+    :func:`open_trusted_dir` would refuse).
+
+    The path (made absolute against the working directory) is walked one
+    name at a time, each opened relative to the one above with
+    ``O_NOFOLLOW``: a symlink is followed (by walking its target) only when
+    the caller's user or root owns it. What is missing is created (the last
+    directory with ``mode``, those above with 0777; the umask narrows both).
+    The real path is the names the walk opened, so a caller that must use a
+    path (``bind``) uses the one the walk checked, never the given string.
+
+    Args:
+        path: the directory.
+        mode: permission bits of the directory if it is created here.
+        whole_path: also refuse when another user could replace a directory
+            on the way (one they own, or one group or others may write that is
+            not sticky); the directory itself is not checked.
+
+    Raises:
+        OSError: a name cannot be created or opened (``NotADirectoryError``
+            for a file); UnsafePath naming the name refused and why.
     """
     todo = list((Path.cwd() / path).parts)
     fd = os.open(todo.pop(0), _DIR)
@@ -165,14 +183,11 @@ def open_trusted_dir(path: Path, mode: int = 0o777, *, whole_path: bool = False)
                 continue
             new = os.open(name, _DIR, dir_fd=fd)
             os.close(fd)
-            fd, where = new, where / name
-        problem = _unsafe_dir(os.fstat(fd))
-        if problem:
-            raise UnsafePath(path, problem)
+            fd, where = new, where.parent if name == ".." else where / name
     except BaseException:
         os.close(fd)
         raise
-    return fd
+    return fd, where
 
 
 @contextlib.contextmanager

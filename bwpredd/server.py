@@ -37,7 +37,7 @@ from bwpredd.modeldir import DEFAULT_MODEL_DIR, LoadedModel, load_model
 from bwpredd.persist import load_snapshot, save_snapshot, set_aside
 from bwpredd.recording import DIR_NAME as RECORDINGS_DIR
 from bwpredd.recording import Recorder
-from bwpredd.safefs import dir_stat, open_new, private_dir, temp_name
+from bwpredd.safefs import UnsafePath, open_new, private_dir, temp_name, walk_dir
 from bwpredd.servicer import SERVICE_NAME, BandwidthPredictorServicer, add_to_server
 from bwpredd.systemd import Notifier
 
@@ -77,9 +77,64 @@ def _umask(mask: int) -> Iterator[None]:
         os.umask(old)
 
 
-def _prepare_socket_dir(path: Path) -> None:
+class _SocketFile:
+    """The daemon's unix socket: its directory, held open from the check on,
+    the name in it, and once bound the inode, so that stopping removes the
+    socket the daemon bound and nothing that took its name since.
+
+    Args:
+        dir_fd: the socket's directory, from :func:`bwpredd.safefs.walk_dir`.
+        name: the socket's name in it.
+        path: the socket's real path (the directory as the walk resolved it).
+    """
+
+    def __init__(self, dir_fd: int, name: str, path: Path) -> None:
+        self.dir_fd = dir_fd
+        self.name = name
+        self.path = path
+        self._inode: tuple[int, int] | None = None
+
+    def bound(self) -> None:
+        """Note the inode now at the name: the socket just bound (none
+        noted, none removed, if the name is gone or not a socket)."""
+        with contextlib.suppress(OSError):
+            st = os.stat(self.name, dir_fd=self.dir_fd, follow_symlinks=False)
+            if stat.S_ISSOCK(st.st_mode):
+                self._inode = (st.st_dev, st.st_ino)
+
+    def remove(self) -> None:
+        """Remove the name if it is still the socket bound (never following
+        a link), and close the directory."""
+        try:
+            if self._inode is not None:
+                st = os.stat(self.name, dir_fd=self.dir_fd, follow_symlinks=False)
+                if (st.st_dev, st.st_ino) == self._inode:
+                    os.unlink(self.name, dir_fd=self.dir_fd)
+                else:
+                    log.warning("socket_replaced", path=str(self.path), left="in place")
+        except FileNotFoundError:
+            pass  # grpc's stop removes a socket at the path itself
+        except OSError as exc:
+            log.warning("socket_not_removed", path=str(self.path), error=exc.strerror)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Close the directory (once)."""
+        if self.dir_fd >= 0:
+            os.close(self.dir_fd)
+            self.dir_fd = -1
+
+
+def _prepare_socket_dir(path: Path) -> _SocketFile:
     """Create the socket's directory (mode 0750: only the service and its
     group may enter) or check the one that exists, and clear a stale socket.
+
+    The directory is reached as :func:`bwpredd.safefs.walk_dir` reaches it:
+    no symlink another user owns is followed, and no directory on the way
+    may be one another user could change (theirs, or writable by group or
+    others and not sticky). The socket is then bound at the real path that
+    walk resolved, never at the string given.
 
     The mode of a directory the daemon did not create is never changed. One
     that exists must belong to the service's user or root, and either be
@@ -87,17 +142,37 @@ def _prepare_socket_dir(path: Path) -> None:
     where no one else can remove or rename the socket but its own mode
     (``socket_mode``) is all that guards it: that is allowed, with a warning.
     Anything else is refused: whoever can write there could swap the socket.
+
+    Returns:
+        The socket's directory (open) and name; the caller closes it.
     """
     parent = path.parent
     try:
-        with contextlib.suppress(FileExistsError):
-            parent.mkdir(mode=0o750, parents=True)
-        st = dir_stat(parent)
+        dir_fd, real = walk_dir(parent, 0o750, whole_path=True)
+    except UnsafePath as exc:
+        raise StartupError(
+            f"listen: socket directory {parent}: {exc.filename} is {exc.strerror}, so "
+            "another user could redirect the socket; listen under directories that only "
+            "root or the service can change"
+        ) from None
+    except NotADirectoryError:
+        raise StartupError(f"listen: socket directory {parent} is not a directory") from None
     except OSError as exc:
         raise StartupError(f"listen: socket directory {parent}: {exc.strerror or exc}") from None
+    sock = _SocketFile(dir_fd, path.name, real / path.name)
+    try:
+        _check_socket_dir(parent, os.fstat(dir_fd))
+        _clear_stale_socket(path, sock)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _check_socket_dir(parent: Path, st: os.stat_result) -> None:
+    """Refuse a socket directory another user owns or could write (unless
+    sticky); warn about a shared sticky one."""
     mode = stat.S_IMODE(st.st_mode)
-    if not stat.S_ISDIR(st.st_mode):
-        raise StartupError(f"listen: socket directory {parent} is not a directory")
     if st.st_uid not in (os.geteuid(), 0):
         raise StartupError(
             f"listen: socket directory {parent} belongs to uid {st.st_uid}, not to the "
@@ -117,8 +192,13 @@ def _prepare_socket_dir(path: Path) -> None:
             advice="others may create files beside the socket, guarded only by socket_mode; "
             "listen in a private directory",
         )
+
+
+def _clear_stale_socket(path: Path, sock: _SocketFile) -> None:
+    """Remove a socket of the service's user left at the name; refuse
+    anything else there."""
     try:
-        old = path.lstat()
+        old = os.stat(sock.name, dir_fd=sock.dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         return
     except OSError as exc:
@@ -128,7 +208,7 @@ def _prepare_socket_dir(path: Path) -> None:
     if old.st_uid != os.geteuid():
         raise StartupError(f"listen: {path} is a socket of uid {old.st_uid}, not replaced")
     try:
-        path.unlink()
+        os.unlink(sock.name, dir_fd=sock.dir_fd)
     except OSError as exc:
         raise StartupError(
             f"listen: cannot remove the stale socket {path}: {exc.strerror}"
@@ -148,7 +228,9 @@ def _prepare_state_dir(path: Path) -> None:
         raise StartupError(f"state_dir: {path}: {exc.strerror or exc}") from None
 
 
-def create_server(config: Config, core: Core) -> tuple[grpc.aio.Server, str, Health]:
+def create_server(
+    config: Config, core: Core
+) -> tuple[grpc.aio.Server, str, Health, _SocketFile | None]:
     """Build (but do not start) the gRPC server for ``core``.
 
     Args:
@@ -156,8 +238,10 @@ def create_server(config: Config, core: Core) -> tuple[grpc.aio.Server, str, Hea
         core: the domain logic to serve.
 
     Returns:
-        ``(server, address, health_servicer)``; for TCP port 0 the address
-        names the port actually bound.
+        ``(server, address, health_servicer, socket_file)``; for TCP port 0
+        the address names the port actually bound; a unix socket's address
+        is its real path, and ``socket_file`` (None for TCP) removes it at
+        stop.
 
     Raises:
         StartupError: the address cannot be bound or TLS files are unreadable.
@@ -178,16 +262,22 @@ def create_server(config: Config, core: Core) -> tuple[grpc.aio.Server, str, Hea
             (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
         )
     kind, host, port = parse_listen(config.listen)
+    sock: _SocketFile | None = None
     if kind == "unix":
         path = Path(host)
-        _prepare_socket_dir(path)
-        # The socket file takes its mode from the umask at bind time; set it
-        # so the file is never, even briefly, wider than socket_mode.
-        with _umask(0o777 & ~config.socket_mode):
-            bound = server.add_insecure_port(f"unix:{path}")
-        if not bound:
-            raise StartupError(f"listen: cannot bind unix:{path}")
-        address = f"unix:{path}"
+        sock = _prepare_socket_dir(path)
+        try:
+            # The socket file takes its mode from the umask at bind time; set
+            # it so the file is never, even briefly, wider than socket_mode.
+            with _umask(0o777 & ~config.socket_mode):
+                bound = server.add_insecure_port(f"unix:{sock.path}")
+            if not bound:
+                raise StartupError(f"listen: cannot bind unix:{path}")
+            sock.bound()
+        except BaseException:
+            sock.close()
+            raise
+        address = f"unix:{sock.path}"
     else:
         target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:
@@ -206,7 +296,7 @@ def create_server(config: Config, core: Core) -> tuple[grpc.aio.Server, str, Hea
         if not bound:
             raise StartupError(f"listen: cannot bind {target}")
         address = f"[{host}]:{bound}" if ":" in host else f"{host}:{bound}"
-    return server, address, health_servicer
+    return server, address, health_servicer, sock
 
 
 class Server:
@@ -235,6 +325,7 @@ class Server:
         self.address = ""
         self.core: Core | None = None
         self._server: grpc.aio.Server | None = None
+        self._socket: _SocketFile | None = None
         self._health: Health | None = None
         self._wake: asyncio.Event | None = None
         self._metrics_server: MetricsServer | None = None
@@ -301,7 +392,7 @@ class Server:
                 load_ms=round(model.load_seconds * 1e3, 1),
             )
         self._restore()
-        self._server, self.address, self._health = create_server(config, core)
+        self._server, self.address, self._health, self._socket = create_server(config, core)
         await self._server.start()
         if config.metrics_addr:
             self._start_metrics()
@@ -339,10 +430,7 @@ class Server:
         if self._server is not None:
             await self._server.stop(None)
             self._server = None
-            kind, path, _ = parse_listen(self.config.listen)
-            if kind == "unix":
-                with contextlib.suppress(OSError):
-                    Path(path).unlink()
+        self._remove_socket()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server = None
@@ -350,6 +438,12 @@ class Server:
             self.recorder.close()
             self.recorder = None
         self.notifier.close()
+
+    def _remove_socket(self) -> None:
+        """Remove the unix socket if its name still holds the one bound."""
+        if self._socket is not None:
+            self._socket.remove()
+            self._socket = None
 
     @property
     def state_dir(self) -> Path | None:
@@ -538,10 +632,7 @@ class Server:
             log.info("snapshot_written", peers=len(self.core.store))
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
-        kind, path, _ = parse_listen(self.config.listen)
-        if kind == "unix":
-            with contextlib.suppress(OSError):
-                Path(path).unlink()
+        self._remove_socket()
         self.notifier.close()
         log.info("stopped")
         flush_logs()

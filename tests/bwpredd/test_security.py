@@ -345,6 +345,120 @@ class TestSharedSocketDirectory:
         assert shared.stat().st_mode & 0o7777 == 0o1777
 
 
+OTHER_UID = 12345
+
+
+class TestSocketPath:
+    """The socket's path is walked like the state directory's: no link
+    another user placed is followed and no directory on the way is one they
+    could swap; the socket is bound at the real path the walk resolved and
+    removed at stop only while its name still holds it."""
+
+    @pytest.mark.skipif(not IS_ROOT, reason="needs root to make another user's link")
+    @pytest.mark.parametrize("where", ["above", "at"])
+    def test_foreign_link_on_the_way_refused(self, open_tmp: Path, where: str) -> None:
+        """A symlink of another user above the socket's directory (or as the
+        directory) stops start-up naming the link and its owner, and nothing
+        is created, bound or removed where it points."""
+        victim = open_tmp / "victim"
+        victim.mkdir()
+        (victim / "bwpredd.sock").write_text("the victim's file")
+        link = open_tmp / "bwpredd"
+        link.symlink_to(victim)
+        os.lchown(link, OTHER_UID, OTHER_UID)
+        sock = link / "x" / "bwpredd.sock" if where == "above" else link / "bwpredd.sock"
+        with (
+            pytest.raises(
+                StartupError,
+                match=f"^listen: socket directory {sock.parent}: {link} is a symlink owned "
+                f"by uid {OTHER_UID}",
+            ),
+            running_server(open_tmp, listen=f"unix:{sock}"),
+        ):
+            pass
+        assert sorted(p.name for p in victim.iterdir()) == ["bwpredd.sock"]
+        assert (victim / "bwpredd.sock").read_text() == "the victim's file"
+
+    @pytest.mark.skipif(not IS_ROOT, reason="needs root to make another user's link")
+    def test_foreign_link_exits_3(self, open_tmp: Path) -> None:
+        """The daemon as a process exits 3 with the line naming the link."""
+        victim = open_tmp / "victim"
+        victim.mkdir()
+        link = open_tmp / "bwpredd"
+        link.symlink_to(victim)
+        os.lchown(link, OTHER_UID, OTHER_UID)
+        env = {"BWPREDD_LISTEN": f"unix:{link}/x/bwpredd.sock"}
+        with daemon_process([], env=env) as proc:
+            out = proc.communicate(timeout=60)[0].decode()
+        assert proc.returncode == 3, out
+        assert f"{link} is a symlink owned by uid {OTHER_UID}" in out
+        assert list(victim.iterdir()) == []
+
+    def test_own_link_followed_and_bound_at_real_path(self, open_tmp: Path) -> None:
+        """A link of the daemon's own user (or root) is followed: the socket
+        is bound, and reported, at the real path, and reachable through the
+        link."""
+        real = open_tmp / "real"
+        real.mkdir(mode=0o755)
+        link = open_tmp / "link"
+        link.symlink_to(real)
+        with running_server(open_tmp, listen=f"unix:{link}/run/bwpredd.sock") as (server, client):
+            assert server.address == f"unix:{real}/run/bwpredd.sock"
+            assert (real / "run" / "bwpredd.sock").is_socket()
+            assert client.health() == "SERVING"
+            via_link = Client(channel_for(f"unix:{link}/run/bwpredd.sock"), timeout=10)
+            assert via_link.health() == "SERVING"
+            via_link.close()
+
+    @pytest.mark.parametrize("kind", ["other-user", "0777", "0770"])
+    def test_swappable_directory_on_the_way_refused(self, open_tmp: Path, kind: str) -> None:
+        """A directory above the socket's that another user owns, or that
+        others may write and is not sticky, stops start-up naming it and why;
+        nothing is created in it and its mode is left alone."""
+        above = open_tmp / "above"
+        above.mkdir()
+        if kind == "other-user":
+            if not IS_ROOT:
+                pytest.skip("needs root to chown")
+            os.chown(above, NOBODY, NOBODY)
+            above.chmod(0o755)
+            why = f"owned by uid {NOBODY}"
+        else:
+            above.chmod(int(kind, 8))
+            why = f"writable by group or others \\(mode {kind}\\)"
+        before = above.stat()
+        sock = above / "run" / "bwpredd.sock"
+        with (
+            pytest.raises(
+                StartupError, match=f"^listen: socket directory {sock.parent}: {above} is {why}"
+            ),
+            running_server(open_tmp, listen=f"unix:{sock}"),
+        ):
+            pass
+        assert list(above.iterdir()) == []
+        after = above.stat()
+        assert (after.st_mode, after.st_uid) == (before.st_mode, before.st_uid)
+
+    @pytest.mark.parametrize("kind", ["file", "link"])
+    def test_name_taken_before_stop_not_removed(self, tmp_path: Path, kind: str) -> None:
+        """At stop the daemon removes the socket's name only while it still
+        holds the socket it bound: a file (or a link) put there since is
+        left in place, and a link's target untouched."""
+        target = tmp_path / "target"
+        target.write_text("not the daemon's")
+        with running_server(tmp_path) as (server, client):
+            assert client.health() == "SERVING"
+            sock = Path(server.address.removeprefix("unix:"))
+            sock.unlink()
+            if kind == "file":
+                sock.write_text("not the daemon's")
+            else:
+                sock.symlink_to(target)
+        assert sock.is_symlink() == (kind == "link")
+        assert sock.read_text() == "not the daemon's"
+        assert target.read_text() == "not the daemon's"
+
+
 # -- TCP ------------------------------------------------------------------------------
 
 
