@@ -196,6 +196,21 @@ def table_rows(res: dict[str, Any]) -> list[list[str]]:
                     "",
                 )
             )
+            if "with_push_p50_us" in fresh["forecast"] and "with_push_p50_us" in off["forecast"]:
+                on_pair = [fresh[k]["with_push_p50_us"] for k in ("forecast", "allocate")]
+                off_pair = [off[k]["with_push_p50_us"] for k in ("forecast", "allocate")]
+                rows.append(
+                    _row(
+                        "  PushSamples then Forecast, then Allocate (the pair a worker waits "
+                        "for) p50: eager_answers on vs off",
+                        f"{on_pair[0]:.0f}, {on_pair[1]:.0f} us",
+                        f"{off_pair[0]:.0f}, {off_pair[1]:.0f} us off",
+                        f"{ratio(on_pair[0], off_pair[0]):.2f}x, "
+                        f"{ratio(on_pair[1], off_pair[1]):.2f}x",
+                        "",
+                        "",
+                    )
+                )
         sync_us = lat["echo_sync_forecast_size"]["p50_us"]
         aio_us = lat["echo_aio_forecast_size"]["p50_us"]
         rows.append(

@@ -257,7 +257,9 @@ def _fresh_latency(
     answer, the model runs. Each timed call follows a PushSamples of one
     sample and is paired with an echo of the same sizes, timed alongside; the
     PushSamples calls are timed too (``push``, against echoes of their own
-    sizes after the Forecast rounds).
+    sizes after the Forecast rounds), and so is each pair, the PushSamples
+    and the call after it (``with_push_p50_us``): what a worker that pushes
+    and then asks waits for.
 
     Args:
         rpcs: per name, ``(method, request bytes, reply size)``.
@@ -282,6 +284,7 @@ def _fresh_latency(
             call = raw_unary(dch, method)
             echo_req = echo_request(len(req), size)
             own: list[int] = []
+            pair: list[int] = []
             floor_ns: list[int] = []
             for i in range(calls):
                 t = clock()
@@ -297,9 +300,11 @@ def _fresh_latency(
                     push_ns.append(t0 - t)
                 floor_ns.append(t2 - t1)
                 own.append(t1 - t0)
+                pair.append(t1 - t)
             mine = latency_summary(np.asarray(own, dtype=np.int64))
             base = latency_summary(np.asarray(floor_ns, dtype=np.int64))
-            out[rpc] = {**mine, "echo_p50_us": base["p50_us"]}
+            both = latency_summary(np.asarray(pair, dtype=np.int64))
+            out[rpc] = {**mine, "echo_p50_us": base["p50_us"], "with_push_p50_us": both["p50_us"]}
             out[f"{rpc}_p50_ratio"] = ratio(mine["p50_us"], base["p50_us"])
         mine = latency_summary(np.asarray(push_ns, dtype=np.int64))
         base = latency_summary(np.asarray(push_floor_ns, dtype=np.int64))

@@ -13,6 +13,12 @@ question then finds its answer there. One that arrives before the callback
 has run is answered inline, as without eager answers, and the callback
 skips what that computed.
 
+What it buys is less than the question's own latency shows: on two cores
+the callback, holding the GIL, often delays the ingesting call's reply
+(grpc's poller thread needs the GIL to finish sending it), so a worker that
+pushes and then asks gains 5-15% on the pair where the question alone gains
+about 25% (``reports/profile.md``, section 6).
+
 Why on the event loop and not a worker thread: both were built and measured
 (``reports/profile.md``, section 5). On the bench's two cores, shared with
 the client, a worker thread computing while the reply and the question
