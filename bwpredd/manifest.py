@@ -1,7 +1,7 @@
 """The model directory contract: manifest schema, reader and file checks.
 
 This module is the one contract shared by the daemon and ``export``: export
-writes manifests with :func:`dump_manifest`, the daemon and ``bwpredd
+writes manifests as :func:`manifest_text` gives them, the daemon and ``bwpredd
 check-model`` read them with :func:`load_manifest` and :func:`verify_files`.
 It imports nothing but the standard library and the feature schema
 (:mod:`bwpredd.schema`).
@@ -30,7 +30,6 @@ __all__ = [
     "Manifest",
     "ModelFile",
     "TensorSpec",
-    "dump_manifest",
     "load_manifest",
     "manifest_text",
     "sha256_file",
@@ -430,13 +429,3 @@ def verify_files(model_dir: Path, manifest: Manifest) -> dict[str, bytes]:
 def manifest_text(manifest: Manifest) -> str:
     """A manifest as the indented JSON a model directory holds (used by export)."""
     return json.dumps(manifest.to_json(), indent=2, sort_keys=True) + "\n"
-
-
-def dump_manifest(manifest: Manifest, path: Path) -> None:
-    """Write a manifest as indented JSON.
-
-    Args:
-        manifest: the manifest.
-        path: where to write it.
-    """
-    path.write_text(manifest_text(manifest))

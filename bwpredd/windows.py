@@ -33,6 +33,8 @@ F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
 BOOL = npt.NDArray[np.bool_]
+# The in-order rule's rejection, for one sample and for a batch alike.
+_OUT_OF_ORDER = ("timestamp", "older than the peer's newest sample (out of order)")
 
 # Snapshot keys; bumping the format invalidates old snapshots cleanly.
 SNAPSHOT_FORMAT = 1
@@ -196,7 +198,7 @@ class WindowStore:
             one = int(keep[0])
             stored = self._append_one(one, int(slots[one]), rows, float(ts[one]), now)
             if stored is None:
-                reasons[one] = ("timestamp", "older than the peer's newest sample (out of order)")
+                reasons[one] = _OUT_OF_ORDER
                 return IngestResult(accepted, reasons, slots_out, evicted, _nothing_stored())
             accepted[one], slots_out[one] = True, slots[one]
             return IngestResult(accepted, reasons, slots_out, evicted, stored)
@@ -257,7 +259,7 @@ class WindowStore:
         cummax = np.maximum.accumulate((t - t0) + group * span) - group * span + t0
         ok = (t >= cummax) & (t >= self._last_ts[s])
         for i in idx[~ok]:
-            reasons[int(i)] = ("timestamp", "older than the peer's newest sample (out of order)")
+            reasons[int(i)] = _OUT_OF_ORDER
         s, t, idx = s[ok], t[ok], idx[ok]
         if s.size == 0:
             return IngestResult(accepted, reasons, slots_out, evicted, _nothing_stored())
