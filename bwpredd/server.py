@@ -328,6 +328,8 @@ class Server:
         self._socket: _SocketFile | None = None
         self._health: Health | None = None
         self._wake: asyncio.Event | None = None
+        # The loop serve() runs on: the only thread that may touch the windows.
+        self.loop: asyncio.AbstractEventLoop | None = None
         self._metrics_server: MetricsServer | None = None
         self.metrics_address = ""
         self._last_snapshot = 0.0  # monotonic time of the last good snapshot
@@ -346,6 +348,7 @@ class Server:
             StartupError: the daemon could not start.
         """
         self._wake = asyncio.Event()
+        self.loop = asyncio.get_running_loop()
         with self.capture_signals():
             try:
                 await self.startup()

@@ -43,7 +43,8 @@ T = TypeVar("T")
 def on_loop(server: Server, fn: Callable[[], T]) -> T:
     """Run ``fn`` on the server's event loop (the only thread that may touch
     the windows) and return its result."""
-    loop = server._wake._loop  # type: ignore[union-attr]
+    loop = server.loop
+    assert loop is not None
 
     async def call() -> T:
         return fn()
@@ -226,7 +227,8 @@ class TestChange:
             fill(client, "a", 100.0)
             assert_current(client, Reference(model_dir), "a")
             make_model_dir(model_dir, version="v2", seed=2, forecast_scale=3.0)
-            loop = server._wake._loop  # type: ignore[union-attr]
+            loop = server.loop
+            assert loop is not None
             assert asyncio.run_coroutine_threadsafe(server.reload(), loop).result(timeout=60)
             assert client.forecast(["a"])[0].model_version == "v2"
             assert client.allocate(["a"])[0].model_version == "v2"

@@ -230,7 +230,8 @@ class TestScrape:
             mid = scrape(port)
             # Two more peers beyond max_peers=3 evict the least recently seen.
             client.push([sample("e1", 1.0), sample("e2", 1.0)])
-            loop = server._wake._loop  # type: ignore[union-attr]
+            loop = server.loop
+            assert loop is not None
             loop.call_soon_threadsafe(server.request_reload)
             _wait(lambda: value(scrape(port), "bwpredd_model_reloads_total", outcome="ok") == 1)
             after = scrape(port)
@@ -278,7 +279,8 @@ class TestScrape:
             for step in range(14):
                 client.push([sample("a", 100.0 + step % 3)])
                 client.forecast(["a"])
-            loop = server._wake._loop  # type: ignore[union-attr]
+            loop = server.loop
+            assert loop is not None
             asyncio.run_coroutine_threadsafe(server.snapshot(), loop).result(timeout=30)
             after = scrape(port)
         model = value(after, "bwpredd_live_mean_abs_error_ratio", predictor="model")

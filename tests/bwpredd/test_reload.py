@@ -25,7 +25,8 @@ MODEL = pb.FORECAST_SOURCE_MODEL
 
 def reload(server: Server) -> bool:
     """Run Server.reload on its loop from the test thread."""
-    loop = server._wake._loop  # type: ignore[union-attr]
+    loop = server.loop
+    assert loop is not None
     return asyncio.run_coroutine_threadsafe(server.reload(), loop).result(timeout=60)
 
 
