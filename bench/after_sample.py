@@ -4,23 +4,61 @@ Times :meth:`Engine.forecast` and :meth:`Engine.allocate` and the pieces
 they are made of on one peer's full window (and a 1,000-peer batch), as
 thread CPU time, the minimum over interleaved rounds: the breakdown
 ``reports/profile.md`` gives for the path right after a new sample, where
-the models run. Prints one line per piece in microseconds per call.
+the models run. Prints one line per piece in microseconds per call, then
+the forecaster's arithmetic: multiply-adds per window (counted from the
+graph's LSTM and matrix weights), the rate it ran at, the CPU's vector
+extensions, and what forecasting every peer once a second costs.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
 from bwpredd import baselines
 from bwpredd.engine import BASELINE_ALPHA, Engine, edge_pad
 from bwpredd.modeldir import DEFAULT_MODEL_DIR, load_model, synthetic_windows
+from bwpredd.schema import WINDOW
 from bwpredd.state import build_state, reference_capacity
 
-__all__ = ["main", "pieces", "time_pieces"]
+__all__ = ["cpu_vector_flags", "forecaster_macs", "main", "pieces", "time_pieces"]
+
+_VECTOR_FLAGS = ("avx", "fma", "avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile")
+
+
+def forecaster_macs(path: Path = DEFAULT_MODEL_DIR / "forecaster.onnx") -> int:
+    """Multiply-adds of one window through the forecaster graph: each LSTM's
+    input and recurrent weights once per step, each Gemm or MatMul with a
+    weight initializer once (activations, gates and biases not counted)."""
+    import onnx  # the train extra, as for export
+
+    graph = onnx.load(str(path)).graph
+    dims = {t.name: list(t.dims) for t in graph.initializer}
+    macs = 0
+    for node in graph.node:
+        if node.op_type == "LSTM":
+            macs += WINDOW * (math.prod(dims[node.input[1]]) + math.prod(dims[node.input[2]]))
+        elif node.op_type in ("Gemm", "MatMul"):
+            macs += sum(math.prod(dims[i]) for i in node.input[:2] if i in dims)
+    return macs
+
+
+def cpu_vector_flags() -> list[str]:
+    """Which of the x86 vector extensions onnxruntime's kernels choose among
+    ``/proc/cpuinfo`` lists (empty where it is hidden or not x86)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    have = next(
+        (ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []
+    )
+    return [f for f in _VECTOR_FLAGS if f in have]
 
 
 def pieces(k: int) -> dict[str, Callable[[], object]]:
@@ -74,12 +112,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--calls", type=int, default=200)
     ap.add_argument("--peers", type=int, nargs="*", default=[1, 1000])
     args = ap.parse_args(argv)
+    macs = forecaster_macs()
+    print(f"CPU vector extensions: {' '.join(cpu_vector_flags()) or 'unknown'}")
     for k in args.peers:
         calls = max(1, args.calls // k) if k > 1 else args.calls
         res = time_pieces(pieces(k), args.rounds, max(calls, 5))
         print(f"k={k}: thread CPU us per call (min of {args.rounds} rounds)")
         for name, us in res.items():
             print(f"  {name:32s} {us:10.1f}")
+        us = res["  run_forecaster"]
+        gflops = 2 * macs * k / us / 1e3
+        print(
+            f"  forecaster: {macs:,} multiply-adds per window, {gflops:.1f} GFLOP/s,"
+            f" {us / k:.1f} us per window: forecasting {k} peer(s) once a second is"
+            f" {100 * us / 1e6:.1f}% of a core"
+        )
 
 
 if __name__ == "__main__":
