@@ -19,7 +19,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from bwpredd.safefs import UnsafePath, open_new, open_trusted_dir
 from bwpredd.schema import DEFAULTS
 from bwpredd.state import STATE_LAYOUT
 from export.manifest import build_manifest, default_version, weights_digest
+from export.slim import slim_forecaster
 from export.to_onnx import (
     Exporter,
     export_allocator,
@@ -155,7 +156,13 @@ def export_model_dir(
 
     t0 = time.perf_counter()
     log(f"export: forecaster -> ONNX ({exporter} exporter)")
-    f_bytes = export_forecaster(forecaster, exporter=exporter)
+    f_bytes, slim = slim_forecaster(export_forecaster(forecaster, exporter=exporter))
+    log(
+        f"export: forecaster graph slimmed from {slim.nodes_before} to {slim.nodes_after} nodes"
+        f" ({slim.norms_folded_into_lstm + slim.norms_folded_into_gemm} norms folded,"
+        f" {slim.zero_states_dropped} zero states dropped)"
+        + (f"; left: {'; '.join(slim.skipped)}" if slim.skipped else "")
+    )
     log(f"export: allocator -> ONNX (state size {len(state_layout)})")
     a_bytes = export_allocator(allocator, len(state_layout), exporter=exporter)
     opset = graph_opset(f_bytes)
@@ -216,6 +223,7 @@ def export_model_dir(
             if exporter == "legacy"
             else "torch.onnx dynamo",
             "op_counts": {name: op_counts(data) for name, data in files.items()},
+            "slim": asdict(slim),
             "sizes_bytes": sizes,
             "timings_ms": timings,
             "provenance": dict(provenance or {}),

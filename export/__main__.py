@@ -38,8 +38,10 @@ from bwpredd.state import STATE_LAYOUT
 from export import DEFAULT_MODEL_DIR, ExportError, copy_model_dir, export_model_dir
 from export.horizon import add_horizon
 from export.manifest import default_version, weights_digest
+from export.slim import slim_model_dir
 from export.verify import ParityError, parity_windows
 from trainer.models.forecaster import load_checkpoint as load_forecaster
+from trainer.models.from_onnx import RecoveryError
 from trainer.models.horizon import load_checkpoint as load_horizon
 from trainer.models.qnet import QNetConfig, QNetwork
 from trainer.models.qnet import load_checkpoint as load_qnet
@@ -63,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Export forecaster.pt and allocator.pt of a run to a verified model directory.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--run", type=Path, required=True, help="run dir with the .pt checkpoints")
+    parser.add_argument("--run", type=Path, help="run dir with the .pt checkpoints (required)")
     parser.add_argument("--out", type=Path, help="model dir to publish (default models/<version>)")
     parser.add_argument("--embed", action="store_true", help="also refresh bwpredd/models/default")
     parser.add_argument("--traces", type=Path, help="traces dir for parity windows")
@@ -89,7 +91,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="DIR",
         help="add the run's horizon.pt to the published model directory DIR (see above)",
     )
+    parser.add_argument(
+        "--slim-forecaster-of",
+        type=Path,
+        metavar="DIR",
+        help="republish the model directory DIR with its forecaster graph slimmed (see above)",
+    )
     args = parser.parse_args(argv)
+    if args.slim_forecaster_of is not None:
+        return _slim(args)
+    if args.run is None:
+        parser.error("--run is required")
     if args.gate and args.add_horizon_to is not None:
         parser.error("--gate publishes a retrain run; it does not combine with --add-horizon-to")
     if args.add_horizon_to is not None:
@@ -209,6 +221,27 @@ def _load_horizon(run: Path) -> torch.nn.Module | None:
         return None
     model, _ = load_horizon(str(path))
     return model
+
+
+def _slim(args: argparse.Namespace) -> int:
+    src = args.slim_forecaster_of
+    windows, source = parity_windows(args.traces, args.parity_windows, args.seed)
+    try:
+        manifest = slim_model_dir(
+            src,
+            args.out or src,
+            windows=windows,
+            windows_source=source,
+            version=args.version,
+            force=args.force or args.out is None,
+        )
+        if args.embed:
+            copy_model_dir(args.out or src, DEFAULT_MODEL_DIR)
+    except (ExportError, ParityError, BwpreddError, RecoveryError) as exc:
+        print(f"export: FAILED: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"export: OK {args.out or src} version {manifest.version}")
+    return EXIT_OK
 
 
 def _add_horizon(args: argparse.Namespace) -> int:

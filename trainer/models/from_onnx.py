@@ -26,7 +26,14 @@ How the weights map back (the legacy TorchScript exporter of
   graph's upper interval to the network's upper half-width (relative log
   space), snapped to the graph's scalar constant when one matches;
 - ``residual`` is not visible in the weights: both settings are tried and
-  the one that passes the parity check is kept.
+  the one that passes the parity check is kept;
+- a graph that :mod:`export.slim` slimmed has no batch-norm nodes: each
+  norm was folded into the layer that reads it (the next LSTM's input
+  weights and bias, or the head's first Gemm), and its parameters were
+  recorded under :data:`FOLDED_NORMS_KEY` in the graph's metadata. They
+  come back from there, and the folding is undone
+  (``W = W' / a``, ``b = b' - W c``, :func:`norm_affine`), so fine-tuning
+  starts from the network that was trained, norms and all.
 
 The check: every output within 1e-4 relative (``|ort - torch| / max(|torch|,
 1e-3 m)``, the floor of :mod:`export.verify`) on the windows given plus
@@ -35,6 +42,7 @@ seeded synthetic windows spanning 0.1 Mbit/s to 10 Gbit/s.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -51,7 +59,14 @@ from bwpredd.modeldir import load_model, synthetic_windows
 from bwpredd.schema import BW
 from trainer.models.forecaster import Forecaster, ForecasterConfig
 
-__all__ = ["MAX_REL_ERR", "Recovered", "RecoveryError", "load_forecaster"]
+__all__ = [
+    "FOLDED_NORMS_KEY",
+    "MAX_REL_ERR",
+    "Recovered",
+    "RecoveryError",
+    "load_forecaster",
+    "norm_affine",
+]
 
 F32 = npt.NDArray[np.float32]
 MAX_REL_ERR = 1e-4
@@ -62,6 +77,20 @@ _GEMM_NODE = re.compile(r"/members\.(\d+)/head/head\.(\d+)/Gemm$")
 # ONNX LSTM gate blocks (i, o, f, c) -> PyTorch's (i, f, c, o).
 _GATES_TO_TORCH = (0, 2, 3, 1)
 _SYNTHETIC_WINDOWS = 512
+# Metadata key of a slimmed graph: a JSON list of the norms folded away,
+# each {"norm": BN node name, "into": node name, "epsilon": float,
+# "weight"/"bias"/"running_mean"/"running_var": [float, ...]}.
+FOLDED_NORMS_KEY = "bwpredd.folded_norms"
+_NORM_PARAMS = ("weight", "bias", "running_mean", "running_var")
+
+
+def norm_affine(
+    weight: npt.ArrayLike, bias: npt.ArrayLike, mean: npt.ArrayLike, var: npt.ArrayLike, eps: float
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """``(a, c)`` with ``norm(x) = a x + c`` per channel for an inference-mode
+    batch norm, in float64 (what folding multiplies in and unfolding divides out)."""
+    a = np.asarray(weight, np.float64) / np.sqrt(np.asarray(var, np.float64) + eps)
+    return a, np.asarray(bias, np.float64) - np.asarray(mean, np.float64) * a
 
 
 class RecoveryError(ValueError):
@@ -148,6 +177,7 @@ def _weights(
         elif node.op_type == "Identity" and node.input[0] in inits:
             inits[node.output[0]] = inits[node.input[0]]
     state: dict[str, torch.Tensor] = {}
+    unfold = _folded_norms(proto, state)
     sizes: dict[tuple[int, int], int] = {}
     dense: dict[int, int] = {}
     in_size = 0
@@ -169,8 +199,13 @@ def _weights(
             if attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
                 raise RecoveryError(f"{node.name}: a scaled Gemm is not a Linear layer")
             w = param(node, 1) if attrs.get("transB", 0) else param(node, 1).T
+            bias = param(node, 2)
+            if node.name in unfold:  # W' = W diag(a), b' = b + W c
+                a, c = unfold.pop(node.name)
+                w = w.astype(np.float64) / a[None, :]
+                bias = bias.astype(np.float64) - w @ c
             prefix = f"members.{found.group(1)}.head.{found.group(2)}"
-            state[f"{prefix}.weight"], state[f"{prefix}.bias"] = _tensor(w), _tensor(param(node, 2))
+            state[f"{prefix}.weight"], state[f"{prefix}.bias"] = _tensor(w), _tensor(bias)
             if found.group(1) == "0":
                 dense[int(found.group(2))] = w.shape[0]
         elif node.op_type == "LSTM":
@@ -180,6 +215,11 @@ def _weights(
             m, layer = int(found.group(1)), int(found.group(2))
             w, r, b = (param(node, i)[0] for i in (1, 2, 3))
             hidden = r.shape[1]
+            if node.name in unfold:  # W' = W diag(a), b'[:4H] = b[:4H] + W c
+                a, c = unfold.pop(node.name)
+                w = w.astype(np.float64) / a[None, :]
+                b = b.astype(np.float64).copy()
+                b[: 4 * hidden] -= w @ c
             prefix = f"members.{m}.lstms.{layer}"
             state[f"{prefix}.weight_ih_l0"] = _to_torch_gates(w, hidden)
             state[f"{prefix}.weight_hh_l0"] = _to_torch_gates(r, hidden)
@@ -188,6 +228,8 @@ def _weights(
             sizes[(m, layer)] = hidden
             if (m, layer) == (0, 0):
                 in_size = w.shape[1]
+    if unfold:
+        raise RecoveryError(f"{FOLDED_NORMS_KEY}: no LSTM or Gemm node named {sorted(unfold)}")
     members = sorted({m for m, _ in sizes})
     if not members or members != list(range(len(members))) or len(dense) < 2:
         raise RecoveryError("the graph holds no forecaster members this module knows")
@@ -201,6 +243,37 @@ def _weights(
         members=len(members),
     )
     return cfg, state
+
+
+def _folded_norms(
+    proto: onnx.ModelProto, state: dict[str, torch.Tensor]
+) -> dict[str, tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]]:
+    """Put the norms :mod:`export.slim` folded away back into ``state``;
+    return ``{node name: (a, c)}`` of the layers they were folded into."""
+    raw = next((p.value for p in proto.metadata_props if p.key == FOLDED_NORMS_KEY), None)
+    if raw is None:
+        return {}
+    unfold = {}
+    try:
+        entries = json.loads(raw)
+        for entry in entries:
+            found = _BN_NODE.search(entry["norm"])
+            if found is None:
+                raise RecoveryError(f"{FOLDED_NORMS_KEY}: {entry['norm']!r} is not a norm's node")
+            eps = float(entry["epsilon"])
+            if abs(eps - 1e-5) > 1e-9:
+                raise RecoveryError(f"{entry['norm']}: epsilon {eps}, the model uses 1e-5")
+            prefix = f"members.{found.group(1)}.norms.{found.group(2)}.bn"
+            params = [np.asarray(entry[key], dtype=np.float32) for key in _NORM_PARAMS]
+            for key, value in zip(_NORM_PARAMS, params, strict=True):
+                state[f"{prefix}.{key}"] = _tensor(value)
+            weight, bias, mean, var = params
+            unfold[str(entry["into"])] = norm_affine(weight, bias, mean, var, eps)
+    except RecoveryError:
+        raise
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RecoveryError(f"{FOLDED_NORMS_KEY}: unreadable ({exc!r})") from exc
+    return unfold
 
 
 def _tensor(value: npt.NDArray[Any]) -> torch.Tensor:

@@ -1,0 +1,385 @@
+"""Slim the exported forecaster graph: the same arithmetic in fewer nodes.
+
+torch's exporter spells each ``nn.LSTM`` of the stacked forecaster with its
+own glue: zero initial states built from the input's shape (Shape, Gather,
+Unsqueeze, Concat, ConstantOfShape), and each :class:`_SeqBatchNorm`
+between layers as Squeeze, Transpose, BatchNormalization, Transpose. At
+batch 1 that glue costs about as much as the LSTMs' arithmetic; at batch
+1,000 the transposes and normalisations are a tenth of the run. This pass
+rewrites the graph in place of them:
+
+* an LSTM's initial state that is all zeros is left out (ONNX's default);
+* a batch normalisation between two layers is folded into the next layer's
+  input weights and bias (``W (a x + c) + b = (W diag a) x + (W c + b)``),
+  which then reads the previous layer's output as it comes, sequence first;
+* the last layer's normalisation, read at one step by the head's first
+  Gemm, is folded into that Gemm the same way, the step read with a Gather
+  on the sequence axis.
+
+The answers are the same up to float32 rounding of the folded weights
+(export's parity check holds the slim graph to torch, like any graph).
+Each folded norm's own parameters go into the graph's metadata
+(:data:`trainer.models.from_onnx.FOLDED_NORMS_KEY`), from which a
+fine-tune (``trainer retrain``) rebuilds the network as it was trained.
+A norm this pass does not recognise the shape of stays as it was;
+:class:`SlimReport` says which rewrites were made.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import onnx
+from onnx import numpy_helper
+
+from bwpredd.manifest import Manifest, load_manifest
+from trainer.models.from_onnx import FOLDED_NORMS_KEY, norm_affine
+
+__all__ = ["SlimReport", "slim_forecaster", "slim_model_dir"]
+
+
+@dataclass
+class SlimReport:
+    """What :func:`slim_forecaster` did: node counts and rewrites made."""
+
+    nodes_before: int
+    nodes_after: int
+    zero_states_dropped: int = 0
+    norms_folded_into_lstm: int = 0
+    norms_folded_into_gemm: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+
+class _Graph:
+    """Index of a graph's producers, consumers and initialisers."""
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.g = graph
+        self.inits = {t.name: t for t in graph.initializer}
+        self.reindex()
+
+    def reindex(self) -> None:
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in self.g.node:
+            for out in node.output:
+                self.producer[out] = node
+            for name in node.input:
+                if name:
+                    self.consumers.setdefault(name, []).append(node)
+
+    def const(self, name: str) -> np.ndarray | None:
+        """The value of an initialiser or a Constant node's output (through
+        Identity nodes), else None."""
+        if name in self.inits:
+            return numpy_helper.to_array(self.inits[name])
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Identity":  # how the exporter shares equal tensors
+            return self.const(node.input[0])
+        if node is not None and node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    return numpy_helper.to_array(attr.t)
+        return None
+
+    def attr(self, node: onnx.NodeProto, name: str) -> object:
+        for a in node.attribute:
+            if a.name == name:
+                return onnx.helper.get_attribute_value(a)
+        return None
+
+    def only_consumer(self, name: str, op: str) -> onnx.NodeProto | None:
+        users = self.consumers.get(name, [])
+        return users[0] if len(users) == 1 and users[0].op_type == op else None
+
+    def set_init(self, name: str, value: np.ndarray) -> str:
+        """A new initialiser ``name`` (made unique) holding ``value``."""
+        base, k = name, 0
+        while name in self.inits or name in self.producer:
+            k += 1
+            name = f"{base}_{k}"
+        tensor = numpy_helper.from_array(value, name)
+        self.g.initializer.append(tensor)
+        self.inits[name] = tensor
+        return name
+
+    def prune(self, outputs: set[str]) -> None:
+        """Drop nodes nothing reads, then initialisers nothing reads."""
+        while True:
+            self.reindex()
+            dead = [
+                n
+                for n in self.g.node
+                if not any(o in outputs or self.consumers.get(o) for o in n.output if o)
+            ]
+            if not dead:
+                break
+            for n in dead:
+                self.g.node.remove(n)
+        used = {name for n in self.g.node for name in n.input}
+        keep = [t for t in self.g.initializer if t.name in used]
+        del self.g.initializer[:]
+        self.g.initializer.extend(keep)
+        self.inits = {t.name: t for t in keep}
+
+
+def _zero_state(g: _Graph, name: str) -> bool:
+    """``name`` is a ConstantOfShape of zeros (or of its default, zero)."""
+    node = g.producer.get(name)
+    if node is None or node.op_type != "ConstantOfShape":
+        return False
+    for a in node.attribute:
+        if a.name == "value":
+            return bool(np.all(numpy_helper.to_array(a.t) == 0))
+    return True
+
+
+def _norm_params(
+    g: _Graph, bn: onnx.NodeProto
+) -> tuple[dict[str, object], np.ndarray, np.ndarray] | None:
+    """An inference-mode norm's record for :data:`FOLDED_NORMS_KEY` (its
+    weight, bias and statistics as float32 values) and its ``(a, c)``
+    (:func:`norm_affine`), else None."""
+    parts = [g.const(name) for name in bn.input[1:5]]
+    if any(p is None for p in parts) or g.attr(bn, "training_mode") not in (None, 0):
+        return None
+    raw_eps = g.attr(bn, "epsilon")
+    eps = 1e-5 if raw_eps is None else float(raw_eps)  # type: ignore[arg-type]
+    weight, bias, mean, var = (np.asarray(p, dtype=np.float32).ravel() for p in parts)
+    record: dict[str, object] = {"norm": bn.name, "epsilon": eps}
+    for key, value in zip(
+        ("weight", "bias", "running_mean", "running_var"), (weight, bias, mean, var), strict=True
+    ):
+        record[key] = value.tolist()
+    a, c = norm_affine(weight, bias, mean, var, eps)
+    return record, a, c
+
+
+def _seq_source(g: _Graph, bn: onnx.NodeProto) -> str | None:
+    """The ``[T, N, C]`` sequence a normalisation reads: BN <- Transpose
+    (1, 2, 0) <- Squeeze(axis 1) <- an LSTM's Y; else None."""
+    t1 = g.producer.get(bn.input[0])
+    if t1 is None or t1.op_type != "Transpose" or list(g.attr(t1, "perm") or []) != [1, 2, 0]:  # type: ignore[call-overload]
+        return None
+    sq = g.producer.get(t1.input[0])
+    if sq is None or sq.op_type != "Squeeze" or len(sq.input) < 2:
+        return None
+    axes = g.const(sq.input[1])
+    lstm = g.producer.get(sq.input[0])
+    if axes is None or list(np.ravel(axes)) != [1] or lstm is None or lstm.op_type != "LSTM":
+        return None
+    if len(g.consumers.get(t1.output[0], [])) != 1:
+        return None
+    return str(sq.output[0])
+
+
+def _fold_into_lstm(
+    g: _Graph, t2: onnx.NodeProto, seq: str, a: np.ndarray, c: np.ndarray
+) -> str | None:
+    """BN -> Transpose(2, 0, 1) -> LSTM.X: fold into the LSTM's W and B;
+    the LSTM's name, or None."""
+    lstm = g.only_consumer(t2.output[0], "LSTM")
+    if lstm is None or lstm.input[0] != t2.output[0]:
+        return None
+    if list(g.attr(t2, "perm") or []) != [2, 0, 1] or g.attr(lstm, "layout") not in (None, 0):  # type: ignore[call-overload]
+        return None
+    w = g.const(lstm.input[1])
+    if w is None or w.shape[0] != 1 or w.shape[2] != a.size:
+        return None
+    hidden4 = w.shape[1]
+    has_b = len(lstm.input) > 3 and lstm.input[3]
+    b = g.const(lstm.input[3]) if has_b else np.zeros((1, 2 * hidden4), dtype=np.float32)
+    if b is None:
+        return None
+    w64 = w.astype(np.float64)
+    new_w = (w64 * a[None, None, :]).astype(np.float32)
+    new_b = b.astype(np.float64).copy()
+    new_b[0, :hidden4] += w64[0] @ c
+    inputs = list(lstm.input)
+    while len(inputs) < 4:
+        inputs.append("")
+    inputs[0] = seq
+    inputs[1] = g.set_init(f"{lstm.input[1]}_folded", new_w)
+    inputs[3] = g.set_init(f"{lstm.input[3] or 'lstm_b'}_folded", new_b.astype(np.float32))
+    del lstm.input[:]
+    lstm.input.extend(inputs)
+    return str(lstm.name)
+
+
+def _fold_into_gemm(
+    g: _Graph, t3: onnx.NodeProto, seq: str, a: np.ndarray, c: np.ndarray
+) -> str | None:
+    """BN -> Transpose(0, 2, 1) -> Gather(axis 1, one step) -> Gemm(transB):
+    the step read from the sequence (Gather on axis 0), the norm folded into
+    the Gemm's weight and bias; the Gemm's name, or None."""
+    if list(g.attr(t3, "perm") or []) != [0, 2, 1]:  # type: ignore[call-overload]
+        return None
+    gathers = [n for n in g.consumers.get(t3.output[0], []) if n.op_type == "Gather"]
+    if len(gathers) != 1 or g.attr(gathers[0], "axis") != 1:
+        return None
+    gather = gathers[0]
+    step = g.const(gather.input[1])
+    gemm = g.only_consumer(gather.output[0], "Gemm")
+    if step is None or np.ndim(step) != 0 or gemm is None or gemm.input[0] != gather.output[0]:
+        return None
+    if (g.attr(gemm, "transA") or 0) != 0 or g.attr(gemm, "transB") != 1:
+        return None
+    if g.attr(gemm, "alpha") not in (None, 1.0) or g.attr(gemm, "beta") not in (None, 1.0):
+        return None
+    w = g.const(gemm.input[1])
+    bias = g.const(gemm.input[2]) if len(gemm.input) > 2 and gemm.input[2] else None
+    if w is None or w.ndim != 2 or w.shape[1] != a.size:
+        return None
+    bias64 = np.zeros(w.shape[0]) if bias is None else np.broadcast_to(bias, (w.shape[0],))
+    w64 = w.astype(np.float64)
+    new_w = (w64 * a[None, :]).astype(np.float32)
+    new_bias = (bias64 + w64 @ c).astype(np.float32)
+    picked = f"{gather.output[0]}_seq"
+    g.g.node.insert(
+        list(g.g.node).index(gather) + 1,
+        onnx.helper.make_node("Gather", [seq, gather.input[1]], [picked], axis=0),
+    )
+    inputs = [picked, g.set_init(f"{gemm.input[1]}_folded", new_w)]
+    inputs.append(g.set_init(f"{gemm.input[2] or 'gemm_b'}_folded", new_bias))
+    del gemm.input[:]
+    gemm.input.extend(inputs)
+    return str(gemm.name)
+
+
+def slim_forecaster(model_bytes: bytes) -> tuple[bytes, SlimReport]:
+    """The forecaster graph with its LSTM glue rewritten (module docstring).
+
+    Args:
+        model_bytes: a serialised graph from :func:`export.to_onnx.export_forecaster`.
+
+    Returns:
+        The rewritten graph (``onnx.checker`` has passed on it) and what was done.
+    """
+    proto = onnx.load_from_string(model_bytes)
+    g = _Graph(proto.graph)
+    report = SlimReport(len(proto.graph.node), len(proto.graph.node))
+    outputs = {o.name for o in proto.graph.output}
+    for node in list(proto.graph.node):
+        if node.op_type != "LSTM":
+            continue
+        inputs = list(node.input)
+        for k in (5, 6):
+            if len(inputs) > k and inputs[k] and _zero_state(g, inputs[k]):
+                inputs[k] = ""
+                report.zero_states_dropped += 1
+        while inputs and not inputs[-1]:
+            inputs.pop()
+        del node.input[:]
+        node.input.extend(inputs)
+    g.reindex()
+    folded: list[dict[str, object]] = []
+    for bn in [n for n in proto.graph.node if n.op_type == "BatchNormalization"]:
+        seq = _seq_source(g, bn)
+        found = _norm_params(g, bn)
+        users = g.consumers.get(bn.output[0], [])
+        if seq is None or found is None or not bn.name:
+            report.skipped.append(f"{bn.name or bn.output[0]}: not a norm between LSTM steps")
+            continue
+        params, a, c = found
+        # Fold into the reader that is the next LSTM or the head's Gemm. Any
+        # other reader (the exporter's shape arithmetic for the zero states,
+        # dead once those are dropped) keeps the norm computed as it was.
+        into = None
+        for user in [u for u in users if u.op_type == "Transpose"]:
+            if into := _fold_into_lstm(g, user, seq, a, c):
+                report.norms_folded_into_lstm += 1
+            elif into := _fold_into_gemm(g, user, seq, a, c):
+                report.norms_folded_into_gemm += 1
+            g.reindex()
+            if into:
+                break
+        if into is None:
+            report.skipped.append(f"{bn.name}: no LSTM or Gemm to fold into")
+            continue
+        folded.append(params | {"into": into})
+    g.prune(outputs)
+    if folded:  # what a fine-tune needs to undo the folding
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = FOLDED_NORMS_KEY, json.dumps(folded)
+    report.nodes_after = len(proto.graph.node)
+    onnx.checker.check_model(proto, full_check=True)
+    return proto.SerializeToString(), report
+
+
+def slim_model_dir(
+    src: Path,
+    dest: Path,
+    *,
+    windows: npt.NDArray[np.float32],
+    windows_source: str,
+    version: str | None = None,
+    force: bool = False,
+    log: Callable[[str], None] = print,
+) -> Manifest:
+    """Publish at ``dest`` a copy of the model directory ``src`` with its
+    forecaster graph slimmed; the other graphs are kept byte for byte and
+    the version changes (the answers move by float32 rounding).
+
+    The slim graph is held to the network rebuilt from ``src``'s graph
+    (:func:`trainer.models.from_onnx.load_forecaster`) by export's parity
+    check, on ``windows``, as an export holds a graph to its checkpoint.
+
+    Raises:
+        ExportError: ``dest`` exists without ``force``, ``src``'s forecaster
+            is slim already, or the result fails the daemon's checks.
+        ParityError: onnxruntime disagrees with torch.
+        trainer.models.from_onnx.RecoveryError: ``src``'s graph does not
+            rebuild a network.
+    """
+    from export import ExportError, publish_new_dir
+    from export.manifest import default_version
+    from export.to_onnx import op_counts
+    from export.verify import forecaster_parity
+    from trainer.models.from_onnx import load_forecaster
+
+    old = load_manifest(src)
+    if dest.exists() and not force:
+        raise ExportError(f"{dest}: exists (pass --force to replace it)")
+    before = (src / old.forecaster.file).read_bytes()
+    data, report = slim_forecaster(before)
+    if data == before or not (report.norms_folded_into_lstm or report.zero_states_dropped):
+        raise ExportError(f"{src / old.forecaster.file}: nothing to slim")
+    left = "; ".join(report.skipped) or "every norm folded"
+    log(f"slim: {report.nodes_before} -> {report.nodes_after} nodes ({left})")
+    rebuilt = load_forecaster(src, windows)
+    parity = forecaster_parity(rebuilt.model, data, windows)
+    log(f"verify: forecaster max rel err {parity.max_rel_err:.2e} on {parity.n} windows")
+    digest = hashlib.sha256((old.version + hashlib.sha256(data).hexdigest()).encode()).hexdigest()
+    version = version or default_version(digest)
+    raw = old.to_json()
+    raw["version"] = version
+    raw["created"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    raw["forecaster"]["sha256"] = hashlib.sha256(data).hexdigest()
+    par = raw.setdefault("parity", {})
+    par["forecaster"] = parity.to_json() | {
+        "inputs": windows_source,
+        "against": "rebuilt from " + old.version,
+    }
+    par["max_rel_err"] = max(
+        parity.max_rel_err, float(par.get("allocator", {}).get("max_rel_err", 0.0))
+    )
+    exp = raw.setdefault("export", {})
+    exp.setdefault("provenance", {})["forecaster_slimmed_from"] = old.version
+    exp.setdefault("sizes_bytes", {})[old.forecaster.file] = len(data)
+    exp.setdefault("op_counts", {})[old.forecaster.file] = op_counts(data)
+    exp["slim"] = asdict(report)
+    exp.pop("timings_ms", None)  # measured on the graph before; not re-measured here
+    manifest = Manifest.from_json(json.loads(json.dumps(raw)))
+    files = {old.forecaster.file: data, old.allocator.file: (src / old.allocator.file).read_bytes()}
+    if old.horizon is not None:
+        files[old.horizon.file] = (src / old.horizon.file).read_bytes()
+    publish_new_dir(dest, files, manifest, force=force)
+    log(f"export: published {dest} (version {version}, forecaster slimmed)")
+    return manifest

@@ -1,0 +1,193 @@
+"""export/slim.py: the forecaster graph in fewer nodes, the same answers,
+and the trained network recoverable from it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from bench.harness import synthetic_windows
+from bwpredd.manifest import load_manifest
+from bwpredd.modeldir import load_model, session
+from bwpredd.state import STATE_LAYOUT
+from export import export_model_dir
+from export.__main__ import EXIT_FAILED, EXIT_OK
+from export.__main__ import main as export_main
+from export.slim import slim_forecaster
+from export.to_onnx import export_allocator, export_forecaster, op_counts
+from export.verify import forecaster_parity
+from trainer.models.forecaster import Forecaster, ForecasterConfig
+from trainer.models.from_onnx import FOLDED_NORMS_KEY, RecoveryError, load_forecaster
+from trainer.models.qnet import QNetConfig, QNetwork
+
+
+def _trained_like(members: int = 2, seed: int = 0) -> Forecaster:
+    """A forecaster whose norms are far from the identity (as after
+    training: scales, shifts and running statistics of every size)."""
+    torch.manual_seed(seed)
+    model = Forecaster(ForecasterConfig(members=members))
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name.endswith("running_mean"):
+                buf.normal_(0.0, 0.5)
+            elif name.endswith("running_var"):
+                buf.uniform_(0.05, 4.0)
+        for name, param in model.named_parameters():
+            if ".norms." in name:
+                param.normal_(1.0 if name.endswith("weight") else 0.0, 0.4)
+    return model.eval()
+
+
+def _run(data: bytes, windows: np.ndarray) -> list[np.ndarray]:
+    return [np.asarray(o, np.float64) for o in session(data).run(None, {"window": windows})]
+
+
+def _publish(model: Forecaster, dest: Path, windows: np.ndarray) -> Path:
+    torch.manual_seed(1)
+    export_model_dir(
+        model,
+        QNetwork(QNetConfig(state_size=len(STATE_LAYOUT))),
+        dest,
+        windows=windows,
+        windows_source="synthetic (test)",
+        version="slim-test",
+        force=True,
+        timing=False,
+        log=lambda _line: None,
+    )
+    return dest
+
+
+def _replace_forecaster(model_dir: Path, data: bytes) -> None:
+    """Swap a directory's forecaster graph and fix its manifest's sha256
+    (as a directory exported by another version would have it)."""
+    (model_dir / "forecaster.onnx").write_bytes(data)
+    raw = json.loads((model_dir / "manifest.json").read_text())
+    raw["forecaster"]["sha256"] = hashlib.sha256(data).hexdigest()
+    (model_dir / "manifest.json").write_text(json.dumps(raw))
+
+
+@pytest.fixture(scope="module")
+def windows() -> np.ndarray:
+    return np.ascontiguousarray(synthetic_windows(300, 3), dtype=np.float32)
+
+
+class TestSlimGraph:
+    @pytest.mark.parametrize("members", [1, 2])
+    def test_same_answers_fewer_nodes(self, members: int, windows: np.ndarray) -> None:
+        """Every norm folded, every zero state dropped, the norms'
+        transposes and the shape arithmetic gone; the outputs agree with
+        the graph as exported within float32 rounding, and with torch
+        within export's parity tolerance."""
+        model = _trained_like(members)
+        raw = export_forecaster(model)
+        slim, report = slim_forecaster(raw)
+        ops = op_counts(slim)
+        assert report.norms_folded_into_lstm == 2 * members
+        assert report.norms_folded_into_gemm == members
+        assert report.zero_states_dropped == 6 * members
+        assert report.skipped == []
+        assert report.nodes_after < report.nodes_before - 20 * members
+        for gone in ("BatchNormalization", "Shape", "ConstantOfShape"):
+            assert gone not in ops
+        assert ops["Transpose"] == members  # the input, once per member
+        assert ops["LSTM"] == 3 * members
+        for before, after in zip(_run(raw, windows), _run(slim, windows), strict=True):
+            np.testing.assert_allclose(after, before, rtol=2e-5, atol=1e-6)
+        assert forecaster_parity(model, slim, windows).max_rel_err < 1e-4
+
+    def test_graph_without_the_pattern_left_alone(self) -> None:
+        """The allocator graph has norms that follow Gemms, not LSTMs: the
+        pass leaves every node and records nothing."""
+        torch.manual_seed(0)
+        data = export_allocator(QNetwork(QNetConfig(state_size=len(STATE_LAYOUT))), 16)
+        out, report = slim_forecaster(data)
+        assert report.nodes_after == report.nodes_before
+        assert report.norms_folded_into_lstm == report.norms_folded_into_gemm == 0
+        assert len(report.skipped) == op_counts(data)["BatchNormalization"]
+        assert op_counts(out) == op_counts(data)
+        assert not onnx.load_from_string(out).metadata_props
+
+
+class TestRecovery:
+    def test_rebuilt_network_is_the_trained_one(self, tmp_path: Path, windows: np.ndarray) -> None:
+        """An exported directory's graph is slim, and the network rebuilt
+        from it for fine-tuning has the trained norms back bit for bit and
+        the layers they were folded into within float32 rounding."""
+        model = _trained_like(2)
+        model_dir = _publish(model, tmp_path / "m", windows)
+        assert (
+            "BatchNormalization"
+            not in load_manifest(model_dir).to_json()["export"]["op_counts"]["forecaster.onnx"]
+        )
+        rebuilt = load_forecaster(model_dir).model.state_dict()
+        for key, want in model.state_dict().items():
+            if key.endswith("num_batches_tracked"):
+                continue
+            got = rebuilt[key]
+            if ".norms." in key:
+                assert torch.equal(got, want), key
+            else:
+                scale = float(want.abs().max())
+                assert float((got - want).abs().max()) <= 1e-5 * scale, key
+
+    @pytest.mark.parametrize(
+        "damage",
+        [
+            lambda e: e[0].update(into="/members.0/lstms.9/LSTM"),
+            lambda e: e[0].update(norm="/somewhere/else"),
+            lambda e: e[0].pop("running_var"),
+            lambda e: e[0].update(epsilon=1e-3),
+        ],
+        ids=["unknown-layer", "not-a-norm", "missing-statistic", "other-epsilon"],
+    )
+    def test_damaged_record_refused(self, tmp_path: Path, windows: np.ndarray, damage) -> None:  # type: ignore[no-untyped-def]
+        """A folded-norm record that does not fit the graph is a
+        RecoveryError naming the metadata key, never a silently different
+        network."""
+        model_dir = _publish(_trained_like(1), tmp_path / "m", windows)
+        proto = onnx.load(str(model_dir / "forecaster.onnx"))
+        entry = next(p for p in proto.metadata_props if p.key == FOLDED_NORMS_KEY)
+        records = json.loads(entry.value)
+        damage(records)
+        entry.value = json.dumps(records)
+        _replace_forecaster(model_dir, proto.SerializeToString())
+        with pytest.raises(RecoveryError, match=r"norm|epsilon"):
+            load_forecaster(model_dir)
+
+
+class TestSlimExistingDirectory:
+    def test_cli_republishes_slim(self, tmp_path: Path, windows: np.ndarray) -> None:
+        """``python -m export --slim-forecaster-of DIR`` on a directory with
+        the graph as exported before the pass: a new version whose
+        forecaster is slim and answers as before, the allocator kept byte
+        for byte; a second run finds nothing to slim."""
+        model = _trained_like(2)
+        old_dir = _publish(model, tmp_path / "old", windows)
+        _replace_forecaster(old_dir, export_forecaster(model))
+        old = load_manifest(old_dir)
+        new_dir = tmp_path / "new"
+        args = ["--slim-forecaster-of", str(old_dir), "--out", str(new_dir)]
+        assert export_main([*args, "--parity-windows", "64"]) == EXIT_OK
+        new = load_manifest(new_dir)
+        raw = new.to_json()
+        assert new.version != old.version
+        assert raw["export"]["provenance"]["forecaster_slimmed_from"] == old.version
+        assert "BatchNormalization" not in raw["export"]["op_counts"]["forecaster.onnx"]
+        assert raw["parity"]["forecaster"]["max_rel_err"] < 1e-4
+        assert (new_dir / "allocator.onnx").read_bytes() == (
+            old_dir / "allocator.onnx"
+        ).read_bytes()
+        before = load_model(old_dir).run_forecaster(windows)
+        after = load_model(new_dir).run_forecaster(windows)
+        for b, a in zip(before, after, strict=True):
+            np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+        again = ["--slim-forecaster-of", str(new_dir), "--out", str(tmp_path / "again")]
+        assert export_main(again) == EXIT_FAILED
+        assert not (tmp_path / "again").exists()
