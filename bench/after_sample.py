@@ -26,7 +26,14 @@ from bwpredd.modeldir import DEFAULT_MODEL_DIR, load_model, synthetic_windows
 from bwpredd.schema import WINDOW
 from bwpredd.state import build_state, reference_capacity
 
-__all__ = ["cpu_vector_flags", "forecaster_macs", "main", "pieces", "time_pieces"]
+__all__ = [
+    "cpu_vector_flags",
+    "forecaster_macs",
+    "main",
+    "optimised_nodes",
+    "pieces",
+    "time_pieces",
+]
 
 _VECTOR_FLAGS = ("avx", "fma", "avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile")
 
@@ -48,6 +55,25 @@ def forecaster_macs(path: Path = DEFAULT_MODEL_DIR / "forecaster.onnx") -> int:
     return macs
 
 
+def optimised_nodes(path: Path, batch_one: bool = True) -> int:
+    """How many nodes onnxruntime runs for the graph at ``path`` once it has
+    optimised it as the daemon's sessions do (at batch 1: the batch
+    dimension fixed, as for one peer's answer)."""
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort.SessionOptions()
+        opts.optimized_model_filepath = str(Path(tmp) / "optimised.onnx")
+        opts.log_severity_level = 3
+        if batch_one:
+            opts.add_free_dimension_override_by_name("N", 1)
+        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return len(onnx.load(opts.optimized_model_filepath).graph.node)
+
+
 def cpu_vector_flags() -> list[str]:
     """Which of the x86 vector extensions onnxruntime's kernels choose among
     ``/proc/cpuinfo`` lists (empty where it is hidden or not x86)."""
@@ -61,9 +87,9 @@ def cpu_vector_flags() -> list[str]:
     return [f for f in _VECTOR_FLAGS if f in have]
 
 
-def pieces(k: int) -> dict[str, Callable[[], object]]:
+def pieces(k: int, model_dir: Path = DEFAULT_MODEL_DIR) -> dict[str, Callable[[], object]]:
     """The pieces of the after-sample path on ``k`` full windows, by name."""
-    model = load_model(DEFAULT_MODEL_DIR)
+    model = load_model(model_dir)
     engine = Engine(model)
     windows = np.ascontiguousarray(synthetic_windows(k, seed=1), dtype=np.float32)
     counts = np.full(k, windows.shape[1], dtype=np.int64)
@@ -111,12 +137,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--calls", type=int, default=200)
     ap.add_argument("--peers", type=int, nargs="*", default=[1, 1000])
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, help="model directory")
     args = ap.parse_args(argv)
-    macs = forecaster_macs()
+    macs = forecaster_macs(args.model / "forecaster.onnx")
     print(f"CPU vector extensions: {' '.join(cpu_vector_flags()) or 'unknown'}")
+    for name in ("forecaster", "allocator"):
+        path = args.model / f"{name}.onnx"
+        print(f"{name}: {optimised_nodes(path)} nodes run at batch 1 after optimisation")
     for k in args.peers:
         calls = max(1, args.calls // k) if k > 1 else args.calls
-        res = time_pieces(pieces(k), args.rounds, max(calls, 5))
+        res = time_pieces(pieces(k, args.model), args.rounds, max(calls, 5))
         print(f"k={k}: thread CPU us per call (min of {args.rounds} rounds)")
         for name, us in res.items():
             print(f"  {name:32s} {us:10.1f}")

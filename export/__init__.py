@@ -35,7 +35,7 @@ from bwpredd.safefs import UnsafePath, open_new, open_trusted_dir
 from bwpredd.schema import DEFAULTS
 from bwpredd.state import STATE_LAYOUT
 from export.manifest import build_manifest, default_version, weights_digest
-from export.slim import slim_forecaster
+from export.slim import slim_allocator, slim_forecaster
 from export.to_onnx import (
     Exporter,
     export_allocator,
@@ -164,7 +164,13 @@ def export_model_dir(
         + (f"; left: {'; '.join(slim.skipped)}" if slim.skipped else "")
     )
     log(f"export: allocator -> ONNX (state size {len(state_layout)})")
-    a_bytes = export_allocator(allocator, len(state_layout), exporter=exporter)
+    a_bytes, a_slim = slim_allocator(
+        export_allocator(allocator, len(state_layout), exporter=exporter)
+    )
+    log(
+        f"export: allocator graph slimmed from {a_slim.nodes_before} to {a_slim.nodes_after}"
+        f" nodes ({a_slim.norms_folded_into_gemm} affine steps folded into Gemms)"
+    )
     opset = graph_opset(f_bytes)
     if graph_opset(a_bytes) != opset:
         raise ExportError(f"opsets differ: {opset} vs {graph_opset(a_bytes)}")
@@ -223,7 +229,7 @@ def export_model_dir(
             if exporter == "legacy"
             else "torch.onnx dynamo",
             "op_counts": {name: op_counts(data) for name, data in files.items()},
-            "slim": asdict(slim),
+            "slim": {FORECASTER_FILE: asdict(slim), ALLOCATOR_FILE: asdict(a_slim)},
             "sizes_bytes": sizes,
             "timings_ms": timings,
             "provenance": dict(provenance or {}),

@@ -92,13 +92,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="add the run's horizon.pt to the published model directory DIR (see above)",
     )
     parser.add_argument(
-        "--slim-forecaster-of",
+        "--slim",
         type=Path,
         metavar="DIR",
-        help="republish the model directory DIR with its forecaster graph slimmed (see above)",
+        help="republish the model directory DIR with its graphs slimmed (see above)",
     )
     args = parser.parse_args(argv)
-    if args.slim_forecaster_of is not None:
+    if args.slim is not None:
         return _slim(args)
     if args.run is None:
         parser.error("--run is required")
@@ -224,7 +224,7 @@ def _load_horizon(run: Path) -> torch.nn.Module | None:
 
 
 def _slim(args: argparse.Namespace) -> int:
-    src = args.slim_forecaster_of
+    src = args.slim
     windows, source = parity_windows(args.traces, args.parity_windows, args.seed)
     try:
         manifest = slim_model_dir(

@@ -1,12 +1,13 @@
-"""Slim the exported forecaster graph: the same arithmetic in fewer nodes.
+"""Slim the exported graphs: the same arithmetic in fewer nodes.
 
 torch's exporter spells each ``nn.LSTM`` of the stacked forecaster with its
 own glue: zero initial states built from the input's shape (Shape, Gather,
 Unsqueeze, Concat, ConstantOfShape), and each :class:`_SeqBatchNorm`
-between layers as Squeeze, Transpose, BatchNormalization, Transpose. At
-batch 1 that glue costs about as much as the LSTMs' arithmetic; at batch
-1,000 the transposes and normalisations are a tenth of the run. This pass
-rewrites the graph in place of them:
+between layers as Squeeze, Transpose, BatchNormalization, Transpose; the
+Q-network keeps its state standardisation and its norms as nodes of their
+own. Every node is a kernel launch onnxruntime pays for on each run,
+which at batch 1 (a peer's forecast right after its sample) weighs as much
+as arithmetic. :func:`slim_forecaster` rewrites:
 
 * an LSTM's initial state that is all zeros is left out (ONNX's default);
 * a batch normalisation between two layers is folded into the next layer's
@@ -16,13 +17,21 @@ rewrites the graph in place of them:
   Gemm, is folded into that Gemm the same way, the step read with a Gather
   on the sequence axis.
 
+:func:`slim_allocator` folds the Q-network's standardisation and norms
+into the Gemms that read them. On the embedded default that took the
+forecaster from 233 to 166 nodes (101 to 85 once onnxruntime has optimised
+it at batch 1) and the allocator from 30 to 20; ``reports/profile.md``
+(section 7) has what it bought.
+
 The answers are the same up to float32 rounding of the folded weights
-(export's parity check holds the slim graph to torch, like any graph).
-Each folded norm's own parameters go into the graph's metadata
-(:data:`trainer.models.from_onnx.FOLDED_NORMS_KEY`), from which a
-fine-tune (``trainer retrain``) rebuilds the network as it was trained.
-A norm this pass does not recognise the shape of stays as it was;
-:class:`SlimReport` says which rewrites were made.
+(export's parity checks hold the slim graphs to torch, like any graph,
+greedy actions included). Each folded forecaster norm's own parameters go
+into the graph's metadata (:data:`trainer.models.from_onnx.FOLDED_NORMS_KEY`),
+from which a fine-tune (``trainer retrain``) rebuilds the network as it was
+trained; the allocator is never rebuilt from its graph. A step this module
+does not recognise the shape of stays as it was; :class:`SlimReport` says
+which rewrites were made. :func:`slim_model_dir` (``python -m export
+--slim DIR``) republishes a directory exported before this module existed.
 """
 
 from __future__ import annotations
@@ -40,9 +49,11 @@ import onnx
 from onnx import numpy_helper
 
 from bwpredd.manifest import Manifest, load_manifest
+from bwpredd.modeldir import session
+from bwpredd.state import DEFAULT_STEP_S, build_state
 from trainer.models.from_onnx import FOLDED_NORMS_KEY, norm_affine
 
-__all__ = ["SlimReport", "slim_forecaster", "slim_model_dir"]
+__all__ = ["SlimReport", "slim_allocator", "slim_forecaster", "slim_model_dir"]
 
 
 @dataclass
@@ -213,6 +224,33 @@ def _fold_into_lstm(
     return str(lstm.name)
 
 
+def _fold_affine_into_gemm(
+    g: _Graph, gemm: onnx.NodeProto, a: np.ndarray, c: np.ndarray, source: str
+) -> bool:
+    """``Gemm(a x + c)`` as ``Gemm'(x)`` reading ``source`` (x): the weight's
+    columns scaled by ``a``, ``W c`` added to the bias. False (nothing
+    changed) unless the Gemm is a plain ``x W^T + b`` of constants."""
+    if (g.attr(gemm, "transA") or 0) != 0 or g.attr(gemm, "transB") != 1:
+        return False
+    if g.attr(gemm, "alpha") not in (None, 1.0) or g.attr(gemm, "beta") not in (None, 1.0):
+        return False
+    w = g.const(gemm.input[1])
+    bias = g.const(gemm.input[2]) if len(gemm.input) > 2 and gemm.input[2] else None
+    if w is None or w.ndim != 2 or a.shape != (w.shape[1],) or c.shape != a.shape:
+        return False
+    if bias is not None and bias.size not in (1, w.shape[0]):
+        return False
+    bias64 = np.zeros(w.shape[0]) if bias is None else np.broadcast_to(bias, (w.shape[0],))
+    w64 = w.astype(np.float64)
+    new_w = (w64 * a[None, :]).astype(np.float32)
+    new_bias = (bias64 + w64 @ c).astype(np.float32)
+    inputs = [source, g.set_init(f"{gemm.input[1]}_folded", new_w)]
+    inputs.append(g.set_init(f"{gemm.input[2] or 'gemm_b'}_folded", new_bias))
+    del gemm.input[:]
+    gemm.input.extend(inputs)
+    return True
+
+
 def _fold_into_gemm(
     g: _Graph, t3: onnx.NodeProto, seq: str, a: np.ndarray, c: np.ndarray
 ) -> str | None:
@@ -229,27 +267,13 @@ def _fold_into_gemm(
     gemm = g.only_consumer(gather.output[0], "Gemm")
     if step is None or np.ndim(step) != 0 or gemm is None or gemm.input[0] != gather.output[0]:
         return None
-    if (g.attr(gemm, "transA") or 0) != 0 or g.attr(gemm, "transB") != 1:
-        return None
-    if g.attr(gemm, "alpha") not in (None, 1.0) or g.attr(gemm, "beta") not in (None, 1.0):
-        return None
-    w = g.const(gemm.input[1])
-    bias = g.const(gemm.input[2]) if len(gemm.input) > 2 and gemm.input[2] else None
-    if w is None or w.ndim != 2 or w.shape[1] != a.size:
-        return None
-    bias64 = np.zeros(w.shape[0]) if bias is None else np.broadcast_to(bias, (w.shape[0],))
-    w64 = w.astype(np.float64)
-    new_w = (w64 * a[None, :]).astype(np.float32)
-    new_bias = (bias64 + w64 @ c).astype(np.float32)
     picked = f"{gather.output[0]}_seq"
+    if not _fold_affine_into_gemm(g, gemm, a, c, picked):
+        return None
     g.g.node.insert(
         list(g.g.node).index(gather) + 1,
         onnx.helper.make_node("Gather", [seq, gather.input[1]], [picked], axis=0),
     )
-    inputs = [picked, g.set_init(f"{gemm.input[1]}_folded", new_w)]
-    inputs.append(g.set_init(f"{gemm.input[2] or 'gemm_b'}_folded", new_bias))
-    del gemm.input[:]
-    gemm.input.extend(inputs)
     return str(gemm.name)
 
 
@@ -313,6 +337,56 @@ def slim_forecaster(model_bytes: bytes) -> tuple[bytes, SlimReport]:
     return proto.SerializeToString(), report
 
 
+def slim_allocator(model_bytes: bytes) -> tuple[bytes, SlimReport]:
+    """The Q-network graph with its affine steps folded into the Gemms that
+    read them: each batch norm between a ReLU and the next layer, and the
+    state's standardisation (``(s - mean) / std``) before the first layer.
+
+    The allocator is served from its graph and never rebuilt from it (the
+    agent is retrained from scratch), so nothing is recorded for undoing
+    it. Export's parity check holds the result to torch, greedy actions
+    included.
+
+    Args:
+        model_bytes: a serialised graph from :func:`export.to_onnx.export_allocator`.
+
+    Returns:
+        The rewritten graph (``onnx.checker`` has passed on it) and what was done
+        (``norms_folded_into_gemm`` counts the standardisations too).
+    """
+    proto = onnx.load_from_string(model_bytes)
+    g = _Graph(proto.graph)
+    report = SlimReport(len(proto.graph.node), len(proto.graph.node))
+    for node in list(proto.graph.node):
+        folded = False
+        if node.op_type == "BatchNormalization":
+            found = _norm_params(g, node)
+            gemm = g.only_consumer(node.output[0], "Gemm")
+            if found is not None and gemm is not None and gemm.input[0] == node.output[0]:
+                folded = _fold_affine_into_gemm(g, gemm, found[1], found[2], node.input[0])
+        elif node.op_type == "Div":
+            sub = g.producer.get(node.input[0])
+            std = g.const(node.input[1])
+            mean = g.const(sub.input[1]) if sub is not None and sub.op_type == "Sub" else None
+            gemm = g.only_consumer(node.output[0], "Gemm")
+            if sub is not None and std is not None and mean is not None and gemm is not None:
+                std64, mean64 = np.ravel(std).astype(np.float64), np.ravel(mean).astype(np.float64)
+                if std64.shape == mean64.shape and np.all(std64 != 0):
+                    a = 1.0 / std64
+                    folded = _fold_affine_into_gemm(g, gemm, a, -mean64 * a, sub.input[0])
+        else:
+            continue
+        if folded:
+            report.norms_folded_into_gemm += 1
+        else:
+            report.skipped.append(f"{node.name or node.output[0]}: not before a plain Gemm")
+        g.reindex()
+    g.prune({o.name for o in proto.graph.output})
+    report.nodes_after = len(proto.graph.node)
+    onnx.checker.check_model(proto, full_check=True)
+    return proto.SerializeToString(), report
+
+
 def slim_model_dir(
     src: Path,
     dest: Path,
@@ -323,63 +397,93 @@ def slim_model_dir(
     force: bool = False,
     log: Callable[[str], None] = print,
 ) -> Manifest:
-    """Publish at ``dest`` a copy of the model directory ``src`` with its
-    forecaster graph slimmed; the other graphs are kept byte for byte and
-    the version changes (the answers move by float32 rounding).
+    """Publish at ``dest`` a copy of the model directory ``src`` with the
+    graphs this exporter writes now: the forecaster re-exported (and
+    slimmed) from the network rebuilt from ``src``'s graph
+    (:func:`trainer.models.from_onnx.load_forecaster`), the allocator's
+    graph slimmed. A graph that would not get smaller, and the horizon
+    graph, are kept byte for byte; the version changes, since the answers
+    move by float32 rounding.
 
-    The slim graph is held to the network rebuilt from ``src``'s graph
-    (:func:`trainer.models.from_onnx.load_forecaster`) by export's parity
-    check, on ``windows``, as an export holds a graph to its checkpoint.
+    The new forecaster is held to the rebuilt network by export's parity
+    check on ``windows``, as an export holds a graph to its checkpoint; the
+    slim allocator to ``src``'s allocator graph on the states of those
+    windows, every greedy action the same.
 
     Raises:
-        ExportError: ``dest`` exists without ``force``, ``src``'s forecaster
-            is slim already, or the result fails the daemon's checks.
-        ParityError: onnxruntime disagrees with torch.
-        trainer.models.from_onnx.RecoveryError: ``src``'s graph does not
-            rebuild a network.
+        ExportError: ``dest`` exists without ``force``, both graphs are
+            slim already, or the result fails the daemon's checks.
+        ParityError: the slim graphs disagree beyond export's tolerance.
+        trainer.models.from_onnx.RecoveryError: ``src``'s forecaster graph
+            does not rebuild a network.
     """
     from export import ExportError, publish_new_dir
     from export.manifest import default_version
-    from export.to_onnx import op_counts
-    from export.verify import forecaster_parity
+    from export.to_onnx import export_forecaster, op_counts
+    from export.verify import allocator_graph_parity, forecaster_parity
     from trainer.models.from_onnx import load_forecaster
 
     old = load_manifest(src)
     if dest.exists() and not force:
         raise ExportError(f"{dest}: exists (pass --force to replace it)")
-    before = (src / old.forecaster.file).read_bytes()
-    data, report = slim_forecaster(before)
-    if data == before or not (report.norms_folded_into_lstm or report.zero_states_dropped):
-        raise ExportError(f"{src / old.forecaster.file}: nothing to slim")
-    left = "; ".join(report.skipped) or "every norm folded"
-    log(f"slim: {report.nodes_before} -> {report.nodes_after} nodes ({left})")
+    f_file, a_file = old.forecaster.file, old.allocator.file
+    f_before, a_before = (src / f_file).read_bytes(), (src / a_file).read_bytes()
     rebuilt = load_forecaster(src, windows)
-    parity = forecaster_parity(rebuilt.model, data, windows)
-    log(f"verify: forecaster max rel err {parity.max_rel_err:.2e} on {parity.n} windows")
-    digest = hashlib.sha256((old.version + hashlib.sha256(data).hexdigest()).encode()).hexdigest()
-    version = version or default_version(digest)
+    f_bytes, f_report = slim_forecaster(export_forecaster(rebuilt.model))
+    a_bytes, a_report = slim_allocator(a_before)
+    f_changed = f_report.nodes_after < len(onnx.load_from_string(f_before).graph.node)
+    a_changed = bool(a_report.norms_folded_into_gemm)
+    if not (f_changed or a_changed):
+        raise ExportError(f"{src}: nothing to slim (both graphs are slim already)")
     raw = old.to_json()
+    par = raw.setdefault("parity", {})
+    exp = raw.setdefault("export", {})
+    slim = exp.setdefault("slim", {})
+    if not f_changed:
+        f_bytes = f_before
+    else:
+        nodes = len(onnx.load_from_string(f_before).graph.node)
+        log(f"slim: {f_file} re-exported, {nodes} -> {f_report.nodes_after} nodes")
+        f_par = forecaster_parity(rebuilt.model, f_bytes, windows)
+        log(f"verify: forecaster max rel err {f_par.max_rel_err:.2e} on {f_par.n} windows")
+        par["forecaster"] = f_par.to_json() | {
+            "inputs": windows_source,
+            "against": f"the network rebuilt from {old.version}'s graph, re-exported",
+        }
+        slim[f_file] = asdict(f_report)
+    if not a_changed:
+        a_bytes = a_before
+    else:
+        log(f"slim: {a_file} {a_report.nodes_before} -> {a_report.nodes_after} nodes")
+        point, low, high = (o[:, 0] for o in session(f_bytes).run(None, {"window": windows}))
+        states = build_state(windows, point, low, high, DEFAULT_STEP_S)
+        a_par = allocator_graph_parity(a_before, a_bytes, states)
+        log(
+            f"verify: allocator max rel err {a_par.max_rel_err:.2e}, greedy actions agree"
+            f" {a_par.action_agreement:.2%} on {a_par.n} states"
+        )
+        par["allocator"] = a_par.to_json() | {"against": f"{old.version}'s graph"}
+        slim[a_file] = asdict(a_report)
+    par["max_rel_err"] = max(
+        float(par.get(k, {}).get("max_rel_err", 0.0)) for k in ("forecaster", "allocator")
+    )
+    digest = hashlib.sha256(
+        (old.version + hashlib.sha256(f_bytes + a_bytes).hexdigest()).encode()
+    ).hexdigest()
+    version = version or default_version(digest)
     raw["version"] = version
     raw["created"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-    raw["forecaster"]["sha256"] = hashlib.sha256(data).hexdigest()
-    par = raw.setdefault("parity", {})
-    par["forecaster"] = parity.to_json() | {
-        "inputs": windows_source,
-        "against": "rebuilt from " + old.version,
-    }
-    par["max_rel_err"] = max(
-        parity.max_rel_err, float(par.get("allocator", {}).get("max_rel_err", 0.0))
-    )
-    exp = raw.setdefault("export", {})
-    exp.setdefault("provenance", {})["forecaster_slimmed_from"] = old.version
-    exp.setdefault("sizes_bytes", {})[old.forecaster.file] = len(data)
-    exp.setdefault("op_counts", {})[old.forecaster.file] = op_counts(data)
-    exp["slim"] = asdict(report)
-    exp.pop("timings_ms", None)  # measured on the graph before; not re-measured here
+    raw["forecaster"]["sha256"] = hashlib.sha256(f_bytes).hexdigest()
+    raw["allocator"]["sha256"] = hashlib.sha256(a_bytes).hexdigest()
+    exp.setdefault("provenance", {})["slimmed_from"] = old.version
+    for name, data in ((f_file, f_bytes), (a_file, a_bytes)):
+        exp.setdefault("sizes_bytes", {})[name] = len(data)
+        exp.setdefault("op_counts", {})[name] = op_counts(data)
+    exp.pop("timings_ms", None)  # measured on the graphs before; not re-measured here
     manifest = Manifest.from_json(json.loads(json.dumps(raw)))
-    files = {old.forecaster.file: data, old.allocator.file: (src / old.allocator.file).read_bytes()}
+    files = {f_file: f_bytes, a_file: a_bytes}
     if old.horizon is not None:
         files[old.horizon.file] = (src / old.horizon.file).read_bytes()
     publish_new_dir(dest, files, manifest, force=force)
-    log(f"export: published {dest} (version {version}, forecaster slimmed)")
+    log(f"export: published {dest} (version {version}, slimmed)")
     return manifest

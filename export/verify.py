@@ -221,6 +221,35 @@ def allocator_parity(
     return report, states
 
 
+def allocator_graph_parity(before: bytes, after: bytes, states: F32) -> ParityReport:
+    """Compare two allocator graphs (one rewritten from the other, as
+    :func:`export.slim.slim_allocator` does) on ``states``, both run by
+    onnxruntime; ``before`` at full optimisation is the reference.
+
+    Raises:
+        ParityError: as :func:`allocator_parity`.
+    """
+    (ref,) = session(before).run([ALLOCATOR_OUTPUT], {ALLOCATOR_INPUT: states})
+    ref = ref.astype(np.float64)
+    scale = np.maximum(np.abs(ref).max(axis=1, keepdims=True), 1e-6)
+    per_level: dict[str, float] = {}
+    max_abs, agree = 0.0, 1.0
+    for level, optimise in _OPT_LEVELS.items():
+        (got,) = session(after, optimise=optimise).run(
+            [ALLOCATOR_OUTPUT], {ALLOCATOR_INPUT: states}
+        )
+        err = np.abs(got.astype(np.float64) - ref)
+        max_abs = max(max_abs, float(err.max()))
+        per_level[level] = float((err / scale).max())
+        agree = min(agree, float((got.argmax(axis=1) == ref.argmax(axis=1)).mean()))
+    report = ParityReport(max(per_level.values()), max_abs, len(states), per_level, agree)
+    if not report.max_rel_err <= MAX_REL_ERR:
+        raise ParityError(f"allocator: max relative error {report.max_rel_err:.3g} > 1e-4")
+    if agree < 1.0:
+        raise ParityError(f"allocator: greedy actions agree on only {agree:.4%} of states")
+    return report
+
+
 def time_session(sess: ort.InferenceSession, feeds: dict[str, F32], *, repeat: int = 20) -> float:
     """Median seconds of one ``run`` after a warm-up call.
 

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from bench.after_sample import forecaster_macs
+from bench.after_sample import forecaster_macs, optimised_nodes
 from bwpredd.schema import WINDOW
 
 
@@ -44,3 +44,30 @@ class TestForecasterMacs:
         per_step = 4 * 128 * (4 + 128) + 4 * 64 * (128 + 64) + 4 * 32 * (64 + 32)
         lstm = 2 * WINDOW * per_step
         assert lstm <= forecaster_macs() < lstm + 5_000
+
+
+class TestOptimisedNodes:
+    def test_counts_what_onnxruntime_runs(self, tmp_path: Path) -> None:
+        """A Mul by one and an Add of zero around a MatMul: onnxruntime
+        keeps the MatMul and at most the two elementwise nodes, never more
+        nodes than the graph has."""
+        nodes = [
+            helper.make_node("Mul", ["x", "one"], ["a"]),
+            helper.make_node("MatMul", ["a", "M"], ["b"]),
+            helper.make_node("Add", ["b", "zero"], ["out"]),
+        ]
+        graph = helper.make_graph(
+            nodes,
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+            [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 3])],
+            [
+                numpy_helper.from_array(np.ones(8, np.float32), "one"),
+                numpy_helper.from_array(np.ones((8, 3), np.float32), "M"),
+                numpy_helper.from_array(np.zeros(3, np.float32), "zero"),
+            ],
+        )
+        path = tmp_path / "g.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+        assert 1 <= optimised_nodes(path) <= 3
+        assert 1 <= optimised_nodes(path, batch_one=False) <= 3

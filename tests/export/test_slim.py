@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,13 +16,13 @@ import torch
 from bench.harness import synthetic_windows
 from bwpredd.manifest import load_manifest
 from bwpredd.modeldir import load_model, session
-from bwpredd.state import STATE_LAYOUT
+from bwpredd.state import DEFAULT_STEP_S, STATE_LAYOUT, build_state
 from export import export_model_dir
 from export.__main__ import EXIT_FAILED, EXIT_OK
 from export.__main__ import main as export_main
-from export.slim import slim_forecaster
+from export.slim import slim_allocator, slim_forecaster
 from export.to_onnx import export_allocator, export_forecaster, op_counts
-from export.verify import forecaster_parity
+from export.verify import allocator_parity, forecaster_parity, torch_forecast
 from trainer.models.forecaster import Forecaster, ForecasterConfig
 from trainer.models.from_onnx import FOLDED_NORMS_KEY, RecoveryError, load_forecaster
 from trainer.models.qnet import QNetConfig, QNetwork
@@ -40,6 +41,22 @@ def _trained_like(members: int = 2, seed: int = 0) -> Forecaster:
                 buf.uniform_(0.05, 4.0)
         for name, param in model.named_parameters():
             if ".norms." in name:
+                param.normal_(1.0 if name.endswith("weight") else 0.0, 0.4)
+    return model.eval()
+
+
+def _trained_like_qnet(members: int = 2, seed: int = 0) -> QNetwork:
+    """A Q-network with a state standardisation and norms far from the identity."""
+    torch.manual_seed(seed)
+    model = QNetwork(QNetConfig(state_size=len(STATE_LAYOUT), members=members))
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name.endswith("running_mean") or name.endswith("state_mean"):
+                buf.normal_(0.0, 0.5)
+            elif name.endswith("running_var") or name.endswith("state_std"):
+                buf.uniform_(0.05, 4.0)
+        for name, param in model.named_parameters():
+            if re.search(r"\.net\.(2|6|10)\.", name):  # the norms
                 param.normal_(1.0 if name.endswith("weight") else 0.0, 0.4)
     return model.eval()
 
@@ -115,6 +132,33 @@ class TestSlimGraph:
         assert not onnx.load_from_string(out).metadata_props
 
 
+class TestSlimAllocator:
+    @pytest.mark.parametrize("members", [1, 2])
+    def test_affine_steps_folded_same_actions(self, members: int, windows: np.ndarray) -> None:
+        """The state's standardisation and the three norms of each member
+        are folded into the Gemms after them: no Sub, Div or
+        BatchNormalization left, and the graph still passes export's
+        allocator parity against torch (every greedy action the same)."""
+        forecaster, qnet = _trained_like(2), _trained_like_qnet(members)
+        raw = export_allocator(qnet, len(STATE_LAYOUT))
+        slim, report = slim_allocator(raw)
+        ops = op_counts(slim)
+        assert report.norms_folded_into_gemm == 4 * members and report.skipped == []
+        assert report.nodes_after == report.nodes_before - 5 * members
+        for gone in ("BatchNormalization", "Sub", "Div"):
+            assert gone not in ops
+        parity, _ = allocator_parity(qnet, slim, windows, torch_forecast(forecaster, windows))
+        assert parity.action_agreement == 1.0 and parity.max_rel_err < 1e-4
+
+    def test_forecaster_graph_left_alone(self) -> None:
+        """The forecaster's norms read sequences, not a Gemm's input row:
+        the allocator pass folds nothing there."""
+        raw = export_forecaster(_trained_like(1))
+        out, report = slim_allocator(raw)
+        assert report.norms_folded_into_gemm == 0
+        assert op_counts(out)["BatchNormalization"] == op_counts(raw)["BatchNormalization"]
+
+
 class TestRecovery:
     def test_rebuilt_network_is_the_trained_one(self, tmp_path: Path, windows: np.ndarray) -> None:
         """An exported directory's graph is slim, and the network rebuilt
@@ -164,30 +208,40 @@ class TestRecovery:
 
 class TestSlimExistingDirectory:
     def test_cli_republishes_slim(self, tmp_path: Path, windows: np.ndarray) -> None:
-        """``python -m export --slim-forecaster-of DIR`` on a directory with
-        the graph as exported before the pass: a new version whose
-        forecaster is slim and answers as before, the allocator kept byte
-        for byte; a second run finds nothing to slim."""
-        model = _trained_like(2)
+        """``python -m export --slim DIR`` on a directory with the graphs as
+        exported before the pass: a new version whose forecaster and
+        allocator are slim and answer as before (every greedy action the
+        same); a second run finds nothing to slim and writes nothing."""
+        model, qnet = _trained_like(2), _trained_like_qnet(2)
         old_dir = _publish(model, tmp_path / "old", windows)
         _replace_forecaster(old_dir, export_forecaster(model))
+        raw_allocator = export_allocator(qnet, len(STATE_LAYOUT))
+        (old_dir / "allocator.onnx").write_bytes(raw_allocator)
+        manifest = json.loads((old_dir / "manifest.json").read_text())
+        manifest["allocator"]["sha256"] = hashlib.sha256(raw_allocator).hexdigest()
+        (old_dir / "manifest.json").write_text(json.dumps(manifest))
         old = load_manifest(old_dir)
         new_dir = tmp_path / "new"
-        args = ["--slim-forecaster-of", str(old_dir), "--out", str(new_dir)]
-        assert export_main([*args, "--parity-windows", "64"]) == EXIT_OK
+        args = ["--slim", str(old_dir), "--out", str(new_dir), "--parity-windows", "64"]
+        assert export_main(args) == EXIT_OK
         new = load_manifest(new_dir)
         raw = new.to_json()
         assert new.version != old.version
-        assert raw["export"]["provenance"]["forecaster_slimmed_from"] == old.version
-        assert "BatchNormalization" not in raw["export"]["op_counts"]["forecaster.onnx"]
+        assert raw["export"]["provenance"]["slimmed_from"] == old.version
+        for name in ("forecaster.onnx", "allocator.onnx"):
+            assert "BatchNormalization" not in raw["export"]["op_counts"][name]
+            assert (
+                raw["export"]["slim"][name]["nodes_after"]
+                < raw["export"]["slim"][name]["nodes_before"]
+            )
         assert raw["parity"]["forecaster"]["max_rel_err"] < 1e-4
-        assert (new_dir / "allocator.onnx").read_bytes() == (
-            old_dir / "allocator.onnx"
-        ).read_bytes()
-        before = load_model(old_dir).run_forecaster(windows)
-        after = load_model(new_dir).run_forecaster(windows)
-        for b, a in zip(before, after, strict=True):
+        assert raw["parity"]["allocator"]["greedy_action_agreement"] == 1.0
+        before, after = load_model(old_dir), load_model(new_dir)
+        for b, a in zip(before.run_forecaster(windows), after.run_forecaster(windows), strict=True):
             np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
-        again = ["--slim-forecaster-of", str(new_dir), "--out", str(tmp_path / "again")]
+        point, low, high = before.run_forecaster(windows)
+        states = build_state(windows, point, low, high, DEFAULT_STEP_S)
+        assert np.array_equal(before.run_allocator(states), after.run_allocator(states))
+        again = ["--slim", str(new_dir), "--out", str(tmp_path / "again")]
         assert export_main(again) == EXIT_FAILED
         assert not (tmp_path / "again").exists()

@@ -71,6 +71,8 @@ class _Member(nn.Module):
     """One network: LSTM 128 -> 64 -> 32 (each + dropout 0.2 + batch norm),
     Dense 16 ReLU + dropout 0.3, Dense 8 ReLU, Dense 3."""
 
+    width_cols: torch.Tensor
+
     def __init__(self, cfg: ForecasterConfig) -> None:
         super().__init__()
         sizes = (cfg.n_features, *cfg.lstm_sizes)
@@ -80,6 +82,8 @@ class _Member(nn.Module):
         self.drops = nn.ModuleList(nn.Dropout(cfg.lstm_dropout) for _ in cfg.lstm_sizes)
         self.norms = nn.ModuleList(_SeqBatchNorm(s) for s in cfg.lstm_sizes)
         d1, d2 = cfg.dense_sizes
+        # Which of the head's outputs are widths (softplus), not the median.
+        self.register_buffer("width_cols", torch.tensor([True, False, True]), persistent=False)
         self.head = nn.Sequential(
             nn.Linear(cfg.lstm_sizes[-1], d1),
             nn.ReLU(),
@@ -97,8 +101,9 @@ class _Member(nn.Module):
             h, _ = lstm(h)
             h = norm(drop(h))
         out = self.head(h[:, -1, :])
-        width = nn.functional.softplus(out[:, 0::2])
-        return torch.stack([width[:, 0], out[:, 1], width[:, 1]], dim=1)
+        # Softplus on the two widths, the median as it is: one elementwise
+        # selection, which the exported graph runs as two nodes, not twelve.
+        return torch.where(self.width_cols, nn.functional.softplus(out), out)
 
 
 class Forecaster(nn.Module):
@@ -140,7 +145,7 @@ class Forecaster(nn.Module):
         """Quantiles ``[N, 3]`` (low, median, high) of the relative log target."""
         feats = self.features(window)
         outs = [member(feats) for member in self.members]
-        out = outs[0] if len(outs) == 1 else torch.stack(outs).mean(dim=0)
+        out = outs[0] if len(outs) == 1 else sum(outs[1:], outs[0]) / len(outs)
         mid = out[:, 1:2]
         if self.cfg.residual:
             mid = mid + feats[:, -1, 0:1]
