@@ -58,7 +58,7 @@ __all__ = ["SlimReport", "slim_allocator", "slim_forecaster", "slim_model_dir"]
 
 @dataclass
 class SlimReport:
-    """What :func:`slim_forecaster` did: node counts and rewrites made."""
+    """What a slim pass did: node counts and rewrites made."""
 
     nodes_before: int
     nodes_after: int

@@ -245,3 +245,24 @@ class TestSlimExistingDirectory:
         again = ["--slim", str(new_dir), "--out", str(tmp_path / "again")]
         assert export_main(again) == EXIT_FAILED
         assert not (tmp_path / "again").exists()
+
+
+class TestEmbeddedDefault:
+    def test_shipped_graphs_are_slim(self) -> None:
+        """The model directory the daemon falls back to went through the
+        pass: no norm or shape arithmetic left in either graph, the folded
+        norms recorded for retrain, and its manifest saying so."""
+        from bwpredd.modeldir import DEFAULT_MODEL_DIR
+
+        raw = load_manifest(DEFAULT_MODEL_DIR).to_json()["export"]
+        for name in ("forecaster.onnx", "allocator.onnx"):
+            ops = op_counts((DEFAULT_MODEL_DIR / name).read_bytes())
+            for gone in ("BatchNormalization", "Shape", "ConstantOfShape"):
+                assert gone not in ops, (name, gone)
+            assert raw["op_counts"][name] == ops
+            assert raw["slim"][name]["skipped"] == []
+        proto = onnx.load(str(DEFAULT_MODEL_DIR / "forecaster.onnx"))
+        records = json.loads(
+            next(p.value for p in proto.metadata_props if p.key == FOLDED_NORMS_KEY)
+        )
+        assert len(records) == 6  # three norms in each of the two networks
