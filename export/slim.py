@@ -217,8 +217,8 @@ def _fold_into_lstm(
     while len(inputs) < 4:
         inputs.append("")
     inputs[0] = seq
-    inputs[1] = g.set_init(f"{lstm.input[1]}_folded", new_w)
-    inputs[3] = g.set_init(f"{lstm.input[3] or 'lstm_b'}_folded", new_b.astype(np.float32))
+    inputs[1] = g.set_init(f"{inputs[1]}_folded", new_w)
+    inputs[3] = g.set_init(f"{inputs[3] or 'lstm_b'}_folded", new_b.astype(np.float32))
     del lstm.input[:]
     lstm.input.extend(inputs)
     return str(lstm.name)

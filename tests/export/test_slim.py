@@ -266,3 +266,64 @@ class TestEmbeddedDefault:
             next(p.value for p in proto.metadata_props if p.key == FOLDED_NORMS_KEY)
         )
         assert len(records) == 6  # three norms in each of the two networks
+
+
+class TestHandMadeGraph:
+    def test_lstms_without_bias_and_state_inputs(self) -> None:
+        """Two LSTMs with no bias input, zero initial states from
+        ConstantOfShape and a norm between them, written by hand: the norm
+        folds into a bias the second LSTM did not have, and the outputs
+        agree with the graph as written."""
+        from onnx import TensorProto, helper, numpy_helper
+
+        rng = np.random.default_rng(0)
+        t, n, i, h1, h2 = 10, 3, 4, 6, 5
+
+        def init(name: str, *shape: int, scale: float = 0.5) -> onnx.TensorProto:
+            return numpy_helper.from_array(rng.normal(0, scale, shape).astype(np.float32), name)
+
+        inits = [
+            init("W1", 1, 4 * h1, i),
+            init("R1", 1, 4 * h1, h1),
+            init("W2", 1, 4 * h2, h1),
+            init("R2", 1, 4 * h2, h2),
+            numpy_helper.from_array(rng.uniform(0.5, 2, h1).astype(np.float32), "gamma"),
+            numpy_helper.from_array(rng.normal(0, 0.3, h1).astype(np.float32), "beta"),
+            numpy_helper.from_array(rng.normal(0, 0.3, h1).astype(np.float32), "mu"),
+            numpy_helper.from_array(rng.uniform(0.1, 3, h1).astype(np.float32), "var"),
+            numpy_helper.from_array(np.array([1], np.int64), "ax1"),
+            numpy_helper.from_array(np.array([1, n, h1], np.int64), "shape1"),
+        ]
+        zero = helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0])
+        nodes = [
+            helper.make_node("ConstantOfShape", ["shape1"], ["h0"], value=zero),
+            helper.make_node("LSTM", ["x", "W1", "R1", "", "", "h0", "h0"], ["y1"], hidden_size=h1),
+            helper.make_node("Squeeze", ["y1", "ax1"], ["s1"]),
+            helper.make_node("Transpose", ["s1"], ["t1"], perm=[1, 2, 0]),
+            helper.make_node(
+                "BatchNormalization", ["t1", "gamma", "beta", "mu", "var"], ["bn"], epsilon=1e-5
+            ),
+            helper.make_node("Transpose", ["bn"], ["t2"], perm=[2, 0, 1]),
+            helper.make_node("LSTM", ["t2", "W2", "R2"], ["y2"], hidden_size=h2),
+        ]
+        nodes[4].name = "/members.0/norms.0/bn/BatchNormalization"
+        nodes[6].name = "/members.0/lstms.1/LSTM"
+        graph = helper.make_graph(
+            nodes,
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [t, n, i])],
+            [helper.make_tensor_value_info("y2", TensorProto.FLOAT, [t, 1, n, h2])],
+            inits,
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        raw = model.SerializeToString()
+        slim, report = slim_forecaster(raw)
+        assert report.zero_states_dropped == 2 and report.norms_folded_into_lstm == 1
+        ops = op_counts(slim)
+        assert "BatchNormalization" not in ops and "Transpose" not in ops
+        x = rng.normal(0, 1, (t, n, i)).astype(np.float32)
+        (want,) = session(raw).run(None, {"x": x})
+        (got,) = session(slim).run(None, {"x": x})
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        records = json.loads(onnx.load_from_string(slim).metadata_props[0].value)
+        assert records[0]["into"] == "/members.0/lstms.1/LSTM"
