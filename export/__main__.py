@@ -65,7 +65,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Export forecaster.pt and allocator.pt of a run to a verified model directory.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--run", type=Path, help="run dir with the .pt checkpoints (required)")
+    parser.add_argument(
+        "--run", type=Path, help="run dir with the .pt checkpoints (required unless --slim)"
+    )
     parser.add_argument("--out", type=Path, help="model dir to publish (default models/<version>)")
     parser.add_argument("--embed", action="store_true", help="also refresh bwpredd/models/default")
     parser.add_argument("--traces", type=Path, help="traces dir for parity windows")
@@ -101,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.slim is not None:
         return _slim(args)
     if args.run is None:
-        parser.error("--run is required")
+        parser.error("--run is required (or --slim DIR)")
     if args.gate and args.add_horizon_to is not None:
         parser.error("--gate publishes a retrain run; it does not combine with --add-horizon-to")
     if args.add_horizon_to is not None:
