@@ -431,7 +431,8 @@ def slim_model_dir(
     rebuilt = load_forecaster(src, windows)
     f_bytes, f_report = slim_forecaster(export_forecaster(rebuilt.model))
     a_bytes, a_report = slim_allocator(a_before)
-    f_changed = f_report.nodes_after < len(onnx.load_from_string(f_before).graph.node)
+    f_nodes_before = len(onnx.load_from_string(f_before).graph.node)
+    f_changed = f_report.nodes_after < f_nodes_before
     a_changed = bool(a_report.norms_folded_into_gemm)
     if not (f_changed or a_changed):
         raise ExportError(f"{src}: nothing to slim (both graphs are slim already)")
@@ -442,8 +443,7 @@ def slim_model_dir(
     if not f_changed:
         f_bytes = f_before
     else:
-        nodes = len(onnx.load_from_string(f_before).graph.node)
-        log(f"slim: {f_file} re-exported, {nodes} -> {f_report.nodes_after} nodes")
+        log(f"slim: {f_file} re-exported, {f_nodes_before} -> {f_report.nodes_after} nodes")
         f_par = forecaster_parity(rebuilt.model, f_bytes, windows)
         log(f"verify: forecaster max rel err {f_par.max_rel_err:.2e} on {f_par.n} windows")
         par["forecaster"] = f_par.to_json() | {
