@@ -17,6 +17,12 @@ written, ``--out`` is left as it is and the exit code is
 :data:`EXIT_REFUSED`, with a message naming the figures. A gated publish
 replaces ``--out`` (that is what it is for); the daemon serving it picks the
 new model up on its next reload (SIGHUP, ``systemctl reload bwpredd``).
+
+``--slim DIR`` republishes an already published directory with the graphs
+this exporter writes now (:func:`export.slim.slim_model_dir`), in place or
+to ``--out``; ``--members K[,K...]`` with it keeps only those of the
+forecaster's members, to measure what the others buy (``trainer eval`` on
+the result) and what they cost (``python -m bench.after_sample --model``).
 """
 
 from __future__ import annotations
@@ -99,7 +105,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="DIR",
         help="republish the model directory DIR with its graphs slimmed (see above)",
     )
+    parser.add_argument(
+        "--members",
+        type=_indices,
+        metavar="K[,K...]",
+        help="with --slim: keep only these of the forecaster's members (0-based)",
+    )
     args = parser.parse_args(argv)
+    if args.members is not None and args.slim is None:
+        parser.error("--members goes with --slim DIR")
     if args.slim is not None:
         return _slim(args)
     if args.run is None:
@@ -225,6 +239,14 @@ def _load_horizon(run: Path) -> torch.nn.Module | None:
     return model
 
 
+def _indices(text: str) -> list[int]:
+    """``--members``: comma-separated member indices."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"comma-separated integers, got {text!r}") from None
+
+
 def _slim(args: argparse.Namespace) -> int:
     src = args.slim
     windows, source = parity_windows(args.traces, args.parity_windows, args.seed)
@@ -236,6 +258,7 @@ def _slim(args: argparse.Namespace) -> int:
             windows_source=source,
             version=args.version,
             force=args.force or args.out is None,
+            members=args.members,
         )
         if args.embed:
             copy_model_dir(args.out or src, DEFAULT_MODEL_DIR)

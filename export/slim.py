@@ -39,18 +39,20 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 import onnx
 from onnx import numpy_helper
+from torch import nn
 
 from bwpredd.manifest import Manifest, load_manifest
 from bwpredd.modeldir import session
 from bwpredd.state import DEFAULT_STEP_S, build_state
+from trainer.models.forecaster import Forecaster
 from trainer.models.from_onnx import FOLDED_NORMS_KEY, norm_affine
 
 __all__ = ["SlimReport", "slim_allocator", "slim_forecaster", "slim_model_dir"]
@@ -387,6 +389,26 @@ def slim_allocator(model_bytes: bytes) -> tuple[bytes, SlimReport]:
     return proto.SerializeToString(), report
 
 
+def _keep_members(model: Forecaster, members: Sequence[int]) -> dict[str, list[int] | int]:
+    """Keep only ``members`` (indices) of ``model``'s, in place; returns
+    ``{"kept": [...], "of": n}`` for the manifest.
+
+    Raises:
+        ExportError: ``members`` is empty or names one ``model`` lacks.
+    """
+    from export import ExportError
+
+    n = len(model.members)
+    kept = sorted(set(members))
+    if not kept or kept[0] < 0 or kept[-1] >= n:
+        raise ExportError(
+            f"members: indices in [0, {n - 1}] (the forecaster has {n}), got {list(members)}"
+        )
+    model.members = nn.ModuleList(model.members[k] for k in kept)
+    model.cfg = replace(model.cfg, members=len(kept))
+    return {"kept": kept, "of": n}
+
+
 def slim_model_dir(
     src: Path,
     dest: Path,
@@ -395,6 +417,7 @@ def slim_model_dir(
     windows_source: str,
     version: str | None = None,
     force: bool = False,
+    members: Sequence[int] | None = None,
     log: Callable[[str], None] = print,
 ) -> Manifest:
     """Publish at ``dest`` a copy of the model directory ``src`` with the
@@ -410,9 +433,16 @@ def slim_model_dir(
     slim allocator to ``src``'s allocator graph on the states of those
     windows, every greedy action the same.
 
+    ``members`` keeps only those of the forecaster's members (indices, in
+    training order), averaged as before with the same interval scale: what
+    the daemon costs and serves with fewer of them. The manifest's
+    evaluation figures stay the source's; ``export.provenance`` records the
+    members kept, and ``trainer eval`` scores the result.
+
     Raises:
         ExportError: ``dest`` exists without ``force``, both graphs are
-            slim already, or the result fails the daemon's checks.
+            slim already, ``members`` names none or one the forecaster does
+            not have, or the result fails the daemon's checks.
         ParityError: the slim graphs disagree beyond export's tolerance.
         trainer.models.from_onnx.RecoveryError: ``src``'s forecaster graph
             does not rebuild a network.
@@ -429,6 +459,10 @@ def slim_model_dir(
     f_file, a_file = old.forecaster.file, old.allocator.file
     f_before, a_before = (src / f_file).read_bytes(), (src / a_file).read_bytes()
     rebuilt = load_forecaster(src, windows)
+    kept = None
+    if members is not None:
+        kept = _keep_members(rebuilt.model, members)
+        log(f"slim: forecaster members {kept['kept']} of {kept['of']} kept")
     f_bytes, f_report = slim_forecaster(export_forecaster(rebuilt.model))
     a_bytes, a_report = slim_allocator(a_before)
     f_nodes_before = len(onnx.load_from_string(f_before).graph.node)
@@ -476,6 +510,8 @@ def slim_model_dir(
     raw["forecaster"]["sha256"] = hashlib.sha256(f_bytes).hexdigest()
     raw["allocator"]["sha256"] = hashlib.sha256(a_bytes).hexdigest()
     exp.setdefault("provenance", {})["slimmed_from"] = old.version
+    if kept is not None:
+        exp["provenance"]["forecaster_members"] = kept
     for name, data in ((f_file, f_bytes), (a_file, a_bytes)):
         exp.setdefault("sizes_bytes", {})[name] = len(data)
         exp.setdefault("op_counts", {})[name] = op_counts(data)

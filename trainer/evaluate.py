@@ -291,10 +291,20 @@ def split_part(traces: Sequence[Trace], record: dict[str, Any], split: str) -> l
 def selected_traces(args: argparse.Namespace) -> tuple[list[Trace], str]:
     """The traces an evaluation command scores: those of ``--traces``, only
     the ``--split`` part of ``--split-from``'s split.json when it is given
-    (:func:`split_part`), and a description of the choice. Files of no known
+    (:func:`split_part`) or of ``make train``'s split for ``--split-seed``
+    (:func:`trainer.train_agent.training_split`: the real traces and the
+    synthetic profiles), and a description of the choice. Files of no known
     format are named on stderr."""
     from bwpredd.traces import load_traces
 
+    if getattr(args, "split_seed", None) is not None:
+        from trainer.train_agent import training_split
+
+        train, val, test = training_split(Path(args.traces), args.split_seed)
+        parts = {"train": train, "val": val, "test": test}
+        split = f"the '{args.split}' split of make train's split for seed {args.split_seed}"
+        print(f"{len(parts[args.split])} traces of {split}")
+        return parts[args.split], split
     loaded = load_traces(Path(args.traces), progress=not args.quiet)
     traces = list(loaded.traces)
     for item in loaded.unknown:
@@ -326,9 +336,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags :func:`selected_traces` reads: ``--split-from``, ``--split``."""
-    parser.add_argument(
+    """The flags :func:`selected_traces` reads: ``--split-from`` or
+    ``--split-seed``, and ``--split``."""
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument(
         "--split-from", help="a run directory: evaluate only the files of its split.json"
+    )
+    which.add_argument(
+        "--split-seed",
+        type=int,
+        help="evaluate only the files of make train's split for this seed (with the "
+        "synthetic profiles), as trainer report-allocator rebuilds it",
     )
     parser.add_argument("--split", default="test", choices=("train", "val", "test"))
 

@@ -3,6 +3,8 @@ and the trained network recoverable from it."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import json
 import re
@@ -245,6 +247,36 @@ class TestSlimExistingDirectory:
         again = ["--slim", str(new_dir), "--out", str(tmp_path / "again")]
         assert export_main(again) == EXIT_FAILED
         assert not (tmp_path / "again").exists()
+
+    def test_cli_keeps_chosen_members(self, tmp_path: Path, windows: np.ndarray) -> None:
+        """``--members 1`` publishes a directory whose forecaster is member 1
+        of the source's alone (its answers, the manifest saying so) with the
+        allocator byte for byte; an index the forecaster lacks, or
+        ``--members`` without ``--slim``, is refused and writes nothing."""
+        model = _trained_like(2)
+        src = _publish(model, tmp_path / "src", windows)
+        out = tmp_path / "one"
+        args = ["--slim", str(src), "--out", str(out), "--parity-windows", "64"]
+        assert export_main([*args, "--members", "1"]) == EXIT_OK
+        raw = load_manifest(out).to_json()
+        assert raw["export"]["provenance"]["forecaster_members"] == {"kept": [1], "of": 2}
+        alone = copy.deepcopy(model)
+        alone.members = torch.nn.ModuleList([alone.members[1]])
+        alone.cfg = dataclasses.replace(alone.cfg, members=1)
+        want = torch_forecast(alone, windows)
+        got = load_model(out).run_forecaster(windows)
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(
+                np.asarray(g, np.float64).reshape(-1), w[:, 0], rtol=2e-5, atol=1e-6
+            )
+        both = load_model(src).run_forecaster(windows)
+        assert not np.allclose(both[0], got[0], rtol=1e-3)  # member 1 alone is not the pair
+        assert (out / "allocator.onnx").read_bytes() == (src / "allocator.onnx").read_bytes()
+        assert export_main([*args[:3], str(tmp_path / "bad"), "--members", "2"]) == EXIT_FAILED
+        assert not (tmp_path / "bad").exists()
+        with pytest.raises(SystemExit) as exc:
+            export_main(["--run", str(tmp_path), "--members", "0"])
+        assert exc.value.code == 2
 
 
 class TestEmbeddedDefault:

@@ -100,6 +100,27 @@ class TestEvalCommand:
         assert set(res["per_source"]) == {"home"}
         assert res["per_source"]["home"]["model"]["n_traces"] == 1
 
+    def test_split_seed_is_make_trains_split(
+        self, traces_dir: Path, checkpoint: Path, tmp_path: Path
+    ) -> None:
+        """--split-seed evaluates the traces that make train's split for that
+        seed puts in --split (real and synthetic), and no other."""
+        from trainer.train_agent import training_split
+
+        want = training_split(traces_dir, 3)[1]
+        out = tmp_path / "eval.json"
+        main(["eval", "--traces", str(traces_dir), "--model", str(checkpoint),
+              "--json", str(out), "--split-seed", "3", "--split", "val", "--quiet"])  # fmt: skip
+        res = json.loads(out.read_text())
+        counts: dict[str, int] = {}
+        for t in want:
+            counts[t.source] = counts.get(t.source, 0) + 1
+        got = {s: r["model"]["n_traces"] for s, r in res["per_source"].items()}
+        assert got == counts
+        with pytest.raises(SystemExit):  # one way of choosing a split at a time
+            main(["eval", "--traces", str(traces_dir), "--model", str(checkpoint),
+                  "--split-seed", "3", "--split-from", str(tmp_path), "--quiet"])  # fmt: skip
+
     def test_onnx_model_directory(self, traces_dir: Path, tmp_path: Path) -> None:
         """A model directory is scored through onnxruntime, as the daemon runs it."""
         model_dir = Path(__file__).resolve().parents[2] / "bwpredd" / "models" / "default"
