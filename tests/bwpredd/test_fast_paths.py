@@ -16,7 +16,7 @@ import pytest
 
 from bwpredd import baselines
 from bwpredd.engine import BASELINE_ALPHA, Engine, Source, edge_pad
-from bwpredd.modeldir import DEFAULT_MODEL_DIR, load_model
+from bwpredd.modeldir import DEFAULT_MODEL_DIR, FORECASTER_CHUNK, load_model
 from bwpredd.schema import BW, LAT, LOSS, REL
 from bwpredd.state import STATE_LAYOUT, build_state, reference_capacity
 
@@ -288,3 +288,26 @@ def test_private_run_falls_back_to_the_public_one(engine: Engine) -> None:
     assert proxy.public_runs == 1
     for g, w in zip(got, want, strict=True):
         np.testing.assert_array_equal(g, w)
+
+
+@pytest.mark.parametrize(
+    "n", [FORECASTER_CHUNK, FORECASTER_CHUNK + 1, 2 * FORECASTER_CHUNK + 7, 999]
+)
+def test_chunked_forecaster_runs_match_one_run(engine: Engine, n: int) -> None:
+    """A large batch runs in chunks of FORECASTER_CHUNK windows on a
+    one-thread session (the last chunk may be a single window, served by
+    the batch-of-one session) and answers as one run of the general session
+    does; a two-thread model runs any batch at once."""
+    model = engine.model
+    assert model is not None
+    assert model.forecaster_chunk == FORECASTER_CHUNK
+    windows = random_windows(np.random.default_rng(n), n)
+    want = model.forecaster.run(None, {"window": windows})
+    got = model.run_forecaster(windows)
+    for a, b in zip(want, got, strict=True):
+        assert b.shape == (n,)
+        np.testing.assert_allclose(b, a[:, 0], rtol=1e-6, atol=0)
+
+
+def test_two_thread_model_runs_one_batch() -> None:
+    assert load_model(DEFAULT_MODEL_DIR, threads=2).forecaster_chunk == 0
