@@ -297,7 +297,7 @@ def test_chunked_forecaster_runs_match_one_run(engine: Engine, n: int) -> None:
     """A large batch runs in chunks of FORECASTER_CHUNK windows on a
     one-thread session (the last chunk may be a single window, served by
     the batch-of-one session) and answers as one run of the general session
-    does; a two-thread model runs any batch at once."""
+    does."""
     model = engine.model
     assert model is not None
     assert model.forecaster_chunk == FORECASTER_CHUNK
@@ -310,4 +310,5 @@ def test_chunked_forecaster_runs_match_one_run(engine: Engine, n: int) -> None:
 
 
 def test_two_thread_model_runs_one_batch() -> None:
+    """With two intra-op threads one run splits better: no chunks."""
     assert load_model(DEFAULT_MODEL_DIR, threads=2).forecaster_chunk == 0
