@@ -300,7 +300,9 @@ def selected_traces(args: argparse.Namespace) -> tuple[list[Trace], str]:
     if getattr(args, "split_seed", None) is not None:
         from trainer.train_agent import training_split
 
-        train, val, test = training_split(Path(args.traces), args.split_seed)
+        train, val, test = training_split(
+            Path(args.traces), args.split_seed, progress=not args.quiet
+        )
         parts = {"train": train, "val": val, "test": test}
         split = f"the '{args.split}' split of make train's split for seed {args.split_seed}"
         print(f"{len(parts[args.split])} traces of {split}")

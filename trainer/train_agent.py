@@ -12,6 +12,7 @@ state), trains one Q-network per member with :func:`trainer.dqn.train_loop`
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -44,10 +45,14 @@ __all__ = ["crop_splits", "train_agent", "training_split"]
 REPO = Path(__file__).resolve().parents[1]
 
 
-def training_split(traces_dir: Path, seed: int) -> tuple[list[Any], list[Any], list[Any]]:
+def training_split(
+    traces_dir: Path, seed: int, progress: bool = False
+) -> tuple[list[Any], list[Any], list[Any]]:
     """``make train``'s (``trainer train``, not ``--quick``) train, validation
     and test traces for ``seed``: the real traces of ``traces_dir`` and the
     synthetic profiles, split by fold group exactly as that run split them.
+    Files of no known format are named on stderr; ``progress`` shows a bar
+    while the traces load.
 
     Raises:
         OSError: ``traces_dir`` cannot be read.
@@ -58,7 +63,10 @@ def training_split(traces_dir: Path, seed: int) -> tuple[list[Any], list[Any], l
     from trainer.data.windows import split_traces
     from trainer.train import N_SYNTHETIC, SPLIT_FRACTIONS, SYNTHETIC_LENGTH
 
-    real = list(load_traces(Path(traces_dir)).traces)
+    loaded = load_traces(Path(traces_dir), progress=progress)
+    for item in loaded.unknown:
+        print(f"unknown file (not used): {item}", file=sys.stderr)
+    real = list(loaded.traces)
     if not real:
         raise ValueError(f"{traces_dir}: no usable traces")
     synthetic = synthetic_traces(seed, n_traces=N_SYNTHETIC, length=SYNTHETIC_LENGTH)

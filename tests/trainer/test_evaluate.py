@@ -101,13 +101,20 @@ class TestEvalCommand:
         assert res["per_source"]["home"]["model"]["n_traces"] == 1
 
     def test_split_seed_is_make_trains_split(
-        self, traces_dir: Path, checkpoint: Path, tmp_path: Path
+        self,
+        traces_dir: Path,
+        checkpoint: Path,
+        tmp_path: Path,
+        capsys: pytest.CaptureFixture[str],
     ) -> None:
         """--split-seed evaluates the traces that make train's split for that
-        seed puts in --split (real and synthetic), and no other."""
+        seed puts in --split (real and synthetic), and no other; a file of no
+        known format is named on stderr."""
         from trainer.train_agent import training_split
 
+        (traces_dir / "notes.bin").write_bytes(b"\x00\x01")
         want = training_split(traces_dir, 3)[1]
+        capsys.readouterr()
         out = tmp_path / "eval.json"
         main(["eval", "--traces", str(traces_dir), "--model", str(checkpoint),
               "--json", str(out), "--split-seed", "3", "--split", "val", "--quiet"])  # fmt: skip
@@ -117,6 +124,7 @@ class TestEvalCommand:
             counts[t.source] = counts.get(t.source, 0) + 1
         got = {s: r["model"]["n_traces"] for s, r in res["per_source"].items()}
         assert got == counts
+        assert "notes.bin" in capsys.readouterr().err
         with pytest.raises(SystemExit):  # one way of choosing a split at a time
             main(["eval", "--traces", str(traces_dir), "--model", str(checkpoint),
                   "--split-seed", "3", "--split-from", str(tmp_path), "--quiet"])  # fmt: skip
